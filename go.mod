@@ -1,0 +1,3 @@
+module github.com/lodge-vm/lodge
+
+go 1.26.8
