@@ -1,0 +1,61 @@
+# Lodge: build, test, demo. `make demo` and `make test` are the two
+# commands the README promises.
+SHELL := /bin/bash
+GO ?= go
+BIN := bin/lodge
+GUEST := build/guest/tiny.qcow2
+GOLANGCI_VERSION := v2.6.2
+GOLANGCI := build/tools/golangci-lint
+GO_SOURCES := $(shell find . -name '*.go' -not -path './build/*') go.mod go.sum
+
+.PHONY: all build guest deps test unit integration lint fuzz demo demo-clean bench clean
+
+all: build
+
+deps:
+	@scripts/deps.sh run guest
+
+$(BIN): $(GO_SOURCES)
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/lodge
+
+build: $(BIN)
+
+$(GUEST): $(shell find guest -type f 2>/dev/null)
+	bash guest/build.sh
+
+guest: deps $(GUEST)
+
+$(GOLANGCI):
+	GOBIN=$(CURDIR)/build/tools $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_VERSION)
+
+lint: $(GOLANGCI)
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(GOLANGCI) run ./...
+
+unit:
+	$(GO) test -race -count=1 ./...
+
+# Integration tests boot the tiny guest under real QEMU; they share one
+# built binary and one guest image.
+integration: build guest
+	LODGE_BIN=$(CURDIR)/$(BIN) LODGE_GUEST=$(CURDIR)/$(GUEST) \
+	  $(GO) test -count=1 -timeout 40m -v ./test/integration/ 2>&1 | tee build/integration.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|\s+\S+_test.go)' ; exit $${PIPESTATUS[0]}
+
+test: deps lint unit integration
+
+fuzz:
+	for t in $$(grep -rl 'func Fuzz' --include='*_test.go' . | xargs -n1 dirname | sort -u); do \
+	  for f in $$(grep -ho 'func Fuzz[A-Za-z0-9_]*' $$t/*_test.go | cut -d' ' -f2); do \
+	    $(GO) test -run=NONE -fuzz="^$$f$$" -fuzztime=20s $$t || exit 1; done; done
+
+demo: deps build guest
+	@bash scripts/demo.sh
+
+demo-clean:
+	@bash scripts/demo.sh clean
+
+bench: build guest
+	@bash bench/run.sh
+
+clean:
+	rm -rf bin build/integration.log

@@ -1,0 +1,184 @@
+// Package api holds the wire types of Lodge's REST API, shared by the
+// daemon and the Go client. Field names are the contract that `-o json`
+// shows and tests read.
+package api
+
+import "time"
+
+// VM states.
+const (
+	StateRunning  = "running"
+	StateStopped  = "stopped"
+	StatePaused   = "paused"
+	StateStarting = "starting"
+	StateStopping = "stopping"
+	StateError    = "error"
+)
+
+// NIC is one network card.
+type NIC struct {
+	Network string `json:"network"`
+	MAC     string `json:"mac"`
+	IP      string `json:"ip,omitempty"`
+}
+
+// Disk is one VM disk.
+type Disk struct {
+	Name    string `json:"name"`
+	Bus     string `json:"bus"`
+	Size    int64  `json:"size"`
+	Path    string `json:"path"`
+	Backing string `json:"backing,omitempty"`
+	Pool    string `json:"pool"`
+}
+
+// VM is a virtual machine as `lodge show -o json` prints it.
+type VM struct {
+	Name        string     `json:"name"`
+	UUID        string     `json:"uuid"`
+	State       string     `json:"state"`
+	StateReason string     `json:"state_reason,omitempty"`
+	Image       string     `json:"image"`
+	CPUs        int        `json:"cpus"`
+	Memory      int64      `json:"memory"`
+	MaxMemory   int64      `json:"max_memory"`
+	Hostname    string     `json:"hostname"`
+	InstanceID  string     `json:"instance_id"`
+	NICs        []NIC      `json:"nics"`
+	Disks       []Disk     `json:"disks"`
+	CreatedAt   time.Time  `json:"created_at"`
+	StartedAt   *time.Time `json:"started_at"`
+	PID         int        `json:"pid,omitempty"`
+	Agent       bool       `json:"agent"`
+}
+
+// CreateVM is the body of POST /v1/vms.
+type CreateVM struct {
+	Name      string `json:"name"`
+	Image     string `json:"image"`
+	CPUs      int    `json:"cpus,omitempty"`
+	Memory    int64  `json:"memory,omitempty"`
+	MaxMemory int64  `json:"max_memory,omitempty"`
+	DiskSize  int64  `json:"disk_size,omitempty"`
+	DiskBus   string `json:"disk_bus,omitempty"`
+	Pool      string `json:"pool,omitempty"`
+	Network   string `json:"network,omitempty"`
+	CloudInit string `json:"cloud_init,omitempty"`
+	Start     bool   `json:"start,omitempty"`
+}
+
+// StopVM is the body of POST /v1/vms/{name}/stop.
+type StopVM struct {
+	Force bool `json:"force,omitempty"`
+	// TimeoutSeconds is how long to wait for the guest to power off before
+	// forcing; 0 means the daemon's default.
+	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
+}
+
+// ExecRequest is the body of POST /v1/vms/{name}/exec.
+type ExecRequest struct {
+	Command []string `json:"command"`
+	Env     []string `json:"env,omitempty"`
+	Stdin   []byte   `json:"stdin,omitempty"`
+	// WaitSeconds is how long to wait for the agent to come up.
+	WaitSeconds    int `json:"wait_seconds,omitempty"`
+	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
+}
+
+// ExecResult is what the guest command did.
+type ExecResult struct {
+	ExitCode int    `json:"exit_code"`
+	Signal   int    `json:"signal,omitempty"`
+	Stdout   []byte `json:"stdout"`
+	Stderr   []byte `json:"stderr"`
+}
+
+// Image is one entry of the image library.
+type Image struct {
+	Name         string    `json:"name"`
+	Path         string    `json:"path"`
+	Format       string    `json:"format"`
+	SourceFormat string    `json:"source_format"`
+	VirtualSize  int64     `json:"virtual_size"`
+	ActualSize   int64     `json:"actual_size"`
+	Parent       string    `json:"parent,omitempty"`
+	CreatedAt    time.Time `json:"created_at"`
+	UsedBy       []string  `json:"used_by"`
+}
+
+// ImportImage is the body of POST /v1/images. Path is read by the daemon,
+// so it must be a path on the daemon's host.
+type ImportImage struct {
+	Name string `json:"name"`
+	Path string `json:"path"`
+}
+
+// Pool is a storage pool.
+type Pool struct {
+	Name  string `json:"name"`
+	Path  string `json:"path"`
+	Total int64  `json:"total"`
+	Free  int64  `json:"free"`
+	Error string `json:"error,omitempty"`
+}
+
+// HostInfo is `lodge host info -o json`.
+type HostInfo struct {
+	Accel           string  `json:"accel"`
+	AccelReason     string  `json:"accel_reason"`
+	AccelVerified   bool    `json:"accel_verified"`
+	CPUs            int     `json:"cpus"`
+	MemoryTotal     int64   `json:"memory_total"`
+	MemoryAllocated int64   `json:"memory_allocated"`
+	MemoryLimit     int64   `json:"memory_limit"`
+	MemoryFree      int64   `json:"memory_free"`
+	Overcommit      float64 `json:"overcommit"`
+	QEMUVersion     string  `json:"qemu_version"`
+	Home            string  `json:"home"`
+	Pools           []Pool  `json:"pools"`
+	VMs             int     `json:"vms"`
+	Running         int     `json:"running"`
+	DaemonPID       int     `json:"daemon_pid"`
+}
+
+// Operation states.
+const (
+	OpRunning   = "running"
+	OpSucceeded = "succeeded"
+	OpFailed    = "failed"
+	OpCancelled = "cancelled"
+)
+
+// Operation is a long job.
+type Operation struct {
+	ID         string     `json:"id"`
+	Kind       string     `json:"kind"`
+	Target     string     `json:"target"`
+	State      string     `json:"state"`
+	Stage      string     `json:"stage,omitempty"`
+	Done       int64      `json:"done"`
+	Total      int64      `json:"total"`
+	Error      string     `json:"error,omitempty"`
+	Code       string     `json:"code,omitempty"`
+	CreatedAt  time.Time  `json:"created_at"`
+	FinishedAt *time.Time `json:"finished_at,omitempty"`
+	// Result carries the operation's object, e.g. the VM after create.
+	Result any `json:"result,omitempty"`
+}
+
+// Event is one entry of the event stream.
+type Event struct {
+	Time    time.Time `json:"time"`
+	Kind    string    `json:"kind"`
+	Target  string    `json:"target"`
+	Message string    `json:"message,omitempty"`
+	State   string    `json:"state,omitempty"`
+}
+
+// Error is the body of every non-2xx reply.
+type Error struct {
+	Error string `json:"error"`
+	// Code is a stable word callers can branch on: not_found, conflict,
+	// bad_request, busy, internal.
+	Code string `json:"code"`
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Turns bench/results/*.tsv into a markdown report on stdout.
+source "$(dirname "$0")/lib.sh"
+col() { awk -F'\t' -v c="$2" -v op="$3" 'NR>1 && (op=="" || $1==op){print $c}' "$1" | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "-" }'; }
+accel=$("$LODGE" host info -o json 2>/dev/null | sed -n 's/.*"accel": "\([a-z]*\)".*/\1/p')
+echo "# Lodge vs libvirt: measured $(date -u +%Y-%m-%d), $(nproc) CPUs, accelerator ${accel:-?}"
+echo
+echo "Medians of runs alternated Lodge / libvirt in one session on one machine."
+echo "Only the ratios carry over to other machines."
+echo
+echo "| scenario | Lodge | libvirt | Lodge / libvirt | target |"
+echo "|---|---|---|---|---|"
+if [ -f "$RESULTS/startup.tsv" ]; then
+  a=$(col "$RESULTS/startup.tsv" 2 ""); b=$(col "$RESULTS/startup.tsv" 3 "")
+  echo "| start to agent ready (s) | $a | $b | $(ratio "$a" "$b") | ≤ 1.10 |"
+fi
+if [ -f "$RESULTS/overhead.tsv" ]; then
+  for op in create show list; do
+    a=$(col "$RESULTS/overhead.tsv" 3 "$op"); b=$(col "$RESULTS/overhead.tsv" 4 "$op")
+    echo "| CLI $op, 100 VMs defined (ms) | $(awk -v x="$a" 'BEGIN{printf "%.0f", x*1000}') | $(awk -v x="$b" 'BEGIN{printf "%.0f", x*1000}') | $(ratio "$a" "$b") | Lodge < 50 ms |"
+  done
+  rss=$(awk -F'\t' '$1=="rss_kib"{print $3}' "$RESULTS/overhead.tsv")
+  echo "| daemon RSS, 100 VMs defined (MiB) | $(awk -v x="$rss" 'BEGIN{printf "%.1f", x/1024}') | - | - | < 50 MiB |"
+fi
+echo
+echo "Raw runs: bench/results/*.tsv (not committed)."

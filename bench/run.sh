@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs every scenario and writes bench/results.md with medians and ratios.
+source "$(dirname "$0")/lib.sh"
+trap stop_lodged EXIT
+bash "$BENCH_DIR/startup.sh"
+bash "$BENCH_DIR/overhead.sh"
+bash "$BENCH_DIR/report.sh" >"$BENCH_DIR/results.md"
+cat "$BENCH_DIR/results.md"

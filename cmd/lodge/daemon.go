@@ -1,0 +1,41 @@
+package main
+
+import (
+	"log/slog"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lodge-vm/lodge/internal/config"
+	"github.com/lodge-vm/lodge/internal/daemon"
+)
+
+func daemonCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "daemon",
+		Short: "Run the host daemon in the foreground",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			home := g.resolvedHome()
+			cfg, err := config.Load(home)
+			if err != nil {
+				return err
+			}
+			if g.socket != "" {
+				cfg.Socket = g.socket
+			}
+			cfg.Default()
+			if err := cfg.Validate(); err != nil {
+				return usageError{err}
+			}
+			var level slog.Level
+			_ = level.UnmarshalText([]byte(cfg.LogLevel))
+			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			d, err := daemon.New(cmd.Context(), cfg, log)
+			if err != nil {
+				return err
+			}
+			return d.Run(cmd.Context())
+		},
+	}
+}

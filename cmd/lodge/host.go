@@ -1,0 +1,205 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/client"
+	"github.com/lodge-vm/lodge/internal/units"
+)
+
+func hostCmd(g *globals) *cobra.Command {
+	host := &cobra.Command{Use: "host", Short: "This host's resources and accelerator"}
+	host.AddCommand(&cobra.Command{
+		Use:   "info",
+		Short: "Accelerator (kvm or tcg) and why, CPUs, memory and pools",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			h, err := g.client().Host(cmd.Context())
+			if err != nil {
+				return err
+			}
+			return g.emit(cmd.OutOrStdout(), h, func(tw *tabwriter.Writer) {
+				fmt.Fprintf(tw, "Accelerator:\t%s (%s)\n", h.Accel, h.AccelReason)
+				fmt.Fprintf(tw, "QEMU:\t%s\nCPUs:\t%d\n", h.QEMUVersion, h.CPUs)
+				fmt.Fprintf(tw, "Memory:\t%s total, %s limit (overcommit %.1f), %s allocated, %s free\n",
+					units.FormatSize(h.MemoryTotal), units.FormatSize(h.MemoryLimit), h.Overcommit,
+					units.FormatSize(h.MemoryAllocated), units.FormatSize(h.MemoryFree))
+				fmt.Fprintf(tw, "VMs:\t%d (%d running)\nHome:\t%s\n", h.VMs, h.Running, h.Home)
+				for _, p := range h.Pools {
+					fmt.Fprintf(tw, "Pool %s:\t%s (%s free of %s)\n", p.Name, p.Path, sizeOrDash(p.Free), sizeOrDash(p.Total))
+				}
+			})
+		},
+	})
+	return host
+}
+
+func imageCmd(g *globals) *cobra.Command {
+	img := &cobra.Command{Use: "image", Short: "The image library"}
+	var name string
+	imp := &cobra.Command{
+		Use:   "import FILE --name N",
+		Short: "Import a disk file (qcow2, raw, vhd, vhdx, vmdk; detected) as a read-only image",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if name == "" {
+				return usagef("image import: --name is required")
+			}
+			path, err := filepath.Abs(args[0])
+			if err != nil {
+				return err
+			}
+			if _, err := os.Stat(path); err != nil {
+				return fmt.Errorf("image import %q: %w", name, err)
+			}
+			c := g.client()
+			op, err := c.ImportImage(cmd.Context(), name, path)
+			if err != nil {
+				return err
+			}
+			if op, err = wait(cmd.Context(), c, op); err != nil {
+				return err
+			}
+			var out api.Image
+			if err := client.Result(op, &out); err != nil {
+				return err
+			}
+			return g.emit(cmd.OutOrStdout(), out, func(tw *tabwriter.Writer) {
+				fmt.Fprintf(tw, "Imported %s (%s, %s virtual, %s on disk)\n", out.Name, out.SourceFormat, units.FormatSize(out.VirtualSize), units.FormatSize(out.ActualSize))
+			})
+		},
+	}
+	imp.Flags().StringVar(&name, "name", "", "name of the new image")
+	img.AddCommand(imp,
+		&cobra.Command{
+			Use: "list", Aliases: []string{"ls"}, Short: "List images", Args: cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				imgs, err := g.client().ListImages(cmd.Context())
+				if err != nil {
+					return err
+				}
+				return g.emit(cmd.OutOrStdout(), imgs, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "NAME\tSIZE\tON DISK\tFROM\tUSED BY\tCREATED")
+					for _, i := range imgs {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", i.Name, units.FormatSize(i.VirtualSize), units.FormatSize(i.ActualSize), i.SourceFormat, len(i.UsedBy), i.CreatedAt.Local().Format(time.DateTime))
+					}
+				})
+			},
+		},
+		&cobra.Command{
+			Use: "show NAME", Short: "Show one image", Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				i, err := g.client().GetImage(cmd.Context(), args[0])
+				if err != nil {
+					return err
+				}
+				return g.emit(cmd.OutOrStdout(), i, func(tw *tabwriter.Writer) {
+					fmt.Fprintf(tw, "Name:\t%s\nPath:\t%s\nSize:\t%s virtual, %s on disk\nImported from:\t%s\nUsed by:\t%v\n",
+						i.Name, i.Path, units.FormatSize(i.VirtualSize), units.FormatSize(i.ActualSize), i.SourceFormat, i.UsedBy)
+				})
+			},
+		},
+		&cobra.Command{
+			Use: "delete NAME", Short: "Delete an image no VM uses", Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				return g.client().DeleteImage(cmd.Context(), args[0])
+			},
+		},
+	)
+	return img
+}
+
+func poolCmd(g *globals) *cobra.Command {
+	p := &cobra.Command{Use: "pool", Short: "Storage pools: directories that hold VM disks"}
+	p.AddCommand(
+		&cobra.Command{
+			Use: "create NAME PATH", Short: "Register a directory (on any drive) as a pool", Args: cobra.ExactArgs(2),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				path, err := filepath.Abs(args[1])
+				if err != nil {
+					return err
+				}
+				_, err = g.client().CreatePool(cmd.Context(), args[0], path)
+				return err
+			},
+		},
+		&cobra.Command{
+			Use: "list", Aliases: []string{"ls"}, Short: "List pools", Args: cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				pools, err := g.client().ListPools(cmd.Context())
+				if err != nil {
+					return err
+				}
+				return g.emit(cmd.OutOrStdout(), pools, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "NAME\tPATH\tFREE\tTOTAL")
+					for _, p := range pools {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Name, p.Path, sizeOrDash(p.Free), sizeOrDash(p.Total))
+					}
+				})
+			},
+		},
+		&cobra.Command{
+			Use: "delete NAME", Short: "Unregister a pool no VM uses (its files stay)", Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				return g.client().DeletePool(cmd.Context(), args[0])
+			},
+		},
+	)
+	return p
+}
+
+func eventsCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use: "events", Short: "Stream lifecycle and operation events", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			enc := json.NewEncoder(os.Stdout)
+			err := g.client().Events(cmd.Context(), func(ev api.Event) {
+				if g.output == "json" {
+					_ = enc.Encode(ev)
+					return
+				}
+				fmt.Printf("%s %-10s %-12s %s %s\n", ev.Time.Local().Format("15:04:05.000"), ev.Kind, ev.Target, ev.State, ev.Message)
+			})
+			if cmd.Context().Err() != nil {
+				return nil
+			}
+			return err
+		},
+	}
+}
+
+func operationCmd(g *globals) *cobra.Command {
+	o := &cobra.Command{Use: "operation", Aliases: []string{"op"}, Short: "Long jobs: list and cancel"}
+	o.AddCommand(
+		&cobra.Command{
+			Use: "list", Short: "List running and recent operations", Args: cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				ops, err := g.client().Operations(cmd.Context())
+				if err != nil {
+					return err
+				}
+				return g.emit(cmd.OutOrStdout(), ops, func(tw *tabwriter.Writer) {
+					fmt.Fprintln(tw, "ID\tKIND\tTARGET\tSTATE\tERROR")
+					for _, op := range ops {
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", op.ID, op.Kind, op.Target, op.State, op.Error)
+					}
+				})
+			},
+		},
+		&cobra.Command{
+			Use: "cancel ID", Short: "Cancel a running operation", Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				return g.client().CancelOperation(cmd.Context(), args[0])
+			},
+		},
+	)
+	return o
+}

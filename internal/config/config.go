@@ -1,0 +1,169 @@
+// Package config holds the daemon's settings. They are read in three
+// separate steps: Load reads $LODGE_HOME/config.yaml (if any) and the
+// environment, Default fills what is unset, and Validate refuses what makes
+// no sense, so each step can be tested on its own.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/lodge-vm/lodge/internal/units"
+)
+
+// Accelerator choices.
+const (
+	AccelAuto = "auto"
+	AccelKVM  = "kvm"
+	AccelTCG  = "tcg"
+)
+
+// Size is a byte count that YAML may spell as "2G".
+type Size int64
+
+// UnmarshalYAML accepts numbers and size strings.
+func (s *Size) UnmarshalYAML(n *yaml.Node) error {
+	v, err := units.ParseSize(n.Value)
+	if err != nil {
+		return err
+	}
+	*s = Size(v)
+	return nil
+}
+
+// Config is the daemon's configuration.
+type Config struct {
+	Home   string `yaml:"-"`
+	Socket string `yaml:"socket"`
+	// Accel is auto (probe KVM, fall back to TCG), kvm or tcg.
+	Accel   string `yaml:"accel"`
+	QEMU    string `yaml:"qemu"`
+	QEMUImg string `yaml:"qemu_img"`
+	// MemoryReserve is host RAM kept back from VMs when MemoryLimit is unset.
+	MemoryReserve Size    `yaml:"memory_reserve"`
+	MemoryLimit   Size    `yaml:"memory_limit"`
+	Overcommit    float64 `yaml:"overcommit"`
+	// StopTimeout is how long a graceful stop waits before forcing.
+	StopTimeout time.Duration `yaml:"stop_timeout"`
+	// ProbeTimeout bounds the KVM probe boot.
+	ProbeTimeout time.Duration `yaml:"probe_timeout"`
+	LogLevel     string        `yaml:"log_level"`
+}
+
+// DefaultHome is /var/lib/lodge for root and ~/.local/share/lodge otherwise.
+func DefaultHome() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/lodge"
+	}
+	if dir, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(dir, ".local", "share", "lodge")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("lodge-%d", os.Geteuid()))
+}
+
+// HomeFromEnv returns $LODGE_HOME or the default.
+func HomeFromEnv() string {
+	if h := os.Getenv("LODGE_HOME"); h != "" {
+		return h
+	}
+	return DefaultHome()
+}
+
+// Load reads home/config.yaml when it exists, then applies environment
+// overrides (LODGE_SOCKET, LODGE_ACCEL).
+func Load(home string) (Config, error) {
+	c := Config{Home: home}
+	path := filepath.Join(home, "config.yaml")
+	raw, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return c, fmt.Errorf("read config %s: %w", path, err)
+	default:
+		if err := yaml.Unmarshal(raw, &c); err != nil {
+			return c, fmt.Errorf("parse config %s: %w", path, err)
+		}
+		c.Home = home
+	}
+	if v := os.Getenv("LODGE_SOCKET"); v != "" {
+		c.Socket = v
+	}
+	if v := os.Getenv("LODGE_ACCEL"); v != "" {
+		c.Accel = v
+	}
+	if v := os.Getenv("LODGE_OVERCOMMIT"); v != "" {
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil {
+			return c, fmt.Errorf("LODGE_OVERCOMMIT %q: not a number", v)
+		}
+		c.Overcommit = f
+	}
+	return c, nil
+}
+
+// Default fills unset fields.
+func (c *Config) Default() {
+	if c.Home == "" {
+		c.Home = DefaultHome()
+	}
+	if c.Socket == "" {
+		c.Socket = filepath.Join(c.Home, "lodge.sock")
+	}
+	if c.Accel == "" {
+		c.Accel = AccelAuto
+	}
+	if c.QEMU == "" {
+		c.QEMU = "qemu-system-x86_64"
+	}
+	if c.QEMUImg == "" {
+		c.QEMUImg = "qemu-img"
+	}
+	if c.MemoryReserve == 0 {
+		c.MemoryReserve = 1 << 30
+	}
+	if c.Overcommit == 0 {
+		c.Overcommit = 1.0
+	}
+	if c.StopTimeout == 0 {
+		c.StopTimeout = 60 * time.Second
+	}
+	if c.ProbeTimeout == 0 {
+		c.ProbeTimeout = 20 * time.Second
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+}
+
+// Validate refuses settings that cannot work.
+func (c *Config) Validate() error {
+	switch c.Accel {
+	case AccelAuto, AccelKVM, AccelTCG:
+	default:
+		return fmt.Errorf("config accel %q: must be auto, kvm or tcg", c.Accel)
+	}
+	if c.Overcommit < 1.0 || c.Overcommit > 100 {
+		return fmt.Errorf("config overcommit %v: must be between 1.0 and 100", c.Overcommit)
+	}
+	if c.MemoryLimit < 0 || c.MemoryReserve < 0 {
+		return errors.New("config memory_limit and memory_reserve must not be negative")
+	}
+	if c.StopTimeout < time.Second {
+		return fmt.Errorf("config stop_timeout %v: must be at least 1s", c.StopTimeout)
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("config log_level %q: must be debug, info, warn or error", c.LogLevel)
+	}
+	if !filepath.IsAbs(c.Home) {
+		return fmt.Errorf("LODGE_HOME %q: must be an absolute path", c.Home)
+	}
+	return nil
+}

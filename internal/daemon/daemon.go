@@ -1,0 +1,185 @@
+// Package daemon is the host daemon: it owns the store, recovers
+// interrupted work, re-attaches to running VMs and serves the REST API on
+// a unix socket. Long calls run as operations that clients wait on.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lodge-vm/lodge/internal/config"
+	"github.com/lodge-vm/lodge/internal/identity"
+	"github.com/lodge-vm/lodge/internal/image"
+	"github.com/lodge-vm/lodge/internal/pool"
+	"github.com/lodge-vm/lodge/internal/qemu"
+	"github.com/lodge-vm/lodge/internal/storage"
+	"github.com/lodge-vm/lodge/internal/store"
+	"github.com/lodge-vm/lodge/internal/vm"
+)
+
+// Daemon is one running host daemon.
+type Daemon struct {
+	cfg     config.Config
+	log     *slog.Logger
+	store   store.Store
+	driver  *qemu.QEMU
+	vms     *vm.Service
+	images  *image.Library
+	pools   *pool.Registry
+	ops     *operations
+	events  *bus
+	qemuVer string
+	memTot  int64
+
+	accelMu    sync.Mutex
+	accel      qemu.Accel
+	accelReady chan struct{}
+	probing    bool
+}
+
+// New prepares the daemon: directories, store, recovery. It fails fast if
+// another daemon owns the home.
+func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, error) {
+	for _, dir := range []string{cfg.Home, filepath.Join(cfg.Home, "images"), filepath.Join(cfg.Home, "vms"), filepath.Join(cfg.Home, "run")} {
+		if err := os.MkdirAll(dir, 0o750); err != nil {
+			return nil, fmt.Errorf("prepare %s: %w", dir, err)
+		}
+	}
+	st, err := store.OpenBolt(filepath.Join(cfg.Home, "state.db"))
+	if err != nil {
+		if errors.Is(err, store.ErrLocked) {
+			return nil, fmt.Errorf("another lodge daemon is using %s: %w", cfg.Home, err)
+		}
+		return nil, err
+	}
+	d := &Daemon{cfg: cfg, log: log.With("component", "daemon"), store: st, events: newBus(), memTot: memTotal()}
+	d.driver = qemu.New(cfg.QEMU, log)
+	img := storage.NewQEMUImg(cfg.QEMUImg)
+	d.images = image.New(cfg.Home, st, img, log)
+	if d.pools, err = pool.New(ctx, cfg.Home, st); err != nil {
+		_ = st.Close()
+		return nil, err
+	}
+	d.vms = vm.New(vm.Config{
+		Home: cfg.Home, Store: st, Driver: d.driver, Volumes: img, Images: d.images, Pools: d.pools,
+		Events: d.events, Log: log, Host: d.host, Accel: d.waitAccel, StopTimeout: cfg.StopTimeout,
+		WriteSeed: func(ctx context.Context, path, instanceID, hostname string, userData []byte) error {
+			return identity.WriteSeedISO(ctx, path, identity.Seed{InstanceID: instanceID, Hostname: hostname, UserData: userData})
+		},
+	})
+	d.images.Users = d.vms.UsersOfImage
+	d.pools.Users = d.vms.UsersOfPool
+	if out, err := exec.CommandContext(ctx, cfg.QEMU, "--version").Output(); err == nil {
+		d.qemuVer = strings.TrimPrefix(firstLine(string(out)), "QEMU emulator version ")
+	} else {
+		d.log.Warn("qemu not found; VMs cannot start", "binary", cfg.QEMU, "err", err)
+	}
+	if err := d.images.Recover(ctx); err != nil {
+		_ = st.Close()
+		return nil, fmt.Errorf("recover images: %w", err)
+	}
+	if err := d.vms.Recover(ctx); err != nil {
+		_ = st.Close()
+		return nil, fmt.Errorf("recover vms: %w", err)
+	}
+	return d, nil
+}
+
+func firstLine(s string) string {
+	s = strings.TrimSpace(s)
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i]
+	}
+	return s
+}
+
+// Run serves the API until ctx ends, then lets go of the VMs (they keep
+// running) and closes the store.
+func (d *Daemon) Run(ctx context.Context) error {
+	d.ops = newOperations(ctx, d.events)
+	d.initAccel(ctx)
+	ln, err := listen(d.cfg.Socket)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	d.log.Info("serving", "socket", d.cfg.Socket, "home", d.cfg.Home, "pid", os.Getpid())
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		d.shutdown()
+		return err
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(sctx)
+	d.shutdown()
+	return nil
+}
+
+func (d *Daemon) shutdown() {
+	d.ops.wait()
+	d.vms.Close()
+	_ = d.store.Close()
+	_ = os.Remove(d.cfg.Socket)
+	d.log.Info("stopped; VMs keep running")
+}
+
+// listen opens the API socket, replacing a stale one left by a killed
+// daemon but never one a live daemon answers on.
+func listen(path string) (net.Listener, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		_ = c.Close()
+		return nil, fmt.Errorf("listen %s: another lodge daemon is answering there", path)
+	}
+	_ = os.Remove(path)
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+func (d *Daemon) host() vm.Host {
+	limit := int64(d.cfg.MemoryLimit)
+	if limit == 0 {
+		limit = max(d.memTot-int64(d.cfg.MemoryReserve), 0)
+	}
+	return vm.Host{MemoryTotal: d.memTot, MemoryLimit: limit, Overcommit: d.cfg.Overcommit}
+}
+
+func memTotal() int64 {
+	raw, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		var kb int64
+		if n, _ := fmt.Sscanf(line, "MemTotal: %d kB", &kb); n == 1 {
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+func cpus() int { return runtime.NumCPU() }

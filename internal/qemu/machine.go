@@ -1,0 +1,167 @@
+// Package qemu starts and supervises QEMU processes. Each VM is its own
+// daemonized QEMU with a QMP socket, an agent socket, a serial console
+// socket and a pidfile in its run directory, so it outlives the daemon and
+// a new daemon can find it again. The package knows nothing of HTTP or of
+// the services above it.
+package qemu
+
+import (
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// Disk buses a VM disk can sit on.
+const (
+	BusVirtio = "virtio"
+	BusSCSI   = "scsi"
+	BusIDE    = "ide"
+	BusNVMe   = "nvme"
+)
+
+// Buses lists the supported disk buses.
+var Buses = []string{BusVirtio, BusSCSI, BusIDE, BusNVMe}
+
+// Disk is one disk attached to a machine.
+type Disk struct {
+	Name string
+	Path string
+	Bus  string
+	// Format is the file's format; Lodge only attaches qcow2 and raw,
+	// named explicitly so QEMU never guesses.
+	Format   string
+	ReadOnly bool
+}
+
+// NIC is one network card. Only user-mode NAT exists so far.
+type NIC struct {
+	MAC string
+}
+
+// Machine is everything needed to build a QEMU command line.
+type Machine struct {
+	Name      string
+	UUID      string
+	CPUs      int
+	Memory    int64
+	Disks     []Disk
+	NICs      []NIC
+	SeedISO   string
+	RunDir    string
+	Accel     string
+	CPUModel  string
+	ExtraArgs []string
+}
+
+// Run-directory file names.
+const (
+	QMPSocket     = "qmp.sock"
+	QGASocket     = "qga.sock"
+	ConsoleSocket = "console.sock"
+	SerialLog     = "serial.log"
+	PIDFile       = "pid"
+)
+
+// Path returns a file in the run directory.
+func (m Machine) Path(file string) string { return filepath.Join(m.RunDir, file) }
+
+// Args builds the QEMU command line. The machine type is i440fx ("pc"):
+// its PIIX IDE controller is the one that every guest kernel can drive,
+// which the seed CD and the ide bus need (q35's AHCI is missing from
+// Debian's cloud kernel).
+func (m Machine) Args() ([]string, error) {
+	if m.CPUs < 1 {
+		return nil, fmt.Errorf("machine %q: cpus %d: must be at least 1", m.Name, m.CPUs)
+	}
+	if m.Memory < 16<<20 {
+		return nil, fmt.Errorf("machine %q: memory %d: too small", m.Name, m.Memory)
+	}
+	accel := m.Accel
+	if accel == "" {
+		accel = "tcg"
+	}
+	args := []string{
+		"-name", "guest=" + m.Name + ",debug-threads=on",
+		"-uuid", m.UUID,
+		"-machine", "pc,accel=" + accel,
+		"-m", strconv.FormatInt(m.Memory>>20, 10) + "M",
+		"-smp", strconv.Itoa(m.CPUs),
+		"-nodefaults", "-no-user-config", "-display", "none",
+		// -no-shutdown keeps QEMU alive after the guest powers off, so a
+		// daemon that was away still sees a clean shutdown, not a crash.
+		"-daemonize", "-no-shutdown", "-pidfile", m.Path(PIDFile),
+		"-qmp", "unix:" + m.Path(QMPSocket) + ",server=on,wait=off",
+		"-chardev", "socket,id=con0,path=" + m.Path(ConsoleSocket) + ",server=on,wait=off,logfile=" + m.Path(SerialLog) + ",logappend=on",
+		"-serial", "chardev:con0",
+		"-chardev", "socket,id=qga0,path=" + m.Path(QGASocket) + ",server=on,wait=off",
+		"-device", "virtio-serial-pci,id=vser0",
+		"-device", "virtserialport,bus=vser0.0,chardev=qga0,id=qga0port,name=org.qemu.guest_agent.0",
+		"-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
+		"-object", "rng-random,id=rng0,filename=/dev/urandom",
+		"-device", "virtio-rng-pci,rng=rng0",
+	}
+	if m.CPUModel != "" {
+		args = append(args, "-cpu", m.CPUModel)
+	}
+	scsi := false
+	for i, d := range m.Disks {
+		if d.Format != "qcow2" && d.Format != "raw" {
+			return nil, fmt.Errorf("machine %q: disk %q: format %q: want qcow2 or raw", m.Name, d.Name, d.Format)
+		}
+		node := "disk" + strconv.Itoa(i)
+		ro := ""
+		if d.ReadOnly {
+			ro = ",read-only=on"
+		}
+		args = append(args,
+			"-blockdev", "driver=file,filename="+escape(d.Path)+",node-name="+node+"-file,cache.direct=off,discard=unmap"+ro,
+			"-blockdev", "driver="+d.Format+",file="+node+"-file,node-name="+node+",discard=unmap"+ro)
+		boot := ""
+		if i == 0 {
+			boot = ",bootindex=0"
+		}
+		var dev string
+		switch d.Bus {
+		case BusVirtio, "":
+			dev = "virtio-blk-pci,drive=" + node + ",id=" + node + "-dev" + boot
+		case BusSCSI:
+			if !scsi {
+				args = append(args, "-device", "virtio-scsi-pci,id=scsi0")
+				scsi = true
+			}
+			dev = "scsi-hd,bus=scsi0.0,drive=" + node + ",id=" + node + "-dev" + boot
+		case BusIDE:
+			// ide.1 unit 0 is the seed CD, so disks take ide.0 and then
+			// ide.1 unit 1.
+			if i > 2 {
+				return nil, fmt.Errorf("machine %q: disk %q: the IDE bus takes at most 3 disks", m.Name, d.Name)
+			}
+			bus, unit := "ide.0", i
+			if i == 2 {
+				bus, unit = "ide.1", 1
+			}
+			dev = "ide-hd,bus=" + bus + ",unit=" + strconv.Itoa(unit) + ",drive=" + node + ",id=" + node + "-dev" + boot
+		case BusNVMe:
+			dev = "nvme,serial=lodge" + strconv.Itoa(i) + ",drive=" + node + ",id=" + node + "-dev" + boot
+		default:
+			return nil, fmt.Errorf("machine %q: disk %q: unknown bus %q (want %s)", m.Name, d.Name, d.Bus, strings.Join(Buses, ", "))
+		}
+		args = append(args, "-device", dev)
+	}
+	if m.SeedISO != "" {
+		args = append(args,
+			"-drive", "if=none,id=seed,file="+escape(m.SeedISO)+",format=raw,readonly=on,media=cdrom",
+			"-device", "ide-cd,bus=ide.1,unit=0,drive=seed,id=seed-dev")
+	}
+	for i, n := range m.NICs {
+		id := "net" + strconv.Itoa(i)
+		args = append(args,
+			"-netdev", "user,id="+id,
+			"-device", "virtio-net-pci,netdev="+id+",mac="+n.MAC+",id="+id+"-dev")
+	}
+	return append(args, m.ExtraArgs...), nil
+}
+
+// escape doubles commas, which QEMU's option syntax uses as separators.
+func escape(path string) string { return strings.ReplaceAll(path, ",", ",,") }

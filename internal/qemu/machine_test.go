@@ -1,0 +1,87 @@
+package qemu
+
+import (
+	"strings"
+	"testing"
+)
+
+func baseMachine() Machine {
+	return Machine{
+		Name: "web", UUID: "3f1c0e4a-0000-4000-8000-000000000001", CPUs: 2, Memory: 512 << 20,
+		RunDir: "/run/lodge/web", SeedISO: "/v/web/seed.iso",
+		Disks: []Disk{{Name: "root", Path: "/p/web-root.qcow2", Format: "qcow2", Bus: BusVirtio}},
+		NICs:  []NIC{{MAC: "52:54:00:aa:bb:cc"}},
+	}
+}
+
+func TestArgsBuses(t *testing.T) {
+	tests := []struct {
+		bus  string
+		want []string
+	}{
+		{BusVirtio, []string{"virtio-blk-pci,drive=disk0,id=disk0-dev,bootindex=0"}},
+		{BusSCSI, []string{"virtio-scsi-pci,id=scsi0", "scsi-hd,bus=scsi0.0,drive=disk0,id=disk0-dev,bootindex=0"}},
+		{BusIDE, []string{"ide-hd,bus=ide.0,unit=0,drive=disk0,id=disk0-dev,bootindex=0"}},
+		{BusNVMe, []string{"nvme,serial=lodge0,drive=disk0,id=disk0-dev,bootindex=0"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.bus, func(t *testing.T) {
+			m := baseMachine()
+			m.Disks[0].Bus = tt.bus
+			args, err := m.Args()
+			if err != nil {
+				t.Fatal(err)
+			}
+			joined := strings.Join(args, " ")
+			for _, w := range tt.want {
+				if !strings.Contains(joined, "-device "+w) {
+					t.Errorf("args lack -device %s:\n%s", w, joined)
+				}
+			}
+			for _, w := range []string{
+				"-uuid 3f1c0e4a-0000-4000-8000-000000000001", "-m 512M", "-smp 2", "-daemonize",
+				"-pidfile /run/lodge/web/pid", "unix:/run/lodge/web/qmp.sock,server=on,wait=off",
+				"mac=52:54:00:aa:bb:cc", "ide-cd,bus=ide.1,unit=0,drive=seed",
+				"name=org.qemu.guest_agent.0", "logfile=/run/lodge/web/serial.log",
+			} {
+				if !strings.Contains(joined, w) {
+					t.Errorf("args lack %q", w)
+				}
+			}
+		})
+	}
+}
+
+func TestArgsRejects(t *testing.T) {
+	tests := []struct {
+		name string
+		edit func(*Machine)
+		want string
+	}{
+		{"bus", func(m *Machine) { m.Disks[0].Bus = "floppy" }, "unknown bus"},
+		{"cpus", func(m *Machine) { m.CPUs = 0 }, "cpus"},
+		{"memory", func(m *Machine) { m.Memory = 1 << 20 }, "memory"},
+		{"format", func(m *Machine) { m.Disks[0].Format = "" }, "format"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := baseMachine()
+			tt.edit(&m)
+			if _, err := m.Args(); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Args() err = %v, want %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestEscapeCommas(t *testing.T) {
+	m := baseMachine()
+	m.Disks[0].Path = "/p/a,b.qcow2"
+	args, err := m.Args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(strings.Join(args, " "), "filename=/p/a,,b.qcow2") {
+		t.Fatal("comma in path not doubled")
+	}
+}

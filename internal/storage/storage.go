@@ -1,0 +1,196 @@
+// Package storage manages disk files: pools (directories, on any drive) and
+// qcow2 volumes made and inspected through qemu-img. It stands alone: it
+// knows nothing of VMs or of the store.
+package storage
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ErrUnsafeImage is returned for an image whose header points at other
+// files (a backing file or an external data file): opening it would make
+// QEMU read whatever path it names on this host.
+var ErrUnsafeImage = errors.New("image refers to other files")
+
+// Info is what qemu-img reports about one image file.
+type Info struct {
+	Filename        string `json:"filename"`
+	Format          string `json:"format"`
+	VirtualSize     int64  `json:"virtual-size"`
+	ActualSize      int64  `json:"actual-size"`
+	BackingFilename string `json:"backing-filename,omitempty"`
+	BackingFormat   string `json:"backing-filename-format,omitempty"`
+	DirtyFlag       bool   `json:"dirty-flag,omitempty"`
+	FormatSpecific  struct {
+		Type string `json:"type"`
+		Data struct {
+			DataFile string `json:"data-file,omitempty"`
+		} `json:"data"`
+	} `json:"format-specific"`
+}
+
+// QEMUImg runs qemu-img.
+type QEMUImg struct {
+	Binary string
+	// InfoLimit bounds qemu-img info on untrusted files, which a crafted
+	// header could otherwise keep busy or make allocate without end.
+	InfoCPUSeconds int
+	InfoMemory     int64
+}
+
+// NewQEMUImg returns a runner for the given binary (qemu-img if empty).
+func NewQEMUImg(binary string) *QEMUImg {
+	if binary == "" {
+		binary = "qemu-img"
+	}
+	return &QEMUImg{Binary: binary, InfoCPUSeconds: 30, InfoMemory: 1 << 30}
+}
+
+func (q *QEMUImg) run(ctx context.Context, limited bool, args ...string) ([]byte, error) {
+	name, argv := q.Binary, args
+	if limited {
+		if prlimit, err := exec.LookPath("prlimit"); err == nil {
+			argv = append([]string{
+				"--cpu=" + strconv.Itoa(q.InfoCPUSeconds),
+				"--as=" + strconv.FormatInt(q.InfoMemory, 10),
+				"--", q.Binary,
+			}, args...)
+			name = prlimit
+		}
+	}
+	cmd := exec.CommandContext(ctx, name, argv...)
+	cmd.WaitDelay = 5 * time.Second
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if msg == "" {
+			return nil, fmt.Errorf("qemu-img %s: %w", args[0], err)
+		}
+		// qemu-img repeats its own name at the start of every message.
+		msg = strings.TrimPrefix(msg, "qemu-img: ")
+		return nil, fmt.Errorf("qemu-img %s: %s: %w", args[0], firstLine(msg), err)
+	}
+	return stdout.Bytes(), nil
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i]
+	}
+	return s
+}
+
+// Info inspects one file without following its backing chain, under CPU
+// and memory limits, and without taking QEMU's lock (the file may be in
+// use by a running VM).
+func (q *QEMUImg) Info(ctx context.Context, path string) (Info, error) {
+	out, err := q.run(ctx, true, "info", "--output=json", "--force-share", path)
+	if err != nil {
+		return Info{}, err
+	}
+	var info Info
+	if err := json.Unmarshal(out, &info); err != nil {
+		return Info{}, fmt.Errorf("qemu-img info %s: decode: %w", path, err)
+	}
+	return info, nil
+}
+
+// CheckSelfContained refuses images that name other files.
+func CheckSelfContained(info Info) error {
+	if info.BackingFilename != "" {
+		return fmt.Errorf("%w: backing file %q", ErrUnsafeImage, info.BackingFilename)
+	}
+	if info.FormatSpecific.Data.DataFile != "" {
+		return fmt.Errorf("%w: data file %q", ErrUnsafeImage, info.FormatSpecific.Data.DataFile)
+	}
+	return nil
+}
+
+// CreateOverlay makes a thin qcow2 at path on top of backing. size 0 keeps
+// the backing file's size.
+func (q *QEMUImg) CreateOverlay(ctx context.Context, backing, path string, size int64) error {
+	args := []string{"create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", "-F", "qcow2", "-b", backing, path}
+	if size > 0 {
+		args = append(args, strconv.FormatInt(size, 10))
+	}
+	_, err := q.run(ctx, false, args...)
+	return err
+}
+
+// Create makes an empty thin qcow2.
+func (q *QEMUImg) Create(ctx context.Context, path string, size int64) error {
+	_, err := q.run(ctx, false, "create", "-q", "-f", "qcow2", path, strconv.FormatInt(size, 10))
+	return err
+}
+
+// Convert copies src (of the given format) into a new qcow2 at dst. Holes
+// and zero runs stay unallocated.
+func (q *QEMUImg) Convert(ctx context.Context, src, srcFormat, dst string) error {
+	_, err := q.run(ctx, false, "convert", "-q", "-f", srcFormat, "-O", "qcow2", "-o", "cluster_size=64k", src, dst)
+	return err
+}
+
+// Check runs a consistency check.
+func (q *QEMUImg) Check(ctx context.Context, path string) error {
+	_, err := q.run(ctx, false, "check", "-q", "--force-share", path)
+	return err
+}
+
+// Remove deletes a volume file; a missing file is not an error.
+func Remove(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// ConvertProgress is Convert reporting progress as a fraction (0..1).
+func (q *QEMUImg) ConvertProgress(ctx context.Context, src, srcFormat, dst string, progress func(float64)) error {
+	cmd := exec.CommandContext(ctx, q.Binary, "convert", "-p", "-f", srcFormat, "-O", "qcow2", "-o", "cluster_size=64k", src, dst)
+	cmd.WaitDelay = 5 * time.Second
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("qemu-img convert: %w", err)
+	}
+	// qemu-img -p rewrites one line: "    (12.34/100%)\r".
+	buf := make([]byte, 256)
+	for {
+		n, rerr := out.Read(buf)
+		if n > 0 && progress != nil {
+			chunk := string(buf[:n])
+			if i := strings.LastIndexByte(chunk, '('); i >= 0 {
+				if j := strings.Index(chunk[i:], "/100%"); j > 0 {
+					if f, perr := strconv.ParseFloat(chunk[i+1:i+j], 64); perr == nil {
+						progress(f / 100)
+					}
+				}
+			}
+		}
+		if rerr != nil {
+			break
+		}
+	}
+	if err := cmd.Wait(); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		msg := strings.TrimPrefix(strings.TrimSpace(stderr.String()), "qemu-img: ")
+		return fmt.Errorf("qemu-img convert: %s: %w", firstLine(msg), err)
+	}
+	return nil
+}

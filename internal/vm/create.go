@@ -1,0 +1,236 @@
+package vm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/identity"
+	"github.com/lodge-vm/lodge/internal/qemu"
+	"github.com/lodge-vm/lodge/internal/store"
+)
+
+// Defaults for create.
+const (
+	DefaultCPUs     = 1
+	DefaultMemory   = 512 << 20
+	DefaultDiskSize = 8 << 30
+	MinMemory       = 64 << 20
+	MaxCPUs         = 255
+)
+
+// Validate checks a create request against itself, the host and the
+// image, filling defaults. It changes nothing.
+func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Image, error) {
+	if err := ValidateName("vm", req.Name); err != nil {
+		return api.Image{}, err
+	}
+	if req.Image == "" {
+		return api.Image{}, fmt.Errorf("vm %q: %w: an image is required (--image)", req.Name, ErrInvalid)
+	}
+	if req.CPUs == 0 {
+		req.CPUs = DefaultCPUs
+	}
+	if req.CPUs < 1 || req.CPUs > MaxCPUs {
+		return api.Image{}, fmt.Errorf("vm %q: cpus %d: %w: must be between 1 and %d", req.Name, req.CPUs, ErrInvalid, MaxCPUs)
+	}
+	if req.Memory == 0 {
+		req.Memory = DefaultMemory
+	}
+	if req.Memory < MinMemory {
+		return api.Image{}, fmt.Errorf("vm %q: memory %s: %w: must be at least %s", req.Name, sizeStr(req.Memory), ErrInvalid, sizeStr(MinMemory))
+	}
+	if req.MaxMemory == 0 {
+		req.MaxMemory = req.Memory
+	}
+	if req.MaxMemory < req.Memory {
+		return api.Image{}, fmt.Errorf("vm %q: max memory %s is below memory %s: %w", req.Name, sizeStr(req.MaxMemory), sizeStr(req.Memory), ErrInvalid)
+	}
+	if s.cfg.Host != nil {
+		if total := s.cfg.Host().MemoryTotal; total > 0 && req.MaxMemory > total {
+			return api.Image{}, fmt.Errorf("vm %q: memory %s is more than the host has (%s): %w", req.Name, sizeStr(req.MaxMemory), sizeStr(total), ErrLimit)
+		}
+	}
+	if req.DiskBus == "" {
+		req.DiskBus = qemu.BusVirtio
+	}
+	if !validBus(req.DiskBus) {
+		return api.Image{}, fmt.Errorf("vm %q: disk bus %q: %w: want virtio, scsi, ide or nvme", req.Name, req.DiskBus, ErrInvalid)
+	}
+	if req.Pool == "" {
+		req.Pool = "default"
+	}
+	if req.Network == "" {
+		req.Network = "nat"
+	}
+	if req.Network != "nat" {
+		return api.Image{}, fmt.Errorf("vm %q: network %q: %w: only the built-in \"nat\" network exists so far", req.Name, req.Network, ErrNotFound)
+	}
+	img, err := s.cfg.Images.Get(ctx, req.Image)
+	if err != nil {
+		return api.Image{}, fmt.Errorf("vm %q: %w", req.Name, err)
+	}
+	if req.DiskSize == 0 {
+		req.DiskSize = max(DefaultDiskSize, img.VirtualSize)
+	}
+	if req.DiskSize < img.VirtualSize {
+		return api.Image{}, fmt.Errorf("vm %q: disk %s is smaller than image %q (%s): %w", req.Name, sizeStr(req.DiskSize), img.Name, sizeStr(img.VirtualSize), ErrInvalid)
+	}
+	return img, nil
+}
+
+func validBus(b string) bool {
+	for _, x := range qemu.Buses {
+		if b == x {
+			return true
+		}
+	}
+	return false
+}
+
+// Create defines a VM: a thin overlay on the image in the pool, a new
+// identity and a NoCloud seed. It records the intent first, so a crash
+// half-way is undone by Recover.
+func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) {
+	img, err := s.validateCreate(ctx, &req)
+	if err != nil {
+		return api.VM{}, err
+	}
+	pool, err := s.cfg.Pools.Get(ctx, req.Pool)
+	if err != nil {
+		return api.VM{}, fmt.Errorf("vm %q: %w", req.Name, err)
+	}
+	if err := pool.Check(); err != nil {
+		return api.VM{}, fmt.Errorf("vm %q: %w", req.Name, err)
+	}
+	unlock, err := s.lock(req.Name, "create")
+	if err != nil {
+		return api.VM{}, err
+	}
+	defer unlock()
+
+	r := record{
+		VM: api.VM{
+			Name: req.Name, Image: img.Name, CPUs: req.CPUs, Memory: req.Memory, MaxMemory: req.MaxMemory,
+			Hostname: req.Name, State: api.StateStopped, CreatedAt: time.Now().UTC(),
+			Disks: []api.Disk{{
+				Name: "root", Bus: req.DiskBus, Size: req.DiskSize, Pool: pool.Name,
+				Path: pool.VolumePath(req.Name, "root"), Backing: img.Path,
+			}},
+		},
+		Pool: pool.Name, ImagePath: img.Path, CloudInit: req.CloudInit,
+		Intent: intentCreating, Wanted: api.StateStopped,
+	}
+	// Identity is drawn outside the transaction (store code stays
+	// deterministic) and checked for uniqueness inside it.
+	for attempt := 0; ; attempt++ {
+		r.UUID, r.InstanceID = identity.NewUUID(), identity.NewUUID()
+		r.NICs = []api.NIC{{Network: req.Network, MAC: identity.NewMAC()}}
+		err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
+			if _, err := tx.Get(bucket, r.Name); err == nil {
+				return fmt.Errorf("vm %q: %w", r.Name, ErrExists)
+			}
+			others, err := store.ListJSON[record](tx, bucket)
+			if err != nil {
+				return err
+			}
+			for _, o := range others {
+				if o.UUID == r.UUID || o.NICs[0].MAC == r.NICs[0].MAC {
+					return identity.ErrConflict
+				}
+			}
+			return store.PutJSON(tx, bucket, r.Name, r)
+		})
+		if !errors.Is(err, identity.ErrConflict) || attempt > 10 {
+			break
+		}
+	}
+	if err != nil {
+		return api.VM{}, err
+	}
+	if err := s.materialise(ctx, r); err != nil {
+		s.discard(context.WithoutCancel(ctx), r)
+		return api.VM{}, err
+	}
+	r, err = s.update(ctx, r.Name, func(x *record) error { x.Intent = ""; return nil })
+	if err != nil {
+		return api.VM{}, err
+	}
+	s.publish(r.Name, "vm-created", r.State, "")
+	s.log.Info("created", "vm", r.Name, "image", r.Image, "uuid", r.UUID)
+	return s.view(r), nil
+}
+
+// materialise makes the files a record needs.
+func (s *Service) materialise(ctx context.Context, r record) error {
+	if err := os.MkdirAll(s.vmDir(r.Name), 0o750); err != nil {
+		return fmt.Errorf("vm %q: %w", r.Name, err)
+	}
+	d := r.Disks[0]
+	if err := s.cfg.Volumes.CreateOverlay(ctx, d.Backing, d.Path, d.Size); err != nil {
+		return fmt.Errorf("vm %q: create disk %s: %w", r.Name, d.Path, err)
+	}
+	if err := s.writeSeed(ctx, r); err != nil {
+		return err
+	}
+	return nil
+}
+
+func (s *Service) seedPath(name string) string { return filepath.Join(s.vmDir(name), "seed.iso") }
+
+func (s *Service) writeSeed(ctx context.Context, r record) error {
+	if s.cfg.WriteSeed == nil {
+		return nil
+	}
+	if err := s.cfg.WriteSeed(ctx, s.seedPath(r.Name), r.InstanceID, r.Hostname, []byte(r.CloudInit)); err != nil {
+		return fmt.Errorf("vm %q: %w", r.Name, err)
+	}
+	return nil
+}
+
+// discard removes a VM's files and record.
+func (s *Service) discard(ctx context.Context, r record) {
+	for _, d := range r.Disks {
+		if err := os.Remove(d.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			s.log.Warn("remove disk", "vm", r.Name, "path", d.Path, "err", err)
+		}
+	}
+	removeAllQuiet(s.vmDir(r.Name))
+	removeAllQuiet(s.runDir(r.Name))
+	if err := s.cfg.Store.Update(ctx, func(tx store.Tx) error { return tx.Delete(bucket, r.Name) }); err != nil {
+		s.log.Error("remove record", "vm", r.Name, "err", err)
+	}
+}
+
+// Delete removes a stopped VM with its disks and run directory. force
+// stops a running one first.
+func (s *Service) Delete(ctx context.Context, name string, force bool) error {
+	unlock, err := s.lock(name, "delete")
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	r, err := s.load(ctx, name)
+	if err != nil {
+		return err
+	}
+	if s.alive(name) {
+		if !force {
+			return fmt.Errorf("vm %q is %s: %w: stop it first, or use --force", name, r.State, ErrState)
+		}
+		if err := s.stopLocked(ctx, name, true, 0); err != nil {
+			return err
+		}
+	}
+	if _, err := s.update(ctx, name, func(x *record) error { x.Intent = intentDeleting; return nil }); err != nil {
+		return err
+	}
+	s.discard(ctx, r)
+	s.publish(name, "vm-deleted", "", "")
+	s.log.Info("deleted", "vm", name)
+	return nil
+}

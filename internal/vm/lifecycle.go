@@ -1,0 +1,263 @@
+package vm
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/qemu"
+	"github.com/lodge-vm/lodge/internal/qmp"
+)
+
+// Start boots a stopped VM.
+func (s *Service) Start(ctx context.Context, name string) (api.VM, error) {
+	unlock, err := s.lock(name, "start")
+	if err != nil {
+		return api.VM{}, err
+	}
+	defer unlock()
+	return s.startLocked(ctx, name)
+}
+
+func (s *Service) startLocked(ctx context.Context, name string) (api.VM, error) {
+	r, err := s.load(ctx, name)
+	if err != nil {
+		return api.VM{}, err
+	}
+	if s.alive(name) {
+		return api.VM{}, fmt.Errorf("vm %q is already %s: %w", name, r.State, ErrState)
+	}
+	if err := s.checkConflicts(ctx, r); err != nil {
+		return api.VM{}, err
+	}
+	if err := s.admit(ctx, r); err != nil {
+		return api.VM{}, err
+	}
+	accel, err := s.cfg.Accel(ctx)
+	if err != nil {
+		return api.VM{}, fmt.Errorf("start vm %q: %w", name, err)
+	}
+	if _, err := os.Stat(s.seedPath(name)); err != nil {
+		if err := s.writeSeed(ctx, r); err != nil {
+			return api.VM{}, err
+		}
+	}
+	if _, err := s.update(ctx, name, func(x *record) error {
+		x.State, x.StateReason, x.Wanted, x.StartedAt = api.StateStarting, "", api.StateRunning, nil
+		return nil
+	}); err != nil {
+		return api.VM{}, err
+	}
+	s.publish(name, "vm-state", api.StateStarting, "accel "+accel.Accel)
+	m := s.machine(r, accel)
+	// Truncate the previous boot's console log: --log shows this boot.
+	_ = os.Truncate(m.Path(qemu.SerialLog), 0)
+	pid, err := s.cfg.Driver.Launch(ctx, m)
+	if err != nil {
+		s.setState(context.WithoutCancel(ctx), name, api.StateStopped, "start failed: "+err.Error())
+		return api.VM{}, err
+	}
+	mctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	mon, err := s.cfg.Driver.Monitor(mctx, m.RunDir)
+	if err != nil {
+		_ = s.cfg.Driver.Kill(context.WithoutCancel(ctx), m.RunDir, 5*time.Second)
+		s.setState(context.WithoutCancel(ctx), name, api.StateError, "QEMU started but its monitor does not answer: "+err.Error())
+		return api.VM{}, fmt.Errorf("start vm %q: connect to QMP: %w", name, err)
+	}
+	s.attach(ctx, name, pid, mon)
+	s.markRunning(ctx, name, pid, api.StateRunning)
+	s.log.Info("started", "vm", name, "pid", pid, "accel", accel.Accel)
+	return s.Get(ctx, name)
+}
+
+func (s *Service) machine(r record, accel qemu.Accel) qemu.Machine {
+	m := qemu.Machine{
+		Name: r.Name, UUID: r.UUID, CPUs: r.CPUs, Memory: r.Memory,
+		RunDir: s.runDir(r.Name), SeedISO: s.seedPath(r.Name),
+		Accel: accel.Accel, CPUModel: accel.CPUModel,
+	}
+	if accel.Accel == "tcg" {
+		// "max" gives TCG guests the newer instruction sets that current
+		// distributions require (x86-64-v2).
+		m.CPUModel = "max"
+	}
+	for _, d := range r.Disks {
+		m.Disks = append(m.Disks, qemu.Disk{Name: d.Name, Path: d.Path, Bus: d.Bus, Format: "qcow2"})
+	}
+	for _, n := range r.NICs {
+		m.NICs = append(m.NICs, qemu.NIC{MAC: n.MAC})
+	}
+	return m
+}
+
+// checkConflicts refuses to run two VMs with one identity at once.
+func (s *Service) checkConflicts(ctx context.Context, r record) error {
+	recs, err := s.all(ctx)
+	if err != nil {
+		return err
+	}
+	for _, o := range recs {
+		if o.Name == r.Name || !s.alive(o.Name) {
+			continue
+		}
+		if o.UUID == r.UUID {
+			return fmt.Errorf("vm %q: %w: its UUID %s is in use by running vm %q", r.Name, ErrConflict, r.UUID, o.Name)
+		}
+		for _, n := range r.NICs {
+			for _, on := range o.NICs {
+				if n.MAC == on.MAC {
+					return fmt.Errorf("vm %q: %w: its MAC %s is in use by running vm %q", r.Name, ErrConflict, n.MAC, o.Name)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// admit refuses a start that would take the host past its memory limit.
+func (s *Service) admit(ctx context.Context, r record) error {
+	if s.cfg.Host == nil {
+		return nil
+	}
+	h := s.cfg.Host()
+	if h.MemoryLimit <= 0 {
+		return nil
+	}
+	allocated, _, _, err := s.MemoryAllocated(ctx)
+	if err != nil {
+		return err
+	}
+	limit := int64(float64(h.MemoryLimit) * h.Overcommit)
+	if allocated+r.Memory > limit {
+		return fmt.Errorf("vm %q: %w: memory limit %s, allocated %s, requested %s", r.Name, ErrLimit, sizeStr(limit), sizeStr(allocated), sizeStr(r.Memory))
+	}
+	return nil
+}
+
+// Stop powers a VM off: ACPI power button first, then forced after
+// timeout. force skips the graceful step.
+func (s *Service) Stop(ctx context.Context, name string, force bool, timeout time.Duration) (api.VM, error) {
+	unlock, err := s.lock(name, "stop")
+	if err != nil {
+		return api.VM{}, err
+	}
+	defer unlock()
+	if err := s.stopLocked(ctx, name, force, timeout); err != nil {
+		return api.VM{}, err
+	}
+	return s.Get(ctx, name)
+}
+
+func (s *Service) stopLocked(ctx context.Context, name string, force bool, timeout time.Duration) error {
+	r, err := s.load(ctx, name)
+	if err != nil {
+		return err
+	}
+	in := s.instance(name)
+	if in == nil {
+		return fmt.Errorf("vm %q is %s: %w", name, r.State, ErrState)
+	}
+	if timeout <= 0 {
+		timeout = s.cfg.StopTimeout
+	}
+	in.stopping.Store(true)
+	if _, err := s.update(ctx, name, func(x *record) error {
+		x.State, x.Wanted = api.StateStopping, api.StateStopped
+		return nil
+	}); err != nil {
+		return err
+	}
+	s.publish(name, "vm-state", api.StateStopping, "")
+	if !force {
+		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := qmp.SystemPowerdown(qctx, in.mon)
+		cancel()
+		if err == nil {
+			select {
+			case <-in.done:
+				return nil
+			case <-time.After(timeout):
+				s.log.Warn("guest ignored the power button; forcing", "vm", name, "timeout", timeout)
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+	qctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	_ = qmp.Quit(qctx, in.mon)
+	cancel()
+	select {
+	case <-in.done:
+		return nil
+	case <-time.After(5 * time.Second):
+	}
+	if err := s.cfg.Driver.Kill(ctx, in.runDir, 5*time.Second); err != nil {
+		return fmt.Errorf("stop vm %q: %w", name, err)
+	}
+	select {
+	case <-in.done:
+		return nil
+	case <-time.After(15 * time.Second):
+		return fmt.Errorf("stop vm %q: QEMU is gone but its monitor did not close", name)
+	}
+}
+
+// Restart is a full stop and start, so that changed settings apply.
+func (s *Service) Restart(ctx context.Context, name string, timeout time.Duration) (api.VM, error) {
+	unlock, err := s.lock(name, "restart")
+	if err != nil {
+		return api.VM{}, err
+	}
+	defer unlock()
+	if s.alive(name) {
+		if err := s.stopLocked(ctx, name, false, timeout); err != nil {
+			return api.VM{}, err
+		}
+	}
+	return s.startLocked(ctx, name)
+}
+
+// Pause freezes the guest's CPUs.
+func (s *Service) Pause(ctx context.Context, name string) (api.VM, error) {
+	return s.runState(ctx, name, "pause", api.StatePaused, func(ctx context.Context, m qmp.Monitor) error { return qmp.Stop(ctx, m) })
+}
+
+// Resume continues a paused guest.
+func (s *Service) Resume(ctx context.Context, name string) (api.VM, error) {
+	return s.runState(ctx, name, "resume", api.StateRunning, func(ctx context.Context, m qmp.Monitor) error { return qmp.Cont(ctx, m) })
+}
+
+func (s *Service) runState(ctx context.Context, name, op, want string, fn func(context.Context, qmp.Monitor) error) (api.VM, error) {
+	unlock, err := s.lock(name, op)
+	if err != nil {
+		return api.VM{}, err
+	}
+	defer unlock()
+	in := s.instance(name)
+	if in == nil {
+		r, err := s.load(ctx, name)
+		if err != nil {
+			return api.VM{}, err
+		}
+		return api.VM{}, fmt.Errorf("vm %q is %s: %w", name, r.State, ErrState)
+	}
+	if err := fn(ctx, in.mon); err != nil {
+		return api.VM{}, fmt.Errorf("%s vm %q: %w", op, name, err)
+	}
+	st, err := qmp.QueryStatus(ctx, in.mon)
+	if err != nil {
+		return api.VM{}, fmt.Errorf("%s vm %q: %w", op, name, err)
+	}
+	state := api.StateRunning
+	if !st.Running {
+		state = api.StatePaused
+	}
+	if state != want {
+		return api.VM{}, fmt.Errorf("%s vm %q: QEMU reports %q", op, name, st.Status)
+	}
+	s.setState(ctx, name, state, "")
+	return s.Get(ctx, name)
+}

@@ -1,0 +1,321 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/qemu"
+	"github.com/lodge-vm/lodge/internal/qga"
+	"github.com/lodge-vm/lodge/internal/qmp"
+)
+
+// instance is a running QEMU the service supervises.
+type instance struct {
+	name   string
+	runDir string
+	pid    int
+	mon    qmp.Monitor
+	done   chan struct{}
+
+	stopping      atomic.Bool
+	guestShutdown atomic.Bool
+	agentOpen     atomic.Bool
+	consoleBusy   atomic.Bool
+
+	agentMu sync.Mutex
+	agent   qga.Agent
+}
+
+func (in *instance) agentUp() bool { return in.agentOpen.Load() }
+
+// The agent's virtio-serial port id, whose open/close QEMU reports in
+// VSERPORT_CHANGE events when the guest agent starts or stops.
+const agentPortID = "qga0port"
+
+func (s *Service) alive(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.instances[name] != nil
+}
+
+func (s *Service) instance(name string) *instance {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.instances[name]
+}
+
+// attach starts supervising a QEMU whose monitor is connected.
+func (s *Service) attach(ctx context.Context, name string, pid int, mon qmp.Monitor) *instance {
+	in := &instance{name: name, runDir: s.runDir(name), pid: pid, mon: mon, done: make(chan struct{})}
+	events, cancel := mon.Subscribe()
+	s.mu.Lock()
+	s.instances[name] = in
+	s.mu.Unlock()
+	// The guest may have opened the agent port before we connected.
+	var chardevs []struct {
+		Label        string `json:"label"`
+		FrontendOpen bool   `json:"frontend-open"`
+	}
+	if err := mon.Execute(ctx, "query-chardev", nil, &chardevs); err == nil {
+		for _, c := range chardevs {
+			if c.Label == "qga0" && c.FrontendOpen {
+				in.agentOpen.Store(true)
+			}
+		}
+	}
+	go s.supervise(in, events, cancel)
+	return in
+}
+
+// supervise follows a QEMU until it exits, then records why.
+func (s *Service) supervise(in *instance, events <-chan qmp.Event, cancel func()) {
+	defer cancel()
+	ctx := context.Background()
+	for {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				events = nil
+				continue
+			}
+			s.onEvent(ctx, in, ev)
+			continue
+		case <-in.mon.Done():
+		}
+		break
+	}
+	s.mu.Lock()
+	closing := s.instances[in.name] != in
+	s.mu.Unlock()
+	if closing {
+		// The daemon is shutting down and let go of this VM on purpose;
+		// QEMU keeps running and the next daemon re-attaches.
+		close(in.done)
+		return
+	}
+	// QMP goes away a moment before the process does.
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := s.cfg.Driver.PID(in.runDir); err != nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := s.cfg.Driver.PID(in.runDir); err == nil {
+		s.log.Warn("monitor lost but qemu still runs; killing it", "vm", in.name)
+		_ = s.cfg.Driver.Kill(ctx, in.runDir, 5*time.Second)
+	}
+	s.closeAgent(in)
+	for _, f := range []string{qemu.QMPSocket, qemu.QGASocket, qemu.ConsoleSocket, qemu.PIDFile} {
+		_ = os.Remove(filepath.Join(in.runDir, f))
+	}
+	s.mu.Lock()
+	delete(s.instances, in.name)
+	s.mu.Unlock()
+	switch {
+	case in.stopping.Load():
+		s.setState(ctx, in.name, api.StateStopped, "stopped by request")
+	case in.guestShutdown.Load():
+		s.setState(ctx, in.name, api.StateStopped, "the guest powered off")
+	default:
+		s.setState(ctx, in.name, api.StateError, "QEMU exited unexpectedly (killed or crashed); see lodge console --log")
+	}
+	s.log.Info("qemu exited", "vm", in.name, "pid", in.pid)
+	close(in.done)
+}
+
+func (s *Service) onEvent(ctx context.Context, in *instance, ev qmp.Event) {
+	s.log.Debug("qmp event", "vm", in.name, "event", ev.Name)
+	switch ev.Name {
+	case "SHUTDOWN":
+		var d struct {
+			Guest  bool   `json:"guest"`
+			Reason string `json:"reason"`
+		}
+		_ = json.Unmarshal(ev.Data, &d)
+		if d.Guest {
+			in.guestShutdown.Store(true)
+		}
+		// QEMU runs with -no-shutdown so that a guest power-off while the
+		// daemon is away stays visible; here we are, so let QEMU go.
+		go func() {
+			qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			_ = qmp.Quit(qctx, in.mon)
+		}()
+	case "STOP":
+		if !in.guestShutdown.Load() && !in.stopping.Load() {
+			s.setState(ctx, in.name, api.StatePaused, "")
+		}
+	case "RESUME":
+		s.setState(ctx, in.name, api.StateRunning, "")
+	case "VSERPORT_CHANGE":
+		var d struct {
+			ID   string `json:"id"`
+			Open bool   `json:"open"`
+		}
+		if json.Unmarshal(ev.Data, &d) == nil && d.ID == agentPortID {
+			in.agentOpen.Store(d.Open)
+			if !d.Open {
+				s.closeAgent(in)
+			}
+			s.publish(in.name, "agent", "", map[bool]string{true: "guest agent connected", false: "guest agent disconnected"}[d.Open])
+		}
+	}
+}
+
+// Recover is run once at daemon start: it finishes or undoes interrupted
+// changes and re-attaches to the VMs whose QEMU still runs.
+func (s *Service) Recover(ctx context.Context) error {
+	recs, err := s.all(ctx)
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		switch r.Intent {
+		case intentCreating:
+			s.log.Warn("undoing interrupted create", "vm", r.Name)
+			s.discard(ctx, r)
+			continue
+		case intentDeleting:
+			s.log.Warn("finishing interrupted delete", "vm", r.Name)
+			_ = s.cfg.Driver.Kill(ctx, s.runDir(r.Name), 5*time.Second)
+			s.discard(ctx, r)
+			continue
+		}
+		s.reattach(ctx, r)
+	}
+	return nil
+}
+
+func (s *Service) reattach(ctx context.Context, r record) {
+	runDir := s.runDir(r.Name)
+	pid, err := s.cfg.Driver.PID(runDir)
+	if err != nil {
+		if holdsMemory(r.State) {
+			if r.State == api.StateStopping {
+				s.setState(ctx, r.Name, api.StateStopped, "stopped while the daemon was not running")
+			} else {
+				s.setState(ctx, r.Name, api.StateError, "QEMU exited while the daemon was not running (killed or crashed)")
+			}
+		}
+		return
+	}
+	mctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	mon, err := s.cfg.Driver.Monitor(mctx, runDir)
+	if err != nil {
+		s.log.Error("re-attach: qmp", "vm", r.Name, "pid", pid, "err", err)
+		s.setState(ctx, r.Name, api.StateError, "QEMU runs (pid "+fmt.Sprint(pid)+") but its monitor does not answer: "+err.Error())
+		return
+	}
+	st, err := qmp.QueryStatus(mctx, mon)
+	if err != nil {
+		_ = mon.Close()
+		s.setState(ctx, r.Name, api.StateError, "re-attach: "+err.Error())
+		return
+	}
+	in := s.attach(ctx, r.Name, pid, mon)
+	s.log.Info("re-attached", "vm", r.Name, "pid", pid, "status", st.Status)
+	switch st.Status {
+	case "shutdown":
+		// The guest powered off while we were away; finish the job.
+		in.guestShutdown.Store(true)
+		_ = qmp.Quit(mctx, mon)
+	case "paused":
+		s.markRunning(ctx, r.Name, pid, api.StatePaused)
+	default:
+		s.markRunning(ctx, r.Name, pid, api.StateRunning)
+	}
+}
+
+func (s *Service) markRunning(ctx context.Context, name string, pid int, state string) {
+	_, err := s.update(ctx, name, func(x *record) error {
+		x.State, x.StateReason, x.PID, x.Wanted = state, "", pid, api.StateRunning
+		if x.StartedAt == nil {
+			now := time.Now().UTC()
+			x.StartedAt = &now
+		}
+		return nil
+	})
+	if err != nil {
+		s.log.Error("record state", "vm", name, "err", err)
+		return
+	}
+	s.publish(name, "vm-state", state, "")
+}
+
+// Close lets go of every VM without stopping it.
+func (s *Service) Close() {
+	s.mu.Lock()
+	ins := make([]*instance, 0, len(s.instances))
+	for name, in := range s.instances {
+		ins = append(ins, in)
+		delete(s.instances, name)
+	}
+	s.mu.Unlock()
+	for _, in := range ins {
+		s.closeAgent(in)
+		_ = in.mon.Close()
+		<-in.done
+	}
+}
+
+func (s *Service) closeAgent(in *instance) {
+	in.agentMu.Lock()
+	defer in.agentMu.Unlock()
+	if in.agent != nil {
+		_ = in.agent.Close()
+		in.agent = nil
+	}
+}
+
+// withAgent runs fn with the VM's agent, connecting (and waiting up to
+// wait for the guest to start its agent) if needed. A transport failure
+// drops the connection so the next call starts afresh.
+func (s *Service) withAgent(ctx context.Context, name string, wait time.Duration, fn func(qga.Agent) error) error {
+	in := s.instance(name)
+	if in == nil {
+		return fmt.Errorf("vm %q is not running: %w", name, ErrState)
+	}
+	in.agentMu.Lock()
+	defer in.agentMu.Unlock()
+	if in.agent == nil {
+		deadline := time.Now().Add(wait)
+		var lastErr error
+		for {
+			actx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			a, err := s.cfg.Driver.Agent(actx, in.runDir)
+			cancel()
+			if err == nil {
+				in.agent = a
+				break
+			}
+			lastErr = err
+			if time.Now().After(deadline) || ctx.Err() != nil {
+				return fmt.Errorf("vm %q: %w after %s (is qemu-guest-agent running in the guest?): %v", name, ErrNoAgent, wait.Round(time.Second), lastErr)
+			}
+			select {
+			case <-ctx.Done():
+			case <-in.done:
+				return fmt.Errorf("vm %q stopped: %w", name, ErrState)
+			case <-time.After(250 * time.Millisecond):
+			}
+		}
+	}
+	err := fn(in.agent)
+	var qerr *qga.Error
+	if err != nil && !errors.As(err, &qerr) {
+		_ = in.agent.Close()
+		in.agent = nil
+	}
+	return err
+}

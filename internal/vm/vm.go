@@ -1,0 +1,330 @@
+// Package vm owns virtual machines: their spec and state in the store,
+// their lifecycle (create, start, stop, pause, resume, delete), and the
+// supervision of their QEMU processes through the driver. Every change of
+// state is written to the store before it is carried out, so that an
+// interrupted change can be finished or undone at the next start.
+package vm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/qemu"
+	"github.com/lodge-vm/lodge/internal/storage"
+	"github.com/lodge-vm/lodge/internal/store"
+	"github.com/lodge-vm/lodge/internal/units"
+)
+
+// Sentinel errors callers branch on (the daemon maps them to HTTP codes).
+var (
+	ErrNotFound = errors.New("not found")
+	ErrExists   = errors.New("already exists")
+	ErrInvalid  = errors.New("invalid")
+	ErrBusy     = errors.New("busy")
+	ErrState    = errors.New("wrong state")
+	ErrConflict = errors.New("conflict")
+	ErrNoAgent  = errors.New("guest agent not answering")
+	ErrLimit    = errors.New("over the host limit")
+)
+
+const bucket = "vms"
+
+// Intents recorded before a multi-step change; see Recover.
+const (
+	intentCreating = "creating"
+	intentDeleting = "deleting"
+)
+
+// record is what the store keeps for a VM.
+type record struct {
+	api.VM
+	Pool      string `json:"pool"`
+	ImagePath string `json:"image_path"`
+	CloudInit string `json:"cloud_init,omitempty"`
+	Intent    string `json:"intent,omitempty"`
+	// Wanted is the desired power state; State is what was last observed.
+	Wanted string `json:"wanted"`
+}
+
+// Images resolves image names for the service.
+type Images interface {
+	Get(ctx context.Context, name string) (api.Image, error)
+}
+
+// Volumes makes disk files.
+type Volumes interface {
+	CreateOverlay(ctx context.Context, backing, path string, size int64) error
+}
+
+// Pools resolves pool names.
+type Pools interface {
+	Get(ctx context.Context, name string) (storage.Pool, error)
+}
+
+// Publisher receives lifecycle events.
+type Publisher interface {
+	Publish(ev api.Event)
+}
+
+// Host describes the resources VMs draw on.
+type Host struct {
+	MemoryTotal int64
+	MemoryLimit int64
+	Overcommit  float64
+}
+
+// Config wires a Service.
+type Config struct {
+	Home        string
+	Store       store.Store
+	Driver      qemu.Driver
+	Volumes     Volumes
+	Images      Images
+	Pools       Pools
+	Events      Publisher
+	Log         *slog.Logger
+	Host        func() Host
+	Accel       func(ctx context.Context) (qemu.Accel, error)
+	StopTimeout time.Duration
+	// WriteSeed makes the NoCloud seed; a field so unit tests can skip xorriso.
+	WriteSeed func(ctx context.Context, path string, instanceID, hostname string, userData []byte) error
+}
+
+// Service manages the VMs of one host.
+type Service struct {
+	cfg Config
+	log *slog.Logger
+
+	mu        sync.Mutex
+	busy      map[string]string
+	instances map[string]*instance
+}
+
+// New returns a Service. Call Recover before serving requests.
+func New(cfg Config) *Service {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.StopTimeout == 0 {
+		cfg.StopTimeout = 60 * time.Second
+	}
+	return &Service{
+		cfg:       cfg,
+		log:       cfg.Log.With("component", "vm"),
+		busy:      map[string]string{},
+		instances: map[string]*instance{},
+	}
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$`)
+
+// ValidateName refuses names that are not usable as a hostname or that
+// could escape a directory (/, ..).
+func ValidateName(kind, name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("%s name %q: %w: use letters, digits and '-' (at most 63), starting and ending with a letter or digit", kind, name, ErrInvalid)
+	}
+	return nil
+}
+
+// vmDir holds the spec copy and the seed; runDir holds sockets and logs.
+func (s *Service) vmDir(name string) string  { return filepath.Join(s.cfg.Home, "vms", name) }
+func (s *Service) runDir(name string) string { return filepath.Join(s.cfg.Home, "run", name) }
+
+// lock marks a VM busy with an operation, refusing a second one.
+func (s *Service) lock(name, op string) (func(), error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if cur, ok := s.busy[name]; ok {
+		return nil, fmt.Errorf("vm %q: %w: %s is in progress", name, ErrBusy, cur)
+	}
+	s.busy[name] = op
+	return func() {
+		s.mu.Lock()
+		delete(s.busy, name)
+		s.mu.Unlock()
+	}, nil
+}
+
+func (s *Service) load(ctx context.Context, name string) (record, error) {
+	var r record
+	err := s.cfg.Store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, bucket, name, &r) })
+	if errors.Is(err, store.ErrNotFound) {
+		return r, fmt.Errorf("vm %q: %w", name, ErrNotFound)
+	}
+	return r, err
+}
+
+func (s *Service) save(ctx context.Context, r record) error {
+	return s.cfg.Store.Update(ctx, func(tx store.Tx) error { return store.PutJSON(tx, bucket, r.Name, r) })
+}
+
+// update changes a stored record in one transaction.
+func (s *Service) update(ctx context.Context, name string, fn func(*record) error) (record, error) {
+	var out record
+	err := s.cfg.Store.Update(ctx, func(tx store.Tx) error {
+		if err := store.GetJSON(tx, bucket, name, &out); err != nil {
+			if errors.Is(err, store.ErrNotFound) {
+				return fmt.Errorf("vm %q: %w", name, ErrNotFound)
+			}
+			return err
+		}
+		if err := fn(&out); err != nil {
+			return err
+		}
+		return store.PutJSON(tx, bucket, name, out)
+	})
+	return out, err
+}
+
+func (s *Service) all(ctx context.Context) ([]record, error) {
+	var out []record
+	err := s.cfg.Store.View(ctx, func(tx store.Tx) error {
+		var err error
+		out, err = store.ListJSON[record](tx, bucket)
+		return err
+	})
+	return out, err
+}
+
+// setState records an observed state and announces it.
+func (s *Service) setState(ctx context.Context, name, state, reason string) {
+	_, err := s.update(ctx, name, func(r *record) error {
+		r.State, r.StateReason = state, reason
+		switch state {
+		case api.StateRunning:
+			if r.StartedAt == nil {
+				now := time.Now().UTC()
+				r.StartedAt = &now
+			}
+		case api.StateStopped, api.StateError:
+			r.StartedAt, r.PID = nil, 0
+		}
+		return nil
+	})
+	if err != nil {
+		s.log.Error("record state", "vm", name, "state", state, "err", err)
+		return
+	}
+	s.publish(name, "vm-state", state, reason)
+}
+
+func (s *Service) publish(target, kind, state, msg string) {
+	if s.cfg.Events != nil {
+		s.cfg.Events.Publish(api.Event{Time: time.Now().UTC(), Kind: kind, Target: target, State: state, Message: msg})
+	}
+}
+
+// Get returns one VM.
+func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
+	r, err := s.load(ctx, name)
+	if err != nil {
+		return api.VM{}, err
+	}
+	return s.view(r), nil
+}
+
+// List returns every VM, by name.
+func (s *Service) List(ctx context.Context) ([]api.VM, error) {
+	recs, err := s.all(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.VM, 0, len(recs))
+	for _, r := range recs {
+		if r.Intent == intentCreating {
+			continue
+		}
+		out = append(out, s.view(r))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+func (s *Service) view(r record) api.VM {
+	v := r.VM
+	s.mu.Lock()
+	if in := s.instances[r.Name]; in != nil {
+		v.Agent = in.agentUp()
+	}
+	s.mu.Unlock()
+	if v.NICs == nil {
+		v.NICs = []api.NIC{}
+	}
+	if v.Disks == nil {
+		v.Disks = []api.Disk{}
+	}
+	return v
+}
+
+// MemoryAllocated sums the memory of VMs that hold host RAM now.
+func (s *Service) MemoryAllocated(ctx context.Context) (int64, int, int, error) {
+	recs, err := s.all(ctx)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	var total int64
+	running := 0
+	for _, r := range recs {
+		if holdsMemory(r.State) {
+			total += r.Memory
+			running++
+		}
+	}
+	return total, running, len(recs), nil
+}
+
+func holdsMemory(state string) bool {
+	switch state {
+	case api.StateRunning, api.StatePaused, api.StateStarting, api.StateStopping:
+		return true
+	}
+	return false
+}
+
+// UsersOfImage lists the VMs created from an image.
+func (s *Service) UsersOfImage(ctx context.Context, image string) ([]string, error) {
+	recs, err := s.all(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, r := range recs {
+		if r.Image == image {
+			out = append(out, r.Name)
+		}
+	}
+	return out, nil
+}
+
+// UsersOfPool lists the VMs with a disk in a pool.
+func (s *Service) UsersOfPool(ctx context.Context, pool string) ([]string, error) {
+	recs, err := s.all(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, r := range recs {
+		if r.Pool == pool {
+			out = append(out, r.Name)
+		}
+	}
+	return out, nil
+}
+
+func sizeStr(b int64) string { return units.FormatSize(b) }
+
+func removeAllQuiet(path string) {
+	if err := os.RemoveAll(path); err != nil {
+		slog.Default().Warn("remove", "path", path, "err", err)
+	}
+}

@@ -1,0 +1,390 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/qemu"
+	"github.com/lodge-vm/lodge/internal/qemu/qemutest"
+	"github.com/lodge-vm/lodge/internal/qmp/qmptest"
+	"github.com/lodge-vm/lodge/internal/storage"
+	"github.com/lodge-vm/lodge/internal/store"
+)
+
+type fakeImages map[string]api.Image
+
+func (f fakeImages) Get(_ context.Context, name string) (api.Image, error) {
+	img, ok := f[name]
+	if !ok {
+		return api.Image{}, fmt.Errorf("image %q: %w", name, ErrNotFound)
+	}
+	return img, nil
+}
+
+type fakePools struct{ dir string }
+
+func (f fakePools) Get(_ context.Context, name string) (storage.Pool, error) {
+	if name != "default" {
+		return storage.Pool{}, fmt.Errorf("pool %q: %w", name, ErrNotFound)
+	}
+	return storage.Pool{Name: "default", Path: f.dir}, nil
+}
+
+// fakeVolumes writes an empty file where qemu-img would write a qcow2.
+type fakeVolumes struct{ fail error }
+
+func (f fakeVolumes) CreateOverlay(_ context.Context, _, path string, _ int64) error {
+	if f.fail != nil {
+		return f.fail
+	}
+	return os.WriteFile(path, nil, 0o600)
+}
+
+type recorder struct {
+	mu     sync.Mutex
+	events []api.Event
+}
+
+func (r *recorder) Publish(ev api.Event) {
+	r.mu.Lock()
+	r.events = append(r.events, ev)
+	r.mu.Unlock()
+}
+
+type fixture struct {
+	svc    *Service
+	drv    *qemutest.Driver
+	store  store.Store
+	home   string
+	events *recorder
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	home := t.TempDir()
+	pools := filepath.Join(home, "pools")
+	if err := os.MkdirAll(pools, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{drv: qemutest.New(), store: store.NewMemory(), home: home, events: &recorder{}}
+	f.svc = New(Config{
+		Home: home, Store: f.store, Driver: f.drv, Volumes: fakeVolumes{},
+		Images: fakeImages{"tiny": {Name: "tiny", Path: "/img/tiny.qcow2", VirtualSize: 300 << 20}},
+		Pools:  fakePools{pools}, Events: f.events,
+		Host:   func() Host { return Host{MemoryTotal: 8 << 30, MemoryLimit: 2 << 30, Overcommit: 1} },
+		Accel: func(context.Context) (qemu.Accel, error) {
+			return qemu.Accel{Accel: "tcg", Reason: "test"}, nil
+		},
+		StopTimeout: 2 * time.Second,
+	})
+	t.Cleanup(f.svc.Close)
+	return f
+}
+
+func (f *fixture) create(t *testing.T, name string) api.VM {
+	t.Helper()
+	v, err := f.svc.Create(context.Background(), api.CreateVM{Name: name, Image: "tiny", Memory: 256 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func (f *fixture) waitState(t *testing.T, name, want string) api.VM {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		v, err := f.svc.Get(context.Background(), name)
+		if err == nil && v.State == want {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("vm %s: state %q (%v), want %q", name, v.State, err, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestCreateValidation(t *testing.T) {
+	tests := []struct {
+		name string
+		req  api.CreateVM
+		err  error
+		want string
+	}{
+		{"slash", api.CreateVM{Name: "a/b", Image: "tiny"}, ErrInvalid, `vm name "a/b"`},
+		{"dotdot", api.CreateVM{Name: "..", Image: "tiny"}, ErrInvalid, `vm name ".."`},
+		{"no image", api.CreateVM{Name: "x"}, ErrInvalid, "image is required"},
+		{"unknown image", api.CreateVM{Name: "x", Image: "nope"}, ErrNotFound, `image "nope"`},
+		{"negative cpus", api.CreateVM{Name: "x", Image: "tiny", CPUs: -1}, ErrInvalid, "cpus -1"},
+		{"small memory", api.CreateVM{Name: "x", Image: "tiny", Memory: 1 << 20}, ErrInvalid, "at least 64M"},
+		{"over host", api.CreateVM{Name: "x", Image: "tiny", Memory: 16 << 30}, ErrLimit, "more than the host has (8G)"},
+		{"max below memory", api.CreateVM{Name: "x", Image: "tiny", Memory: 1 << 30, MaxMemory: 512 << 20}, ErrInvalid, "below memory"},
+		{"small disk", api.CreateVM{Name: "x", Image: "tiny", DiskSize: 1 << 20}, ErrInvalid, "smaller than image"},
+		{"bad bus", api.CreateVM{Name: "x", Image: "tiny", DiskBus: "usb"}, ErrInvalid, `disk bus "usb"`},
+		{"unknown pool", api.CreateVM{Name: "x", Image: "tiny", Pool: "far"}, ErrNotFound, `pool "far"`},
+		{"unknown net", api.CreateVM{Name: "x", Image: "tiny", Network: "lan"}, ErrNotFound, `network "lan"`},
+	}
+	f := newFixture(t)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := f.svc.Create(context.Background(), tt.req)
+			if !errors.Is(err, tt.err) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Create = %v, want %v mentioning %q", err, tt.err, tt.want)
+			}
+		})
+	}
+	vms, _ := f.svc.List(context.Background())
+	files, _ := os.ReadDir(filepath.Join(f.home, "pools"))
+	if len(vms) != 0 || len(files) != 0 {
+		t.Fatalf("bad input left %d VMs and %d files", len(vms), len(files))
+	}
+}
+
+func TestCreateDefaultsAndIdentity(t *testing.T) {
+	f := newFixture(t)
+	a := f.create(t, "a")
+	b := f.create(t, "b")
+	if a.CPUs != 1 || a.Memory != 256<<20 || a.MaxMemory != 256<<20 || a.Disks[0].Size != DefaultDiskSize || a.Disks[0].Bus != "virtio" {
+		t.Fatalf("defaults = %+v", a)
+	}
+	if a.UUID == b.UUID || a.NICs[0].MAC == b.NICs[0].MAC || a.InstanceID == b.InstanceID {
+		t.Fatal("two VMs share an identity")
+	}
+	if a.State != api.StateStopped || a.Hostname != "a" || a.Disks[0].Backing != "/img/tiny.qcow2" {
+		t.Fatalf("a = %+v", a)
+	}
+	if _, err := f.svc.Create(context.Background(), api.CreateVM{Name: "a", Image: "tiny"}); !errors.Is(err, ErrExists) {
+		t.Fatalf("duplicate create: %v", err)
+	}
+}
+
+func TestCreateFailureLeavesNothing(t *testing.T) {
+	f := newFixture(t)
+	f.svc.cfg.Volumes = fakeVolumes{fail: errors.New("disk full")}
+	_, err := f.svc.Create(context.Background(), api.CreateVM{Name: "x", Image: "tiny"})
+	if err == nil || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("Create = %v", err)
+	}
+	if _, err := f.svc.Get(context.Background(), "x"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("record left behind: %v", err)
+	}
+	if _, err := os.Stat(f.svc.vmDir("x")); !os.IsNotExist(err) {
+		t.Fatal("vm dir left behind")
+	}
+}
+
+func TestStartStopGraceful(t *testing.T) {
+	f := newFixture(t)
+	f.create(t, "web")
+	// A guest that obeys the power button.
+	f.drv.OnLaunch = func(vm *qemutest.VM) {
+		vm.Mon.Handle("system_powerdown", func(json.RawMessage) (any, error) {
+			go vm.Mon.Emit("SHUTDOWN", map[string]any{"guest": true, "reason": "guest-shutdown"})
+			return nil, nil
+		})
+	}
+	ctx := context.Background()
+	v, err := f.svc.Start(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.State != api.StateRunning || v.PID == 0 || v.StartedAt == nil {
+		t.Fatalf("after start: %+v", v)
+	}
+	if _, err := f.svc.Start(ctx, "web"); !errors.Is(err, ErrState) {
+		t.Fatalf("second start: %v", err)
+	}
+	m := f.drv.Launched()[0]
+	if m.Accel != "tcg" || m.CPUModel != "max" || m.Memory != 256<<20 || m.SeedISO == "" {
+		t.Fatalf("machine = %+v", m)
+	}
+	begin := time.Now()
+	v, err = f.svc.Stop(ctx, "web", false, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if time.Since(begin) > 5*time.Second {
+		t.Fatalf("graceful stop waited %s", time.Since(begin))
+	}
+	if v.State != api.StateStopped || v.PID != 0 || v.StateReason != "stopped by request" {
+		t.Fatalf("after stop: %+v", v)
+	}
+	cmds := strings.Join(f.drv.VM(m.RunDir).Mon.Commands(), ",")
+	if !strings.Contains(cmds, "system_powerdown") || !strings.Contains(cmds, "quit") {
+		t.Fatalf("commands = %s, want system_powerdown then quit", cmds)
+	}
+}
+
+func TestStopForcedAfterTimeout(t *testing.T) {
+	f := newFixture(t)
+	f.create(t, "deaf")
+	ctx := context.Background()
+	if _, err := f.svc.Start(ctx, "deaf"); err != nil {
+		t.Fatal(err)
+	}
+	begin := time.Now()
+	v, err := f.svc.Stop(ctx, "deaf", false, 300*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(begin); took < 300*time.Millisecond {
+		t.Fatalf("forced before the timeout: %s", took)
+	}
+	if v.State != api.StateStopped {
+		t.Fatalf("state %s", v.State)
+	}
+}
+
+func TestPauseResume(t *testing.T) {
+	f := newFixture(t)
+	f.create(t, "p")
+	ctx := context.Background()
+	if _, err := f.svc.Pause(ctx, "p"); !errors.Is(err, ErrState) {
+		t.Fatalf("pause of a stopped VM: %v", err)
+	}
+	if _, err := f.svc.Start(ctx, "p"); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := f.svc.Pause(ctx, "p"); err != nil || v.State != api.StatePaused {
+		t.Fatalf("pause: %+v %v", v, err)
+	}
+	if v, err := f.svc.Resume(ctx, "p"); err != nil || v.State != api.StateRunning {
+		t.Fatalf("resume: %+v %v", v, err)
+	}
+}
+
+func TestCrashAndGuestPowerOff(t *testing.T) {
+	f := newFixture(t)
+	f.create(t, "c")
+	ctx := context.Background()
+	if _, err := f.svc.Start(ctx, "c"); err != nil {
+		t.Fatal(err)
+	}
+	f.drv.Crash(f.svc.runDir("c"))
+	v := f.waitState(t, "c", api.StateError)
+	if !strings.Contains(v.StateReason, "unexpectedly") {
+		t.Fatalf("reason = %q", v.StateReason)
+	}
+	if _, err := f.svc.Start(ctx, "c"); err != nil {
+		t.Fatal(err)
+	}
+	vm := f.drv.VM(f.svc.runDir("c"))
+	vm.Mon.Emit("SHUTDOWN", map[string]any{"guest": true, "reason": "guest-shutdown"})
+	v = f.waitState(t, "c", api.StateStopped)
+	if v.StateReason != "the guest powered off" {
+		t.Fatalf("reason = %q", v.StateReason)
+	}
+}
+
+func TestBusyRefusesSecondOperation(t *testing.T) {
+	f := newFixture(t)
+	f.create(t, "b")
+	unlock, err := f.svc.lock("b", "start")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.svc.Stop(context.Background(), "b", true, 0)
+	if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "start is in progress") {
+		t.Fatalf("Stop while busy = %v", err)
+	}
+	unlock()
+	// Another VM is not held up.
+	f.create(t, "other")
+}
+
+func TestIdentityConflictAndAdmission(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	a := f.create(t, "a")
+	f.create(t, "b")
+	if _, err := f.svc.Start(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	// Make b an exact copy of a's identity, as --keep-identity will.
+	if _, err := f.svc.update(ctx, "b", func(r *record) error { r.UUID = a.UUID; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	_, err := f.svc.Start(ctx, "b")
+	if !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), `running vm "a"`) {
+		t.Fatalf("start of a copy = %v", err)
+	}
+	// Admission: 2G limit, 256M each; a 2G VM does not fit beside a.
+	if _, err := f.svc.update(ctx, "b", func(r *record) error { r.UUID = "other"; r.Memory = 2 << 30; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.svc.Start(ctx, "b")
+	if !errors.Is(err, ErrLimit) || !strings.Contains(err.Error(), "limit 2G, allocated 256M, requested 2G") {
+		t.Fatalf("start over the limit = %v", err)
+	}
+	if v, _ := f.svc.Get(ctx, "b"); v.State != api.StateStopped {
+		t.Fatalf("refused start changed state to %s", v.State)
+	}
+}
+
+func TestRecover(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	f.create(t, "alive")
+	f.create(t, "dead")
+	f.create(t, "off")
+	f.create(t, "half")
+	for name, state := range map[string]string{"alive": api.StateRunning, "dead": api.StateRunning, "off": api.StateRunning} {
+		if _, err := f.svc.update(ctx, name, func(r *record) error { r.State = state; return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := f.svc.update(ctx, "half", func(r *record) error { r.Intent = intentCreating; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	f.drv.Adopt(f.svc.runDir("alive"), 4242, qmptest.NewMonitor())
+	off := qmptest.NewMonitor()
+	off.SetStatus("shutdown")
+	f.drv.Adopt(f.svc.runDir("off"), 4343, off)
+
+	if err := f.svc.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if v := f.waitState(t, "alive", api.StateRunning); v.PID != 4242 {
+		t.Fatalf("alive pid = %d", v.PID)
+	}
+	if v := f.waitState(t, "dead", api.StateError); !strings.Contains(v.StateReason, "while the daemon was not running") {
+		t.Fatalf("dead reason = %q", v.StateReason)
+	}
+	if v := f.waitState(t, "off", api.StateStopped); v.StateReason != "the guest powered off" {
+		t.Fatalf("off reason = %q", v.StateReason)
+	}
+	if _, err := f.svc.Get(ctx, "half"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("interrupted create survived recovery: %v", err)
+	}
+}
+
+func TestDeleteRemovesFiles(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	v := f.create(t, "d")
+	if _, err := f.svc.Start(ctx, "d"); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.svc.Delete(ctx, "d", false); !errors.Is(err, ErrState) || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("delete of running VM = %v", err)
+	}
+	if err := f.svc.Delete(ctx, "d", true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(v.Disks[0].Path); !os.IsNotExist(err) {
+		t.Fatal("disk left behind")
+	}
+	if _, err := f.svc.Get(ctx, "d"); !errors.Is(err, ErrNotFound) {
+		t.Fatal("record left behind")
+	}
+}

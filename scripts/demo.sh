@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The README's first session: a daemon in the background, the tiny guest
+# imported, one VM booted, its console and details printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export LODGE_HOME=${LODGE_HOME:-$PWD/build/demo}
+lodge=$PWD/bin/lodge
+mkdir -p "$LODGE_HOME"
+
+if [ "${1:-}" = clean ]; then
+  "$lodge" delete --force demo 2>/dev/null || true
+  [ -f "$LODGE_HOME/daemon.pid" ] && kill "$(cat "$LODGE_HOME/daemon.pid")" 2>/dev/null || true
+  sleep 1
+  rm -rf "$LODGE_HOME"
+  echo "demo removed"
+  exit 0
+fi
+
+if ! "$lodge" host info >/dev/null 2>&1; then
+  echo "== starting the daemon (log: $LODGE_HOME/daemon.log)"
+  nohup "$lodge" daemon >"$LODGE_HOME/daemon.log" 2>&1 &
+  echo $! >"$LODGE_HOME/daemon.pid"
+  for _ in $(seq 50); do "$lodge" host info >/dev/null 2>&1 && break; sleep 0.2; done
+fi
+"$lodge" host info
+
+if ! "$lodge" image show tiny >/dev/null 2>&1; then
+  echo "== importing the tiny guest"
+  "$lodge" image import build/guest/tiny.qcow2 --name tiny
+fi
+if ! "$lodge" show demo >/dev/null 2>&1; then
+  echo "== creating and starting VM demo"
+  "$lodge" create demo --image tiny --memory 256M --start >/dev/null
+elif [ "$("$lodge" show demo -o json | sed -n 's/.*"state": "\([a-z]*\)".*/\1/p' | head -1)" != running ]; then
+  "$lodge" start demo >/dev/null
+fi
+echo "== waiting for the guest agent"
+"$lodge" exec demo --wait 120s -- uname -a
+echo "== console (lodge console demo --log)"
+"$lodge" console demo --log | tr -d '\r' | tail -n 15
+echo "== lodge show demo"
+"$lodge" show demo
+echo
+echo "Try: LODGE_HOME=$LODGE_HOME $lodge exec demo -- cat /etc/machine-id"
+echo "     LODGE_HOME=$LODGE_HOME $lodge console demo      (Ctrl-] to leave)"
+echo "Clean up with: make demo-clean"

@@ -1,0 +1,109 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/client"
+)
+
+// TestBadInput: every bad request gets a one-line error naming the object
+// and the reason, the right exit code, and changes nothing.
+func TestBadInput(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.importGuest()
+	h.must("create", "taken", "--image", "tiny")
+	notQcow := filepath.Join(h.home, "garbage.img")
+	if err := os.WriteFile(notQcow, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		args []string
+		code int
+		want []string
+	}{
+		{"duplicate name", []string{"create", "taken", "--image", "tiny"}, 1, []string{`vm "taken"`, "already exists"}},
+		{"unknown image", []string{"create", "x1", "--image", "nope"}, 1, []string{`image "nope"`, "not found"}},
+		{"no image", []string{"create", "x2"}, 1, []string{`vm "x2"`, "image is required"}},
+		{"memory not a size", []string{"create", "x3", "--image", "tiny", "--memory", "lots"}, 2, []string{"--memory", "not a size"}},
+		{"memory over host", []string{"create", "x4", "--image", "tiny", "--memory", "100T"}, 1, []string{`vm "x4"`, "more than the host has"}},
+		{"memory too small", []string{"create", "x5", "--image", "tiny", "--memory", "1M"}, 1, []string{`vm "x5"`, "at least 64M"}},
+		{"negative cpus", []string{"create", "x6", "--image", "tiny", "--cpus", "-1"}, 2, []string{"--cpus -1"}},
+		{"disk smaller than image", []string{"create", "x7", "--image", "tiny", "--disk", "1M"}, 1, []string{`vm "x7"`, "smaller than image"}},
+		{"bad bus", []string{"create", "x8", "--image", "tiny", "--disk-bus", "floppy"}, 1, []string{`disk bus "floppy"`}},
+		{"slash in name", []string{"create", "a/b", "--image", "tiny"}, 1, []string{`vm name "a/b"`}},
+		{"dotdot in name", []string{"create", "..", "--image", "tiny"}, 1, []string{`vm name ".."`}},
+		{"unknown pool", []string{"create", "x9", "--image", "tiny", "--pool", "nope"}, 1, []string{`pool "nope"`, "not found"}},
+		{"image name with dotdot", []string{"image", "import", h.guest, "--name", "../evil"}, 1, []string{`image name "../evil"`}},
+		{"image import of empty file", []string{"image", "import", notQcow, "--name", "empty"}, 1, []string{`image "empty"`}},
+		{"image import of missing file", []string{"image", "import", "/no/such.qcow2", "--name", "missing"}, 1, []string{"no such file"}},
+		{"delete image in use", []string{"image", "delete", "tiny"}, 1, []string{`image "tiny"`, "in use", "taken"}},
+		{"start unknown vm", []string{"start", "ghost"}, 1, []string{`vm "ghost"`, "not found"}},
+		{"exec in stopped vm", []string{"exec", "taken", "--", "true"}, 1, []string{`vm "taken"`, "not running"}},
+		{"exec without --", []string{"exec", "taken", "true"}, 2, []string{"--"}},
+		{"bad output format", []string{"list", "-o", "xml"}, 2, []string{`-o "xml"`}},
+		{"unknown flag", []string{"create", "x", "--colour", "red"}, 2, []string{"unknown flag"}},
+		{"negative stop timeout", []string{"stop", "taken", "--timeout", "-5s"}, 2, []string{"--timeout"}},
+		{"pool on missing dir", []string{"pool", "create", "far", "/no/such/dir"}, 1, []string{`pool "far"`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			out, errOut, code := h.lodge(tt.args...)
+			if code != tt.code {
+				t.Fatalf("lodge %v: exit %d, want %d (stdout %q, stderr %q)", tt.args, code, tt.code, out, errOut)
+			}
+			line := strings.TrimRight(errOut, "\n")
+			if strings.Count(line, "\n") != 0 || !strings.HasPrefix(line, "lodge: ") {
+				t.Errorf("stderr is not one `lodge: ...` line: %q", errOut)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(errOut, w) {
+					t.Errorf("stderr %q lacks %q", errOut, w)
+				}
+			}
+		})
+	}
+	// Nothing was created by any of it.
+	var vms []api.VM
+	if err := json.Unmarshal([]byte(h.must("list", "-o", "json")), &vms); err != nil {
+		t.Fatal(err)
+	}
+	if len(vms) != 1 || vms[0].Name != "taken" {
+		t.Errorf("VMs after bad input = %+v, want only taken", vms)
+	}
+	disks, _ := filepath.Glob(filepath.Join(h.home, "pools", "default", "*"))
+	if len(disks) != 1 {
+		t.Errorf("pool files after bad input = %v, want one disk", disks)
+	}
+	imgs, _ := h.c.ListImages(context.Background())
+	if len(imgs) != 1 {
+		t.Errorf("images after bad input = %+v", imgs)
+	}
+	// API bodies are checked too.
+	if _, err := h.c.CreateVM(context.Background(), api.CreateVM{Name: "../x", Image: "tiny"}); err == nil || !strings.Contains(err.Error(), `vm name "../x"`) {
+		t.Errorf("API create with bad name: %v", err)
+	}
+
+	// A missing daemon is reported with how to start it.
+	other := newHostNoDaemon(t)
+	_, errOut, code := other.lodge("list")
+	if code != 1 || !strings.Contains(errOut, "daemon is not running") || !strings.Contains(errOut, "lodge daemon") {
+		t.Errorf("no daemon: exit %d, %q", code, errOut)
+	}
+}
+
+func newHostNoDaemon(t *testing.T) *host {
+	bin, guest := requireQEMU(t)
+	home := t.TempDir()
+	h := &host{t: t, bin: bin, guest: guest, home: home}
+	h.env = append(os.Environ(), "LODGE_HOME="+home, "LODGE_SOCKET=")
+	h.c = client.New(filepath.Join(home, "lodge.sock"))
+	return h
+}
