@@ -80,7 +80,7 @@ func newFixture(t *testing.T) *fixture {
 		Home: home, Store: f.store, Driver: f.drv, Volumes: fakeVolumes{},
 		Images: fakeImages{"tiny": {Name: "tiny", Path: "/img/tiny.qcow2", VirtualSize: 300 << 20}},
 		Pools:  fakePools{pools}, Events: f.events,
-		Host:   func() Host { return Host{MemoryTotal: 8 << 30, MemoryLimit: 2 << 30, Overcommit: 1} },
+		Host: func() Host { return Host{MemoryTotal: 8 << 30, MemoryLimit: 2 << 30, Overcommit: 1} },
 		Accel: func(context.Context) (qemu.Accel, error) {
 			return qemu.Accel{Accel: "tcg", Reason: "test"}, nil
 		},
