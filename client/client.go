@@ -194,7 +194,7 @@ func (c *Client) Console(ctx context.Context, name string) (io.ReadWriteCloser, 
 		return nil, err
 	}
 	br := bufio.NewReader(conn)
-	resp, err := http.ReadResponse(br, req)
+	resp, err := http.ReadResponse(br, req) //nolint:bodyclose // on success the upgraded connection is the body
 	if err != nil {
 		_ = conn.Close()
 		return nil, err

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -168,7 +170,7 @@ func eventsCmd(g *globals) *cobra.Command {
 				}
 				fmt.Printf("%s %-10s %-12s %s %s\n", ev.Time.Local().Format("15:04:05.000"), ev.Kind, ev.Target, ev.State, ev.Message)
 			})
-			if cmd.Context().Err() != nil {
+			if errors.Is(err, context.Canceled) {
 				return nil
 			}
 			return err

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -293,8 +295,11 @@ func readAllLimited(f *os.File, limit int64) ([]byte, error) {
 		if int64(sb.Len()) > limit {
 			return nil, usagef("exec: standard input is over %s", units.FormatSize(limit))
 		}
-		if err != nil {
+		if errors.Is(err, io.EOF) {
 			return []byte(sb.String()), nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("exec: read standard input: %w", err)
 		}
 	}
 }

@@ -103,10 +103,11 @@ func (d *Daemon) waitAccel(ctx context.Context) (qemu.Accel, error) {
 func (d *Daemon) currentAccel() qemu.Accel {
 	d.accelMu.Lock()
 	defer d.accelMu.Unlock()
-	if d.probing && d.accel.Accel == "" {
-		return qemu.Accel{Accel: "tcg", Reason: "probing KVM now"}
+	a := d.accel
+	if d.probing {
+		a.Reason = "probing KVM now; until it answers: " + a.Reason
 	}
-	return d.accel
+	return a
 }
 
 func timeAfter() <-chan time.Time { return time.After(100 * time.Millisecond) }

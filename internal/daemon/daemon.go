@@ -141,7 +141,8 @@ func (d *Daemon) shutdown() {
 // listen opens the API socket, replacing a stale one left by a killed
 // daemon but never one a live daemon answers on.
 func listen(path string) (net.Listener, error) {
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+	d := net.Dialer{Timeout: time.Second}
+	if c, err := d.DialContext(context.Background(), "unix", path); err == nil {
 		_ = c.Close()
 		return nil, fmt.Errorf("listen %s: another lodge daemon is answering there", path)
 	}
@@ -149,7 +150,8 @@ func listen(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, err
 	}
-	ln, err := net.Listen("unix", path)
+	var lc net.ListenConfig
+	ln, err := lc.Listen(context.Background(), "unix", path)
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", path, err)
 	}

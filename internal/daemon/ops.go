@@ -16,7 +16,6 @@ import (
 type operation struct {
 	mu     sync.Mutex
 	op     api.Operation
-	code   string
 	cancel context.CancelFunc
 	done   chan struct{}
 }

@@ -149,8 +149,11 @@ func (q *QEMU) Agent(ctx context.Context, runDir string) (qga.Agent, error) {
 // SIGKILL if it is still there after grace.
 func (q *QEMU) Kill(ctx context.Context, runDir string, grace time.Duration) error {
 	pid, err := q.PID(runDir)
+	if errors.Is(err, ErrNotRunning) {
+		return nil // nothing left to kill
+	}
 	if err != nil {
-		return nil
+		return err
 	}
 	_ = syscall.Kill(pid, syscall.SIGTERM)
 	if waitGone(ctx, q, runDir, grace) {

@@ -301,7 +301,7 @@ func (s *Service) withAgent(ctx context.Context, name string, wait time.Duration
 			}
 			lastErr = err
 			if time.Now().After(deadline) || ctx.Err() != nil {
-				return fmt.Errorf("vm %q: %w after %s (is qemu-guest-agent running in the guest?): %v", name, ErrNoAgent, wait.Round(time.Second), lastErr)
+				return fmt.Errorf("vm %q: %w after %s (is qemu-guest-agent running in the guest?): %w", name, ErrNoAgent, wait.Round(time.Second), lastErr)
 			}
 			select {
 			case <-ctx.Done():

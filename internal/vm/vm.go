@@ -164,10 +164,6 @@ func (s *Service) load(ctx context.Context, name string) (record, error) {
 	return r, err
 }
 
-func (s *Service) save(ctx context.Context, r record) error {
-	return s.cfg.Store.Update(ctx, func(tx store.Tx) error { return store.PutJSON(tx, bucket, r.Name, r) })
-}
-
 // update changes a stored record in one transaction.
 func (s *Service) update(ctx context.Context, name string, fn func(*record) error) (record, error) {
 	var out record
