@@ -171,20 +171,8 @@ func (s *Service) stopLocked(ctx context.Context, name string, force bool, timeo
 		return err
 	}
 	s.publish(name, "vm-state", api.StateStopping, "")
-	if !force {
-		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		err := qmp.SystemPowerdown(qctx, in.mon)
-		cancel()
-		if err == nil {
-			select {
-			case <-in.done:
-				return nil
-			case <-time.After(timeout):
-				s.log.Warn("guest ignored the power button; forcing", "vm", name, "timeout", timeout)
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}
+	if !force && s.powerdown(ctx, in, timeout) {
+		return nil
 	}
 	qctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	_ = qmp.Quit(qctx, in.mon)
@@ -244,6 +232,13 @@ func (s *Service) runState(ctx context.Context, name, op, want string, fn func(c
 		}
 		return api.VM{}, fmt.Errorf("vm %q is %s: %w", name, r.State, ErrState)
 	}
+	before, err := qmp.QueryStatus(ctx, in.mon)
+	if err != nil {
+		return api.VM{}, fmt.Errorf("%s vm %q: %w", op, name, err)
+	}
+	if before.Running == (want == api.StateRunning) {
+		return api.VM{}, fmt.Errorf("vm %q is already %s: %w", name, want, ErrState)
+	}
 	if err := fn(ctx, in.mon); err != nil {
 		return api.VM{}, fmt.Errorf("%s vm %q: %w", op, name, err)
 	}
@@ -260,4 +255,29 @@ func (s *Service) runState(ctx context.Context, name, op, want string, fn func(c
 	}
 	s.setState(ctx, name, state, "")
 	return s.Get(ctx, name)
+}
+
+// powerdown presses the ACPI power button and waits up to timeout for the
+// guest to power off. A press that comes before the guest listens for it
+// (early boot) is lost, so the button is pressed again every few seconds.
+func (s *Service) powerdown(ctx context.Context, in *instance, timeout time.Duration) bool {
+	deadline := time.After(timeout)
+	for {
+		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := qmp.SystemPowerdown(qctx, in.mon)
+		cancel()
+		if err != nil {
+			return false
+		}
+		select {
+		case <-in.done:
+			return true
+		case <-deadline:
+			s.log.Warn("guest ignored the power button; forcing", "vm", in.name, "timeout", timeout)
+			return false
+		case <-ctx.Done():
+			return false
+		case <-time.After(5 * time.Second):
+		}
+	}
 }

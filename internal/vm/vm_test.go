@@ -258,8 +258,14 @@ func TestPauseResume(t *testing.T) {
 	if v, err := f.svc.Pause(ctx, "p"); err != nil || v.State != api.StatePaused {
 		t.Fatalf("pause: %+v %v", v, err)
 	}
+	if _, err := f.svc.Pause(ctx, "p"); !errors.Is(err, ErrState) || !strings.Contains(err.Error(), "already paused") {
+		t.Fatalf("pause of a paused VM: %v", err)
+	}
 	if v, err := f.svc.Resume(ctx, "p"); err != nil || v.State != api.StateRunning {
 		t.Fatalf("resume: %+v %v", v, err)
+	}
+	if _, err := f.svc.Resume(ctx, "p"); !errors.Is(err, ErrState) {
+		t.Fatalf("resume of a running VM: %v", err)
 	}
 }
 

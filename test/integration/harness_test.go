@@ -196,11 +196,25 @@ func (h *host) vm(name string, extra ...string) api.VM {
 	return h.show(name)
 }
 
+// waitAgent waits for the guest agent and then for the guest's ready
+// marker: the agent starts while the guest is still applying its seed
+// (hostname, machine-id), as qemu-ga and cloud-init do on real images.
 func (h *host) waitAgent(name string) {
 	h.t.Helper()
 	if _, errOut, code := h.lodge("exec", name, "--wait", "180s", "--", "true"); code != 0 {
 		log, _ := h.consoleLog(name)
 		h.t.Fatalf("agent of %s never answered: %s\nconsole:\n%s", name, errOut, log)
+	}
+	deadline := time.Now().Add(120 * time.Second)
+	for {
+		log, _ := h.consoleLog(name)
+		if strings.Contains(log, "lodge-guest: ready") {
+			return
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("%s never printed its ready marker; console:\n%s", name, log)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 

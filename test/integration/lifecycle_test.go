@@ -63,8 +63,8 @@ func TestLifecycle(t *testing.T) {
 	if st := h.show("web").State; st != api.StatePaused {
 		t.Fatalf("state after pause = %s", st)
 	}
-	if _, errOut, code := h.lodge("pause", "web"); code == 0 {
-		t.Errorf("pausing a paused VM succeeded: %s", errOut)
+	if _, errOut, code := h.lodge("pause", "web"); code != 1 || !strings.Contains(errOut, "already paused") {
+		t.Errorf("pausing a paused VM: exit %d %q", code, errOut)
 	}
 	h.must("resume", "web")
 	if st := h.show("web").State; st != api.StateRunning {
