@@ -103,6 +103,7 @@ func TestUnprivilegedDaemon(t *testing.T) {
 		t.Skip("needs root to switch to an unprivileged user")
 	}
 	bin, guest := requireQEMU(t)
+	waitProbe(t)
 	setpriv, err := exec.LookPath("setpriv")
 	if err != nil {
 		t.Skip("setpriv not installed")
@@ -127,7 +128,7 @@ func TestUnprivilegedDaemon(t *testing.T) {
 		}
 	}
 	h := &host{t: t, bin: setpriv, guest: filepath.Join(userHome, filepath.Base(guest)), home: filepath.Join(userHome, ".local", "share", "lodge")}
-	env := []string{"HOME=" + userHome, "PATH=" + os.Getenv("PATH"), "LODGE_ACCEL=" + os.Getenv("LODGE_TEST_ACCEL")}
+	env := []string{"HOME=" + userHome, "PATH=" + os.Getenv("PATH"), "LODGE_ACCEL_CACHE=" + os.Getenv("LODGE_ACCEL_CACHE")}
 	h.env = env
 	lodgeBin := filepath.Join(userHome, filepath.Base(bin))
 	h.binArgs = []string{"--reuid=65534", "--regid=65534", "--clear-groups", lodgeBin}

@@ -68,13 +68,20 @@ type host struct {
 // so the home sits under /tmp rather than t.TempDir().
 func newHost(t *testing.T) *host {
 	t.Helper()
+	requireQEMU(t)
+	waitProbe(t)
+	return newHostNoProbe(t)
+}
+
+func newHostNoProbe(t *testing.T) *host {
+	t.Helper()
 	bin, guest := requireQEMU(t)
 	home, err := os.MkdirTemp("", "lodge-it-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	h := &host{t: t, bin: bin, guest: guest, home: home}
-	h.env = append(os.Environ(), "LODGE_HOME="+home, "LODGE_SOCKET=", "LODGE_ACCEL="+os.Getenv("LODGE_TEST_ACCEL"))
+	h.env = append(os.Environ(), "LODGE_HOME="+home, "LODGE_SOCKET=", "LODGE_ACCEL=")
 	h.c = client.New(filepath.Join(home, "lodge.sock"))
 	h.startDaemon()
 	t.Cleanup(h.cleanup)
