@@ -32,6 +32,9 @@ start_lodged() {
     for _ in $(seq 100); do "$LODGE" host info >/dev/null 2>&1 && break; sleep 0.1; done
   fi
   "$LODGE" image show tiny >/dev/null 2>&1 || "$LODGE" image import "$GUEST" --name tiny >/dev/null
+  # libvirt runs QEMU as libvirt-qemu, which must reach the same image
+  # through Lodge's (0750) home to use it as a backing file.
+  chmod o+x "$WORK" "$LODGE_HOME" "$LODGE_HOME/images" "$LODGE_HOME/images/tiny"
 }
 
 stop_lodged() {
@@ -71,7 +74,7 @@ libvirt_define() {
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
     <memballoon model='virtio'/>
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
-    <graphics type='none'/><video><model type='none'/></video>
+    <video><model type='none'/></video>
   </devices>
 </domain>
 XML

@@ -271,11 +271,12 @@ func execCmd(g *globals) *cobra.Command {
 			}
 			_, _ = os.Stdout.Write(res.Stdout)
 			_, _ = os.Stderr.Write(res.Stderr)
-			if res.ExitCode != 0 {
-				return exitError{code: res.ExitCode}
-			}
+			// A command killed by a signal exits 128+N, as in a shell.
 			if res.Signal != 0 {
 				return exitError{code: 128 + res.Signal}
+			}
+			if res.ExitCode != 0 {
+				return exitError{code: res.ExitCode}
 			}
 			return nil
 		},

@@ -27,7 +27,10 @@ func TestMain(m *testing.M) {
 	}
 	// Readable by the unprivileged daemon of TestUnprivilegedDaemon.
 	_ = os.Chmod(cache, 0o755)
-	os.Setenv("LODGE_ACCEL_CACHE", filepath.Join(cache, "accel.json"))
+	if err := os.Setenv("LODGE_ACCEL_CACHE", filepath.Join(cache, "accel.json")); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	code := m.Run()
 	_ = os.RemoveAll(cache)
 	os.Exit(code)
