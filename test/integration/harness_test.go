@@ -157,12 +157,19 @@ func (h *host) cleanup() {
 // lodge runs the CLI and returns stdout, stderr and the exit code.
 func (h *host) lodge(args ...string) (string, string, int) {
 	h.t.Helper()
+	return h.lodgeIn("", args...)
+}
+
+// lodgeIn is lodge with stdin.
+func (h *host) lodgeIn(stdin string, args ...string) (string, string, int) {
+	h.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, h.bin, append(append([]string{}, h.binArgs...), args...)...)
 	cmd.Env = h.env
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	cmd.Stdin = strings.NewReader(stdin)
 	err := cmd.Run()
 	code := 0
 	var ee *exec.ExitError

@@ -48,6 +48,12 @@ func TestLifecycle(t *testing.T) {
 	if code != 3 || strings.TrimSpace(out) != "out" || strings.TrimSpace(errOut) != "oops" {
 		t.Errorf("exec exit=%d stdout=%q stderr=%q; want 3, out, oops", code, out, errOut)
 	}
+	if _, _, code := h.lodge("exec", "web", "--", "sh", "-c", "kill -9 $$"); code != 137 {
+		t.Errorf("exec of a command killed by SIGKILL: exit %d, want 137", code)
+	}
+	if out, _, code := h.lodgeIn("piped input\n", "exec", "web", "--", "cat"); code != 0 || out != "piped input\n" {
+		t.Errorf("exec with stdin: exit %d, stdout %q", code, out)
+	}
 	if _, errOut, code := h.lodge("exec", "web", "--", "/no/such/program"); code == 0 || !strings.Contains(errOut, "no/such/program") {
 		t.Errorf("exec of a missing program: exit %d, stderr %q", code, errOut)
 	}

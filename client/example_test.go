@@ -1,0 +1,79 @@
+package client_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/client"
+)
+
+// fakeDaemon answers like a daemon that creates VMs instantly.
+func fakeDaemon() (socket string, stop func()) {
+	dir, _ := os.MkdirTemp("", "lodge-example")
+	socket = filepath.Join(dir, "lodge.sock")
+	var lc net.ListenConfig
+	ln, _ := lc.Listen(context.Background(), "unix", socket)
+	mux := http.NewServeMux()
+	done := api.Operation{ID: "op1", Kind: "create", Target: "web", State: api.OpSucceeded,
+		Result: api.VM{Name: "web", State: api.StateStopped, CPUs: 1, Memory: 512 << 20}}
+	mux.HandleFunc("POST /v1/vms", func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusAccepted)
+		_ = json.NewEncoder(w).Encode(api.Operation{ID: "op1", Kind: "create", Target: "web", State: api.OpRunning})
+	})
+	mux.HandleFunc("GET /v1/operations/op1/wait", func(w http.ResponseWriter, _ *http.Request) {
+		_ = json.NewEncoder(w).Encode(done)
+	})
+	mux.HandleFunc("GET /v1/vms/ghost", func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusNotFound)
+		_ = json.NewEncoder(w).Encode(api.Error{Error: `vm "ghost": not found`, Code: "not_found"})
+	})
+	srv := &http.Server{Handler: mux}
+	go func() { _ = srv.Serve(ln) }()
+	return socket, func() { _ = srv.Close(); _ = os.RemoveAll(dir) }
+}
+
+// Create a VM and wait for the operation to finish.
+func Example() {
+	socket, stop := fakeDaemon()
+	defer stop()
+	ctx := context.Background()
+	c := client.New(socket)
+
+	op, err := c.CreateVM(ctx, api.CreateVM{Name: "web", Image: "tiny", Memory: 512 << 20})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	op, err = c.Wait(ctx, op, nil)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	var vm api.VM
+	if err := client.Result(op, &vm); err != nil {
+		fmt.Println(err)
+		return
+	}
+	fmt.Println(vm.Name, vm.State, vm.Memory>>20, "MiB")
+
+	_, err = c.GetVM(ctx, "ghost")
+	fmt.Println(err, client.IsNotFound(err))
+	// Output:
+	// web stopped 512 MiB
+	// vm "ghost": not found true
+}
+
+// A missing daemon is reported as ErrDaemonDown.
+func ExampleClient_Host() {
+	c := client.New("/nonexistent/lodge.sock")
+	_, err := c.Host(context.Background())
+	fmt.Println(err)
+	// Output:
+	// the lodge daemon is not running (no answer on /nonexistent/lodge.sock)
+}
