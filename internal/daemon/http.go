@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/image"
-	"github.com/lodge-vm/lodge/internal/pool"
 	"github.com/lodge-vm/lodge/internal/storage"
 	"github.com/lodge-vm/lodge/internal/vm"
 )
@@ -56,18 +56,18 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 // codeOf maps sentinel errors to the API's stable codes.
 func codeOf(err error) string {
 	switch {
-	case errors.Is(err, vm.ErrNotFound), errors.Is(err, image.ErrNotFound), errors.Is(err, pool.ErrNotFound), errors.Is(err, os.ErrNotExist):
+	case errors.Is(err, errdefs.ErrNotFound), errors.Is(err, os.ErrNotExist):
 		return "not_found"
-	case errors.Is(err, vm.ErrBusy):
+	case errors.Is(err, errdefs.ErrBusy):
 		return "busy"
-	case errors.Is(err, vm.ErrExists), errors.Is(err, image.ErrExists), errors.Is(err, pool.ErrExists),
-		errors.Is(err, vm.ErrState), errors.Is(err, vm.ErrConflict), errors.Is(err, image.ErrInUse), errors.Is(err, pool.ErrInUse):
+	case errors.Is(err, errdefs.ErrExists), errors.Is(err, errdefs.ErrState),
+		errors.Is(err, errdefs.ErrConflict), errors.Is(err, errdefs.ErrInUse):
 		return "conflict"
-	case errors.Is(err, vm.ErrLimit):
+	case errors.Is(err, errdefs.ErrLimit):
 		return "limit"
-	case errors.Is(err, vm.ErrInvalid), errors.Is(err, image.ErrInvalid), errors.Is(err, pool.ErrInvalid), errors.Is(err, storage.ErrUnsafeImage):
+	case errors.Is(err, errdefs.ErrInvalid), errors.Is(err, storage.ErrUnsafeImage):
 		return "bad_request"
-	case errors.Is(err, vm.ErrNoAgent):
+	case errors.Is(err, errdefs.ErrNoAgent):
 		return "no_agent"
 	}
 	return "internal"

@@ -32,6 +32,15 @@ type instance struct {
 
 	agentMu sync.Mutex
 	agent   qga.Agent
+
+	ipMu sync.Mutex
+	ips  map[string]string // MAC -> first IPv4 the agent reported
+}
+
+func (in *instance) ip(mac string) string {
+	in.ipMu.Lock()
+	defer in.ipMu.Unlock()
+	return in.ips[mac]
 }
 
 func (in *instance) agentUp() bool { return in.agentOpen.Load() }

@@ -18,7 +18,9 @@ import (
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/qemu"
+	"github.com/lodge-vm/lodge/internal/qga"
 	"github.com/lodge-vm/lodge/internal/storage"
 	"github.com/lodge-vm/lodge/internal/store"
 	"github.com/lodge-vm/lodge/internal/units"
@@ -26,14 +28,14 @@ import (
 
 // Sentinel errors callers branch on (the daemon maps them to HTTP codes).
 var (
-	ErrNotFound = errors.New("not found")
-	ErrExists   = errors.New("already exists")
-	ErrInvalid  = errors.New("invalid")
-	ErrBusy     = errors.New("busy")
-	ErrState    = errors.New("wrong state")
-	ErrConflict = errors.New("conflict")
-	ErrNoAgent  = errors.New("guest agent not answering")
-	ErrLimit    = errors.New("over the host limit")
+	ErrNotFound = errdefs.ErrNotFound
+	ErrExists   = errdefs.ErrExists
+	ErrInvalid  = errdefs.ErrInvalid
+	ErrBusy     = errdefs.ErrBusy
+	ErrState    = errdefs.ErrState
+	ErrConflict = errdefs.ErrConflict
+	ErrNoAgent  = errdefs.ErrNoAgent
+	ErrLimit    = errdefs.ErrLimit
 )
 
 const bucket = "vms"
@@ -220,13 +222,54 @@ func (s *Service) publish(target, kind, state, msg string) {
 	}
 }
 
-// Get returns one VM.
+// Get returns one VM. For a running VM whose agent is up it asks the
+// guest for its addresses, briefly, so that show reports current IPs.
 func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
 	r, err := s.load(ctx, name)
 	if err != nil {
 		return api.VM{}, err
 	}
+	if in := s.instance(name); in != nil && in.agentUp() {
+		s.refreshIPs(ctx, in)
+	}
 	return s.view(r), nil
+}
+
+func (s *Service) refreshIPs(ctx context.Context, in *instance) {
+	actx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	// Never wait behind a long exec: skip the refresh if the agent is busy.
+	if !in.agentMu.TryLock() {
+		return
+	}
+	defer in.agentMu.Unlock()
+	if in.agent == nil {
+		a, err := s.cfg.Driver.Agent(actx, in.runDir)
+		if err != nil {
+			return
+		}
+		in.agent = a
+	}
+	ifaces, err := in.agent.NetworkInterfaces(actx)
+	var qerr *qga.Error
+	if err != nil && !errors.As(err, &qerr) {
+		_ = in.agent.Close()
+		in.agent = nil
+	}
+	if err != nil {
+		return
+	}
+	ips := map[string]string{}
+	for _, ifc := range ifaces {
+		for _, addr := range ifc.IPAddresses {
+			if addr.Type == "ipv4" && ips[ifc.HardwareAddress] == "" {
+				ips[ifc.HardwareAddress] = addr.Address
+			}
+		}
+	}
+	in.ipMu.Lock()
+	in.ips = ips
+	in.ipMu.Unlock()
 }
 
 // List returns every VM, by name.
@@ -249,10 +292,15 @@ func (s *Service) List(ctx context.Context) ([]api.VM, error) {
 func (s *Service) view(r record) api.VM {
 	v := r.VM
 	s.mu.Lock()
-	if in := s.instances[r.Name]; in != nil {
-		v.Agent = in.agentUp()
-	}
+	in := s.instances[r.Name]
 	s.mu.Unlock()
+	if in != nil {
+		v.Agent = in.agentUp()
+		v.NICs = append([]api.NIC(nil), v.NICs...)
+		for i := range v.NICs {
+			v.NICs[i].IP = in.ip(v.NICs[i].MAC)
+		}
+	}
 	if v.NICs == nil {
 		v.NICs = []api.NIC{}
 	}

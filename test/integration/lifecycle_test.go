@@ -161,3 +161,51 @@ func tail(s string, n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// TestConsoleAndNetwork: the interactive console reaches the guest's
+// shell, a second session is refused, and the NAT network gives the guest
+// an address that show reports.
+func TestConsoleAndNetwork(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.vm("talk")
+	conn, err := h.c.Console(t.Context(), "talk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = conn.Close() }()
+	if _, errOut, code := h.lodge("console", "talk"); code != 1 || !strings.Contains(errOut, "another session") {
+		t.Errorf("second console session: exit %d %q", code, errOut)
+	}
+	if _, err := conn.Write([]byte("\necho con$((6*7))sole\n")); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan string, 1)
+	go func() {
+		var seen strings.Builder
+		buf := make([]byte, 4096)
+		for {
+			n, err := conn.Read(buf)
+			seen.Write(buf[:n])
+			if strings.Contains(seen.String(), "con42sole") || err != nil {
+				got <- seen.String()
+				return
+			}
+		}
+	}()
+	select {
+	case out := <-got:
+		if !strings.Contains(out, "con42sole") {
+			t.Fatalf("console output lacks the command's result: %q", out)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no answer on the console in 30s")
+	}
+
+	if addr := h.exec("talk", "sh", "-c", "ip -4 -o addr show eth0 | awk '{print $4}'"); addr != "10.0.2.15/24" {
+		t.Errorf("guest address = %q, want QEMU NAT's 10.0.2.15/24", addr)
+	}
+	if v := h.show("talk"); v.NICs[0].IP != "10.0.2.15" {
+		t.Errorf("show reports IP %q, want 10.0.2.15", v.NICs[0].IP)
+	}
+}
