@@ -37,6 +37,12 @@ start_lodged() {
   chmod o+x "$WORK" "$LODGE_HOME" "$LODGE_HOME/images" "$LODGE_HOME/images/tiny"
 }
 
+restart_libvirtd() {
+  pkill -x libvirtd || true
+  for _ in $(seq 100); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+  start_libvirtd
+}
+
 stop_lodged() {
   if [ -f "$WORK/daemon.pid" ]; then
     kill "$(cat "$WORK/daemon.pid")" 2>/dev/null || true

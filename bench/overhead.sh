@@ -15,6 +15,13 @@ start_lodged
 qemu-img create -q -f qcow2 "$WORK/lv-ovh.qcow2" 1G
 : >"$WORK/lv-seed-empty.iso"
 
+# Leftovers of an interrupted run would make the first create fail.
+for i in $(seq "$N"); do
+  "$LODGE" delete "ovh-$i" >/dev/null 2>&1 || true
+  rm -f "/etc/libvirt/qemu/lv-ovh-$i.xml"
+done
+restart_libvirtd
+
 out=$RESULTS/overhead.tsv
 echo -e "op\ti\tlodge_s\tlibvirt_s" >"$out"
 for i in $(seq "$N"); do
@@ -28,7 +35,7 @@ for i in $(seq "$N"); do
   fi
   echo -e "create\t$i\t$a\t$b" >>"$out"
 done
-pkill -x libvirtd; sleep 1; start_libvirtd
+restart_libvirtd
 n=$(virsh -c qemu:///system list --all --name | grep -c '^lv-ovh-')
 [ "$n" -eq "$N" ] || { echo "libvirt has $n of $N domains" >&2; exit 1; }
 for i in $(seq 20); do
@@ -44,5 +51,5 @@ echo -e "rss_kib\t$N\t$rss\t-" >>"$out"
 for i in $(seq "$N"); do "$LODGE" delete "ovh-$i" >/dev/null; done
 # undefine is as slow as define here; remove the files and restart instead.
 for i in $(seq "$N"); do rm -f "/etc/libvirt/qemu/lv-ovh-$i.xml"; done
-pkill -x libvirtd; sleep 1; start_libvirtd
+restart_libvirtd
 rm -f "$WORK/lv-ovh.qcow2" "$WORK/lv-seed-empty.iso"

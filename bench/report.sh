@@ -14,6 +14,8 @@ echo "|---|---|---|---|---|"
 if [ -f "$RESULTS/startup.tsv" ]; then
   a=$(col "$RESULTS/startup.tsv" 2 ""); b=$(col "$RESULTS/startup.tsv" 3 "")
   echo "| start to agent ready (s) | $a | $b | $(ratio "$a" "$b") | ≤ 1.10 |"
+  a=$(col "$RESULTS/startup.tsv" 4 ""); b=$(col "$RESULTS/startup.tsv" 5 "")
+  echo "| of which the start command itself (s) | $a | $b | $(ratio "$a" "$b") | |"
 fi
 if [ -f "$RESULTS/overhead.tsv" ]; then
   for op in create show list; do

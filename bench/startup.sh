@@ -18,13 +18,15 @@ libvirt_undefine lv-start
 libvirt_define lv-start "$WORK/lv-start.qcow2" "$WORK/lv-seed.iso" 256
 
 out=$RESULTS/startup.tsv
-echo -e "run\tlodge_s\tlibvirt_s" >"$out"
+echo -e "run\tlodge_s\tlibvirt_s\tlodge_start_cmd_s\tlibvirt_start_cmd_s" >"$out"
 for i in $(seq "$RUNS"); do
-  t=$(now); "$LODGE" start bench-start >/dev/null; "$LODGE" exec bench-start --wait 180s -- true; a=$(elapsed "$t")
+  t=$(now); "$LODGE" start bench-start >/dev/null; sa=$(elapsed "$t")
+  "$LODGE" exec bench-start --wait 180s -- true; a=$(elapsed "$t")
   "$LODGE" stop --force bench-start >/dev/null
-  t=$(now); virsh -c qemu:///system start lv-start >/dev/null; libvirt_wait_agent lv-start; b=$(elapsed "$t")
+  t=$(now); virsh -c qemu:///system start lv-start >/dev/null; sb=$(elapsed "$t")
+  libvirt_wait_agent lv-start; b=$(elapsed "$t")
   virsh -c qemu:///system destroy lv-start >/dev/null
-  echo -e "$i\t$a\t$b" | tee -a "$out"
+  echo -e "$i\t$a\t$b\t$sa\t$sb" | tee -a "$out"
 done
 "$LODGE" delete --force bench-start >/dev/null
 libvirt_undefine lv-start

@@ -3,7 +3,7 @@
 # Usage: scripts/deps.sh [run|guest|bench]...
 set -euo pipefail
 
-want=(qemu-system-x86 qemu-utils xorriso)
+want=(qemu-system-x86 qemu-utils genisoimage)
 for set in "$@"; do
   case "$set" in
     run) ;;

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"testing"
@@ -41,8 +40,8 @@ func TestValidHostname(t *testing.T) {
 }
 
 func TestWriteSeedISO(t *testing.T) {
-	if _, err := exec.LookPath("xorriso"); err != nil {
-		t.Skip("xorriso not installed: apt-get install xorriso")
+	if _, _, err := isoTool(); err != nil {
+		t.Skip(err.Error())
 	}
 	path := filepath.Join(t.TempDir(), "seed.iso")
 	s := Seed{InstanceID: "i-123", Hostname: "web", UserData: []byte("#!/bin/sh\necho hi\n")}
