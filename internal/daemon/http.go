@@ -165,7 +165,7 @@ func (d *Daemon) createVM(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if _, err := d.vms.Get(r.Context(), req.Name); err == nil {
-		writeErr(w, fmt.Errorf("vm %q: %w", req.Name, vm.ErrExists))
+		writeErr(w, fmt.Errorf("vm %q: %w", req.Name, errdefs.ErrExists))
 		return
 	}
 	o := d.ops.start("create", req.Name, func(ctx context.Context, o *operation) (any, error) {
@@ -209,7 +209,7 @@ func (d *Daemon) vmAction(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if req.TimeoutSeconds < 0 {
-			writeErr(w, fmt.Errorf("stop vm %q: timeout %ds: %w: must not be negative", name, req.TimeoutSeconds, vm.ErrInvalid))
+			writeErr(w, fmt.Errorf("stop vm %q: timeout %ds: %w: must not be negative", name, req.TimeoutSeconds, errdefs.ErrInvalid))
 			return
 		}
 		timeout := time.Duration(req.TimeoutSeconds) * time.Second
@@ -314,7 +314,7 @@ func (d *Daemon) importImage(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if _, err := d.images.Get(r.Context(), req.Name); err == nil {
-		writeErr(w, fmt.Errorf("image %q: %w", req.Name, image.ErrExists))
+		writeErr(w, fmt.Errorf("image %q: %w", req.Name, errdefs.ErrExists))
 		return
 	}
 	o := d.ops.start("image-import", req.Name, func(ctx context.Context, o *operation) (any, error) {

@@ -4,13 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 	"testing"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
-	"github.com/lodge-vm/lodge/internal/image"
 	"github.com/lodge-vm/lodge/internal/storage"
-	"github.com/lodge-vm/lodge/internal/vm"
 )
 
 func TestOperationOutcomes(t *testing.T) {
@@ -23,7 +22,7 @@ func TestOperationOutcomes(t *testing.T) {
 		return "result", nil
 	})
 	fail := ops.start("start", "b", func(context.Context, *operation) (any, error) {
-		return nil, fmt.Errorf("vm %q: %w", "b", vm.ErrBusy)
+		return nil, fmt.Errorf("vm %q: %w", "b", errdefs.ErrBusy)
 	})
 	block := ops.start("import", "c", func(ctx context.Context, _ *operation) (any, error) {
 		<-ctx.Done()
@@ -66,16 +65,16 @@ func TestCodeOf(t *testing.T) {
 		err  error
 		code string
 	}{
-		{vm.ErrNotFound, "not_found"},
-		{image.ErrNotFound, "not_found"},
-		{vm.ErrBusy, "busy"},
-		{vm.ErrExists, "conflict"},
-		{vm.ErrState, "conflict"},
-		{image.ErrInUse, "conflict"},
-		{vm.ErrLimit, "limit"},
-		{vm.ErrInvalid, "bad_request"},
+		{errdefs.ErrNotFound, "not_found"},
+		{errdefs.ErrNotFound, "not_found"},
+		{errdefs.ErrBusy, "busy"},
+		{errdefs.ErrExists, "conflict"},
+		{errdefs.ErrState, "conflict"},
+		{errdefs.ErrInUse, "conflict"},
+		{errdefs.ErrLimit, "limit"},
+		{errdefs.ErrInvalid, "bad_request"},
 		{storage.ErrUnsafeImage, "bad_request"},
-		{vm.ErrNoAgent, "no_agent"},
+		{errdefs.ErrNoAgent, "no_agent"},
 		{errors.New("disk on fire"), "internal"},
 	}
 	for _, tt := range tests {

@@ -20,14 +20,6 @@ import (
 	"github.com/lodge-vm/lodge/internal/store"
 )
 
-// Sentinel errors.
-var (
-	ErrNotFound = errdefs.ErrNotFound
-	ErrExists   = errdefs.ErrExists
-	ErrInvalid  = errdefs.ErrInvalid
-	ErrInUse    = errdefs.ErrInUse
-)
-
 const bucket = "images"
 
 // Formats that import accepts, as qemu-img names them.
@@ -61,7 +53,7 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 // ValidateName refuses names that could escape the images directory.
 func ValidateName(name string) error {
 	if !nameRE.MatchString(name) || name == "." || name == ".." || filepath.Base(name) != name || containsDotDot(name) {
-		return fmt.Errorf("image name %q: %w: use letters, digits, '.', '-' and '_' (at most 63), no '..'", name, ErrInvalid)
+		return fmt.Errorf("image name %q: %w: use letters, digits, '.', '-' and '_' (at most 63), no '..'", name, errdefs.ErrInvalid)
 	}
 	return nil
 }
@@ -80,7 +72,7 @@ func (l *Library) Get(ctx context.Context, name string) (api.Image, error) {
 	var r record
 	err := l.store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, bucket, name, &r) })
 	if errors.Is(err, store.ErrNotFound) || (err == nil && r.Importing) {
-		return api.Image{}, fmt.Errorf("image %q: %w (see lodge image list)", name, ErrNotFound)
+		return api.Image{}, fmt.Errorf("image %q: %w (see lodge image list)", name, errdefs.ErrNotFound)
 	}
 	if err != nil {
 		return api.Image{}, err
@@ -136,34 +128,34 @@ func (l *Library) Import(ctx context.Context, name, src string, progress func(fl
 		return api.Image{}, err
 	}
 	if !filepath.IsAbs(src) {
-		return api.Image{}, fmt.Errorf("import image %q: file %q: %w: give an absolute path", name, src, ErrInvalid)
+		return api.Image{}, fmt.Errorf("import image %q: file %q: %w: give an absolute path", name, src, errdefs.ErrInvalid)
 	}
 	st, err := os.Stat(src)
 	if err != nil {
 		return api.Image{}, fmt.Errorf("import image %q: %w", name, err)
 	}
 	if !st.Mode().IsRegular() {
-		return api.Image{}, fmt.Errorf("import image %q: %s: %w: not a regular file", name, src, ErrInvalid)
+		return api.Image{}, fmt.Errorf("import image %q: %s: %w: not a regular file", name, src, errdefs.ErrInvalid)
 	}
 	info, err := l.img.Info(ctx, src)
 	if err != nil {
 		return api.Image{}, fmt.Errorf("import image %q: %w", name, err)
 	}
 	if !Formats[info.Format] {
-		return api.Image{}, fmt.Errorf("import image %q: %s: %w: format %q is not supported (qcow2, raw, vpc, vhdx, vmdk)", name, src, ErrInvalid, info.Format)
+		return api.Image{}, fmt.Errorf("import image %q: %s: %w: format %q is not supported (qcow2, raw, vpc, vhdx, vmdk)", name, src, errdefs.ErrInvalid, info.Format)
 	}
 	if err := storage.CheckSelfContained(info); err != nil {
-		return api.Image{}, fmt.Errorf("import image %q: %s: %w: %w", name, src, ErrInvalid, err)
+		return api.Image{}, fmt.Errorf("import image %q: %s: %w: %w", name, src, errdefs.ErrInvalid, err)
 	}
 	if info.VirtualSize <= 0 {
-		return api.Image{}, fmt.Errorf("import image %q: %s: %w: empty disk", name, src, ErrInvalid)
+		return api.Image{}, fmt.Errorf("import image %q: %s: %w: empty disk", name, src, errdefs.ErrInvalid)
 	}
 	dir := filepath.Join(l.dir, name)
 	dst := filepath.Join(dir, "disk.qcow2")
 	r := record{Image: api.Image{Name: name, Path: dst, Format: "qcow2", SourceFormat: info.Format, VirtualSize: info.VirtualSize, CreatedAt: time.Now().UTC()}, Importing: true}
 	err = l.store.Update(ctx, func(tx store.Tx) error {
 		if _, err := tx.Get(bucket, name); err == nil {
-			return fmt.Errorf("image %q: %w", name, ErrExists)
+			return fmt.Errorf("image %q: %w", name, errdefs.ErrExists)
 		}
 		return store.PutJSON(tx, bucket, name, r)
 	})
@@ -207,7 +199,7 @@ func (l *Library) Delete(ctx context.Context, name string) error {
 		return err
 	}
 	if len(img.UsedBy) > 0 {
-		return fmt.Errorf("image %q: %w by vm %v: delete those first", name, ErrInUse, img.UsedBy)
+		return fmt.Errorf("image %q: %w by vm %v: delete those first", name, errdefs.ErrInUse, img.UsedBy)
 	}
 	if err := os.RemoveAll(filepath.Join(l.dir, name)); err != nil {
 		return fmt.Errorf("delete image %q: %w", name, err)

@@ -16,14 +16,6 @@ import (
 	"github.com/lodge-vm/lodge/internal/store"
 )
 
-// Sentinel errors.
-var (
-	ErrNotFound = errdefs.ErrNotFound
-	ErrExists   = errdefs.ErrExists
-	ErrInvalid  = errdefs.ErrInvalid
-	ErrInUse    = errdefs.ErrInUse
-)
-
 const bucket = "pools"
 
 // Registry stores pools.
@@ -55,7 +47,7 @@ func (r *Registry) Get(ctx context.Context, name string) (storage.Pool, error) {
 	var p storage.Pool
 	err := r.store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, bucket, name, &p) })
 	if errors.Is(err, store.ErrNotFound) {
-		return p, fmt.Errorf("pool %q: %w (see lodge pool list)", name, ErrNotFound)
+		return p, fmt.Errorf("pool %q: %w (see lodge pool list)", name, errdefs.ErrNotFound)
 	}
 	return p, err
 }
@@ -77,18 +69,18 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
 // writable: a pool on an unmounted drive must fail now, not at create.
 func (r *Registry) Create(ctx context.Context, name, path string) (storage.Pool, error) {
 	if !nameRE.MatchString(name) {
-		return storage.Pool{}, fmt.Errorf("pool name %q: %w: use letters, digits, '-' and '_'", name, ErrInvalid)
+		return storage.Pool{}, fmt.Errorf("pool name %q: %w: use letters, digits, '-' and '_'", name, errdefs.ErrInvalid)
 	}
 	if !filepath.IsAbs(path) {
-		return storage.Pool{}, fmt.Errorf("pool %q: path %q: %w: must be absolute", name, path, ErrInvalid)
+		return storage.Pool{}, fmt.Errorf("pool %q: path %q: %w: must be absolute", name, path, errdefs.ErrInvalid)
 	}
 	p := storage.Pool{Name: name, Path: filepath.Clean(path)}
 	if err := p.Check(); err != nil {
-		return storage.Pool{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+		return storage.Pool{}, fmt.Errorf("%w: %w", errdefs.ErrInvalid, err)
 	}
 	err := r.store.Update(ctx, func(tx store.Tx) error {
 		if _, err := tx.Get(bucket, name); err == nil {
-			return fmt.Errorf("pool %q: %w", name, ErrExists)
+			return fmt.Errorf("pool %q: %w", name, errdefs.ErrExists)
 		}
 		return store.PutJSON(tx, bucket, name, p)
 	})
@@ -98,7 +90,7 @@ func (r *Registry) Create(ctx context.Context, name, path string) (storage.Pool,
 // Delete unregisters a pool that no VM uses. Its directory stays.
 func (r *Registry) Delete(ctx context.Context, name string) error {
 	if name == "default" {
-		return fmt.Errorf("pool %q: %w: the default pool cannot be removed", name, ErrInvalid)
+		return fmt.Errorf("pool %q: %w: the default pool cannot be removed", name, errdefs.ErrInvalid)
 	}
 	if _, err := r.Get(ctx, name); err != nil {
 		return err
@@ -109,7 +101,7 @@ func (r *Registry) Delete(ctx context.Context, name string) error {
 			return err
 		}
 		if len(users) > 0 {
-			return fmt.Errorf("pool %q: %w by vm %v", name, ErrInUse, users)
+			return fmt.Errorf("pool %q: %w by vm %v", name, errdefs.ErrInUse, users)
 		}
 	}
 	return r.store.Update(ctx, func(tx store.Tx) error { return tx.Delete(bucket, name) })

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 	"os"
 	"path/filepath"
 	"time"
@@ -30,36 +31,36 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 		return api.Image{}, err
 	}
 	if req.Image == "" {
-		return api.Image{}, fmt.Errorf("vm %q: %w: an image is required (--image)", req.Name, ErrInvalid)
+		return api.Image{}, fmt.Errorf("vm %q: %w: an image is required (--image)", req.Name, errdefs.ErrInvalid)
 	}
 	if req.CPUs == 0 {
 		req.CPUs = DefaultCPUs
 	}
 	if req.CPUs < 1 || req.CPUs > MaxCPUs {
-		return api.Image{}, fmt.Errorf("vm %q: cpus %d: %w: must be between 1 and %d", req.Name, req.CPUs, ErrInvalid, MaxCPUs)
+		return api.Image{}, fmt.Errorf("vm %q: cpus %d: %w: must be between 1 and %d", req.Name, req.CPUs, errdefs.ErrInvalid, MaxCPUs)
 	}
 	if req.Memory == 0 {
 		req.Memory = DefaultMemory
 	}
 	if req.Memory < MinMemory {
-		return api.Image{}, fmt.Errorf("vm %q: memory %s: %w: must be at least %s", req.Name, sizeStr(req.Memory), ErrInvalid, sizeStr(MinMemory))
+		return api.Image{}, fmt.Errorf("vm %q: memory %s: %w: must be at least %s", req.Name, sizeStr(req.Memory), errdefs.ErrInvalid, sizeStr(MinMemory))
 	}
 	if req.MaxMemory == 0 {
 		req.MaxMemory = req.Memory
 	}
 	if req.MaxMemory < req.Memory {
-		return api.Image{}, fmt.Errorf("vm %q: max memory %s is below memory %s: %w", req.Name, sizeStr(req.MaxMemory), sizeStr(req.Memory), ErrInvalid)
+		return api.Image{}, fmt.Errorf("vm %q: max memory %s is below memory %s: %w", req.Name, sizeStr(req.MaxMemory), sizeStr(req.Memory), errdefs.ErrInvalid)
 	}
 	if s.cfg.Host != nil {
 		if total := s.cfg.Host().MemoryTotal; total > 0 && req.MaxMemory > total {
-			return api.Image{}, fmt.Errorf("vm %q: memory %s is more than the host has (%s): %w", req.Name, sizeStr(req.MaxMemory), sizeStr(total), ErrLimit)
+			return api.Image{}, fmt.Errorf("vm %q: memory %s is more than the host has (%s): %w", req.Name, sizeStr(req.MaxMemory), sizeStr(total), errdefs.ErrLimit)
 		}
 	}
 	if req.DiskBus == "" {
 		req.DiskBus = qemu.BusVirtio
 	}
 	if !validBus(req.DiskBus) {
-		return api.Image{}, fmt.Errorf("vm %q: disk bus %q: %w: want virtio, scsi, ide or nvme", req.Name, req.DiskBus, ErrInvalid)
+		return api.Image{}, fmt.Errorf("vm %q: disk bus %q: %w: want virtio, scsi, ide or nvme", req.Name, req.DiskBus, errdefs.ErrInvalid)
 	}
 	if req.Pool == "" {
 		req.Pool = "default"
@@ -68,7 +69,7 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 		req.Network = "nat"
 	}
 	if req.Network != "nat" {
-		return api.Image{}, fmt.Errorf("vm %q: network %q: %w: only the built-in \"nat\" network exists so far", req.Name, req.Network, ErrNotFound)
+		return api.Image{}, fmt.Errorf("vm %q: network %q: %w: only the built-in \"nat\" network exists so far", req.Name, req.Network, errdefs.ErrNotFound)
 	}
 	img, err := s.cfg.Images.Get(ctx, req.Image)
 	if err != nil {
@@ -78,7 +79,7 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 		req.DiskSize = max(DefaultDiskSize, img.VirtualSize)
 	}
 	if req.DiskSize < img.VirtualSize {
-		return api.Image{}, fmt.Errorf("vm %q: disk %s is smaller than image %q (%s): %w", req.Name, sizeStr(req.DiskSize), img.Name, sizeStr(img.VirtualSize), ErrInvalid)
+		return api.Image{}, fmt.Errorf("vm %q: disk %s is smaller than image %q (%s): %w", req.Name, sizeStr(req.DiskSize), img.Name, sizeStr(img.VirtualSize), errdefs.ErrInvalid)
 	}
 	return img, nil
 }
@@ -132,7 +133,7 @@ func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) 
 		r.NICs = []api.NIC{{Network: req.Network, MAC: identity.NewMAC()}}
 		err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
 			if _, err := tx.Get(bucket, r.Name); err == nil {
-				return fmt.Errorf("vm %q: %w", r.Name, ErrExists)
+				return fmt.Errorf("vm %q: %w", r.Name, errdefs.ErrExists)
 			}
 			others, err := store.ListJSON[record](tx, bucket)
 			if err != nil {
@@ -220,7 +221,7 @@ func (s *Service) Delete(ctx context.Context, name string, force bool) error {
 	}
 	if s.alive(name) {
 		if !force {
-			return fmt.Errorf("vm %q is %s: %w: stop it first, or use --force", name, r.State, ErrState)
+			return fmt.Errorf("vm %q is %s: %w: stop it first, or use --force", name, r.State, errdefs.ErrState)
 		}
 		if err := s.stopLocked(ctx, name, true, 0); err != nil {
 			return err

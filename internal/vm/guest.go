@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 	"net"
 	"os"
 	"path/filepath"
@@ -18,7 +19,7 @@ import (
 // printed and its exit code.
 func (s *Service) Exec(ctx context.Context, name string, req api.ExecRequest) (api.ExecResult, error) {
 	if len(req.Command) == 0 || req.Command[0] == "" {
-		return api.ExecResult{}, fmt.Errorf("exec in vm %q: %w: no command given", name, ErrInvalid)
+		return api.ExecResult{}, fmt.Errorf("exec in vm %q: %w: no command given", name, errdefs.ErrInvalid)
 	}
 	if _, err := s.load(ctx, name); err != nil {
 		return api.ExecResult{}, err
@@ -37,7 +38,7 @@ func (s *Service) Exec(ctx context.Context, name string, req api.ExecRequest) (a
 	if err != nil {
 		var qerr *qga.Error
 		if errors.As(err, &qerr) {
-			return api.ExecResult{}, fmt.Errorf("exec %q in vm %q: %w: %s", req.Command[0], name, ErrInvalid, qerr.Desc)
+			return api.ExecResult{}, fmt.Errorf("exec %q in vm %q: %w: %s", req.Command[0], name, errdefs.ErrInvalid, qerr.Desc)
 		}
 		return api.ExecResult{}, fmt.Errorf("exec %q in vm %q: %w", req.Command[0], name, err)
 	}
@@ -67,10 +68,10 @@ func (s *Service) Console(ctx context.Context, name string) (net.Conn, func(), e
 	}
 	in := s.instance(name)
 	if in == nil {
-		return nil, nil, fmt.Errorf("vm %q is %s: %w", name, r.State, ErrState)
+		return nil, nil, fmt.Errorf("vm %q is %s: %w", name, r.State, errdefs.ErrState)
 	}
 	if !in.consoleBusy.CompareAndSwap(false, true) {
-		return nil, nil, fmt.Errorf("console of vm %q: %w: another session is attached", name, ErrBusy)
+		return nil, nil, fmt.Errorf("console of vm %q: %w: another session is attached", name, errdefs.ErrBusy)
 	}
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", filepath.Join(in.runDir, qemu.ConsoleSocket))

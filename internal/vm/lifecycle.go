@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"fmt"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 	"os"
 	"time"
 
@@ -27,7 +28,7 @@ func (s *Service) startLocked(ctx context.Context, name string) (api.VM, error) 
 		return api.VM{}, err
 	}
 	if s.alive(name) {
-		return api.VM{}, fmt.Errorf("vm %q is already %s: %w", name, r.State, ErrState)
+		return api.VM{}, fmt.Errorf("vm %q is already %s: %w", name, r.State, errdefs.ErrState)
 	}
 	if err := s.checkConflicts(ctx, r); err != nil {
 		return api.VM{}, err
@@ -104,12 +105,12 @@ func (s *Service) checkConflicts(ctx context.Context, r record) error {
 			continue
 		}
 		if o.UUID == r.UUID {
-			return fmt.Errorf("vm %q: %w: its UUID %s is in use by running vm %q", r.Name, ErrConflict, r.UUID, o.Name)
+			return fmt.Errorf("vm %q: %w: its UUID %s is in use by running vm %q", r.Name, errdefs.ErrConflict, r.UUID, o.Name)
 		}
 		for _, n := range r.NICs {
 			for _, on := range o.NICs {
 				if n.MAC == on.MAC {
-					return fmt.Errorf("vm %q: %w: its MAC %s is in use by running vm %q", r.Name, ErrConflict, n.MAC, o.Name)
+					return fmt.Errorf("vm %q: %w: its MAC %s is in use by running vm %q", r.Name, errdefs.ErrConflict, n.MAC, o.Name)
 				}
 			}
 		}
@@ -132,7 +133,7 @@ func (s *Service) admit(ctx context.Context, r record) error {
 	}
 	limit := int64(float64(h.MemoryLimit) * h.Overcommit)
 	if allocated+r.Memory > limit {
-		return fmt.Errorf("vm %q: %w: memory limit %s, allocated %s, requested %s", r.Name, ErrLimit, sizeStr(limit), sizeStr(allocated), sizeStr(r.Memory))
+		return fmt.Errorf("vm %q: %w: memory limit %s, allocated %s, requested %s", r.Name, errdefs.ErrLimit, sizeStr(limit), sizeStr(allocated), sizeStr(r.Memory))
 	}
 	return nil
 }
@@ -158,7 +159,7 @@ func (s *Service) stopLocked(ctx context.Context, name string, force bool, timeo
 	}
 	in := s.instance(name)
 	if in == nil {
-		return fmt.Errorf("vm %q is %s: %w", name, r.State, ErrState)
+		return fmt.Errorf("vm %q is %s: %w", name, r.State, errdefs.ErrState)
 	}
 	if timeout <= 0 {
 		timeout = s.cfg.StopTimeout
@@ -230,14 +231,14 @@ func (s *Service) runState(ctx context.Context, name, op, want string, fn func(c
 		if err != nil {
 			return api.VM{}, err
 		}
-		return api.VM{}, fmt.Errorf("vm %q is %s: %w", name, r.State, ErrState)
+		return api.VM{}, fmt.Errorf("vm %q is %s: %w", name, r.State, errdefs.ErrState)
 	}
 	before, err := qmp.QueryStatus(ctx, in.mon)
 	if err != nil {
 		return api.VM{}, fmt.Errorf("%s vm %q: %w", op, name, err)
 	}
 	if before.Running == (want == api.StateRunning) {
-		return api.VM{}, fmt.Errorf("vm %q is already %s: %w", name, want, ErrState)
+		return api.VM{}, fmt.Errorf("vm %q is already %s: %w", name, want, errdefs.ErrState)
 	}
 	if err := fn(ctx, in.mon); err != nil {
 		return api.VM{}, fmt.Errorf("%s vm %q: %w", op, name, err)

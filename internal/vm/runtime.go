@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 	"os"
 	"path/filepath"
 	"sync"
@@ -293,7 +294,7 @@ func (s *Service) closeAgent(in *instance) {
 func (s *Service) withAgent(ctx context.Context, name string, wait time.Duration, fn func(qga.Agent) error) error {
 	in := s.instance(name)
 	if in == nil {
-		return fmt.Errorf("vm %q is not running: %w", name, ErrState)
+		return fmt.Errorf("vm %q is not running: %w", name, errdefs.ErrState)
 	}
 	in.agentMu.Lock()
 	defer in.agentMu.Unlock()
@@ -310,12 +311,12 @@ func (s *Service) withAgent(ctx context.Context, name string, wait time.Duration
 			}
 			lastErr = err
 			if time.Now().After(deadline) || ctx.Err() != nil {
-				return fmt.Errorf("vm %q: %w after %s (is qemu-guest-agent running in the guest?): %w", name, ErrNoAgent, wait.Round(time.Second), lastErr)
+				return fmt.Errorf("vm %q: %w after %s (is qemu-guest-agent running in the guest?): %w", name, errdefs.ErrNoAgent, wait.Round(time.Second), lastErr)
 			}
 			select {
 			case <-ctx.Done():
 			case <-in.done:
-				return fmt.Errorf("vm %q stopped: %w", name, ErrState)
+				return fmt.Errorf("vm %q stopped: %w", name, errdefs.ErrState)
 			case <-time.After(250 * time.Millisecond):
 			}
 		}

@@ -26,18 +26,6 @@ import (
 	"github.com/lodge-vm/lodge/internal/units"
 )
 
-// Sentinel errors callers branch on (the daemon maps them to HTTP codes).
-var (
-	ErrNotFound = errdefs.ErrNotFound
-	ErrExists   = errdefs.ErrExists
-	ErrInvalid  = errdefs.ErrInvalid
-	ErrBusy     = errdefs.ErrBusy
-	ErrState    = errdefs.ErrState
-	ErrConflict = errdefs.ErrConflict
-	ErrNoAgent  = errdefs.ErrNoAgent
-	ErrLimit    = errdefs.ErrLimit
-)
-
 const bucket = "vms"
 
 // Intents recorded before a multi-step change; see Recover.
@@ -133,7 +121,7 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$`)
 // could escape a directory (/, ..).
 func ValidateName(kind, name string) error {
 	if !nameRE.MatchString(name) {
-		return fmt.Errorf("%s name %q: %w: use letters, digits and '-' (at most 63), starting and ending with a letter or digit", kind, name, ErrInvalid)
+		return fmt.Errorf("%s name %q: %w: use letters, digits and '-' (at most 63), starting and ending with a letter or digit", kind, name, errdefs.ErrInvalid)
 	}
 	return nil
 }
@@ -147,7 +135,7 @@ func (s *Service) lock(name, op string) (func(), error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if cur, ok := s.busy[name]; ok {
-		return nil, fmt.Errorf("vm %q: %w: %s is in progress", name, ErrBusy, cur)
+		return nil, fmt.Errorf("vm %q: %w: %s is in progress", name, errdefs.ErrBusy, cur)
 	}
 	s.busy[name] = op
 	return func() {
@@ -161,7 +149,7 @@ func (s *Service) load(ctx context.Context, name string) (record, error) {
 	var r record
 	err := s.cfg.Store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, bucket, name, &r) })
 	if errors.Is(err, store.ErrNotFound) {
-		return r, fmt.Errorf("vm %q: %w", name, ErrNotFound)
+		return r, fmt.Errorf("vm %q: %w", name, errdefs.ErrNotFound)
 	}
 	return r, err
 }
@@ -172,7 +160,7 @@ func (s *Service) update(ctx context.Context, name string, fn func(*record) erro
 	err := s.cfg.Store.Update(ctx, func(tx store.Tx) error {
 		if err := store.GetJSON(tx, bucket, name, &out); err != nil {
 			if errors.Is(err, store.ErrNotFound) {
-				return fmt.Errorf("vm %q: %w", name, ErrNotFound)
+				return fmt.Errorf("vm %q: %w", name, errdefs.ErrNotFound)
 			}
 			return err
 		}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -25,7 +26,7 @@ type fakeImages map[string]api.Image
 func (f fakeImages) Get(_ context.Context, name string) (api.Image, error) {
 	img, ok := f[name]
 	if !ok {
-		return api.Image{}, fmt.Errorf("image %q: %w", name, ErrNotFound)
+		return api.Image{}, fmt.Errorf("image %q: %w", name, errdefs.ErrNotFound)
 	}
 	return img, nil
 }
@@ -34,7 +35,7 @@ type fakePools struct{ dir string }
 
 func (f fakePools) Get(_ context.Context, name string) (storage.Pool, error) {
 	if name != "default" {
-		return storage.Pool{}, fmt.Errorf("pool %q: %w", name, ErrNotFound)
+		return storage.Pool{}, fmt.Errorf("pool %q: %w", name, errdefs.ErrNotFound)
 	}
 	return storage.Pool{Name: "default", Path: f.dir}, nil
 }
@@ -121,18 +122,18 @@ func TestCreateValidation(t *testing.T) {
 		err  error
 		want string
 	}{
-		{"slash", api.CreateVM{Name: "a/b", Image: "tiny"}, ErrInvalid, `vm name "a/b"`},
-		{"dotdot", api.CreateVM{Name: "..", Image: "tiny"}, ErrInvalid, `vm name ".."`},
-		{"no image", api.CreateVM{Name: "x"}, ErrInvalid, "image is required"},
-		{"unknown image", api.CreateVM{Name: "x", Image: "nope"}, ErrNotFound, `image "nope"`},
-		{"negative cpus", api.CreateVM{Name: "x", Image: "tiny", CPUs: -1}, ErrInvalid, "cpus -1"},
-		{"small memory", api.CreateVM{Name: "x", Image: "tiny", Memory: 1 << 20}, ErrInvalid, "at least 64M"},
-		{"over host", api.CreateVM{Name: "x", Image: "tiny", Memory: 16 << 30}, ErrLimit, "more than the host has (8G)"},
-		{"max below memory", api.CreateVM{Name: "x", Image: "tiny", Memory: 1 << 30, MaxMemory: 512 << 20}, ErrInvalid, "below memory"},
-		{"small disk", api.CreateVM{Name: "x", Image: "tiny", DiskSize: 1 << 20}, ErrInvalid, "smaller than image"},
-		{"bad bus", api.CreateVM{Name: "x", Image: "tiny", DiskBus: "usb"}, ErrInvalid, `disk bus "usb"`},
-		{"unknown pool", api.CreateVM{Name: "x", Image: "tiny", Pool: "far"}, ErrNotFound, `pool "far"`},
-		{"unknown net", api.CreateVM{Name: "x", Image: "tiny", Network: "lan"}, ErrNotFound, `network "lan"`},
+		{"slash", api.CreateVM{Name: "a/b", Image: "tiny"}, errdefs.ErrInvalid, `vm name "a/b"`},
+		{"dotdot", api.CreateVM{Name: "..", Image: "tiny"}, errdefs.ErrInvalid, `vm name ".."`},
+		{"no image", api.CreateVM{Name: "x"}, errdefs.ErrInvalid, "image is required"},
+		{"unknown image", api.CreateVM{Name: "x", Image: "nope"}, errdefs.ErrNotFound, `image "nope"`},
+		{"negative cpus", api.CreateVM{Name: "x", Image: "tiny", CPUs: -1}, errdefs.ErrInvalid, "cpus -1"},
+		{"small memory", api.CreateVM{Name: "x", Image: "tiny", Memory: 1 << 20}, errdefs.ErrInvalid, "at least 64M"},
+		{"over host", api.CreateVM{Name: "x", Image: "tiny", Memory: 16 << 30}, errdefs.ErrLimit, "more than the host has (8G)"},
+		{"max below memory", api.CreateVM{Name: "x", Image: "tiny", Memory: 1 << 30, MaxMemory: 512 << 20}, errdefs.ErrInvalid, "below memory"},
+		{"small disk", api.CreateVM{Name: "x", Image: "tiny", DiskSize: 1 << 20}, errdefs.ErrInvalid, "smaller than image"},
+		{"bad bus", api.CreateVM{Name: "x", Image: "tiny", DiskBus: "usb"}, errdefs.ErrInvalid, `disk bus "usb"`},
+		{"unknown pool", api.CreateVM{Name: "x", Image: "tiny", Pool: "far"}, errdefs.ErrNotFound, `pool "far"`},
+		{"unknown net", api.CreateVM{Name: "x", Image: "tiny", Network: "lan"}, errdefs.ErrNotFound, `network "lan"`},
 	}
 	f := newFixture(t)
 	for _, tt := range tests {
@@ -163,7 +164,7 @@ func TestCreateDefaultsAndIdentity(t *testing.T) {
 	if a.State != api.StateStopped || a.Hostname != "a" || a.Disks[0].Backing != "/img/tiny.qcow2" {
 		t.Fatalf("a = %+v", a)
 	}
-	if _, err := f.svc.Create(context.Background(), api.CreateVM{Name: "a", Image: "tiny"}); !errors.Is(err, ErrExists) {
+	if _, err := f.svc.Create(context.Background(), api.CreateVM{Name: "a", Image: "tiny"}); !errors.Is(err, errdefs.ErrExists) {
 		t.Fatalf("duplicate create: %v", err)
 	}
 }
@@ -175,7 +176,7 @@ func TestCreateFailureLeavesNothing(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "disk full") {
 		t.Fatalf("Create = %v", err)
 	}
-	if _, err := f.svc.Get(context.Background(), "x"); !errors.Is(err, ErrNotFound) {
+	if _, err := f.svc.Get(context.Background(), "x"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("record left behind: %v", err)
 	}
 	if _, err := os.Stat(f.svc.vmDir("x")); !os.IsNotExist(err) {
@@ -201,7 +202,7 @@ func TestStartStopGraceful(t *testing.T) {
 	if v.State != api.StateRunning || v.PID == 0 || v.StartedAt == nil {
 		t.Fatalf("after start: %+v", v)
 	}
-	if _, err := f.svc.Start(ctx, "web"); !errors.Is(err, ErrState) {
+	if _, err := f.svc.Start(ctx, "web"); !errors.Is(err, errdefs.ErrState) {
 		t.Fatalf("second start: %v", err)
 	}
 	m := f.drv.Launched()[0]
@@ -249,7 +250,7 @@ func TestPauseResume(t *testing.T) {
 	f := newFixture(t)
 	f.create(t, "p")
 	ctx := context.Background()
-	if _, err := f.svc.Pause(ctx, "p"); !errors.Is(err, ErrState) {
+	if _, err := f.svc.Pause(ctx, "p"); !errors.Is(err, errdefs.ErrState) {
 		t.Fatalf("pause of a stopped VM: %v", err)
 	}
 	if _, err := f.svc.Start(ctx, "p"); err != nil {
@@ -258,13 +259,13 @@ func TestPauseResume(t *testing.T) {
 	if v, err := f.svc.Pause(ctx, "p"); err != nil || v.State != api.StatePaused {
 		t.Fatalf("pause: %+v %v", v, err)
 	}
-	if _, err := f.svc.Pause(ctx, "p"); !errors.Is(err, ErrState) || !strings.Contains(err.Error(), "already paused") {
+	if _, err := f.svc.Pause(ctx, "p"); !errors.Is(err, errdefs.ErrState) || !strings.Contains(err.Error(), "already paused") {
 		t.Fatalf("pause of a paused VM: %v", err)
 	}
 	if v, err := f.svc.Resume(ctx, "p"); err != nil || v.State != api.StateRunning {
 		t.Fatalf("resume: %+v %v", v, err)
 	}
-	if _, err := f.svc.Resume(ctx, "p"); !errors.Is(err, ErrState) {
+	if _, err := f.svc.Resume(ctx, "p"); !errors.Is(err, errdefs.ErrState) {
 		t.Fatalf("resume of a running VM: %v", err)
 	}
 }
@@ -300,7 +301,7 @@ func TestBusyRefusesSecondOperation(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = f.svc.Stop(context.Background(), "b", true, 0)
-	if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "start is in progress") {
+	if !errors.Is(err, errdefs.ErrBusy) || !strings.Contains(err.Error(), "start is in progress") {
 		t.Fatalf("Stop while busy = %v", err)
 	}
 	unlock()
@@ -321,7 +322,7 @@ func TestIdentityConflictAndAdmission(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err := f.svc.Start(ctx, "b")
-	if !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), `running vm "a"`) {
+	if !errors.Is(err, errdefs.ErrConflict) || !strings.Contains(err.Error(), `running vm "a"`) {
 		t.Fatalf("start of a copy = %v", err)
 	}
 	// Admission: 2G limit, 256M each; a 2G VM does not fit beside a.
@@ -329,7 +330,7 @@ func TestIdentityConflictAndAdmission(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = f.svc.Start(ctx, "b")
-	if !errors.Is(err, ErrLimit) || !strings.Contains(err.Error(), "limit 2G, allocated 256M, requested 2G") {
+	if !errors.Is(err, errdefs.ErrLimit) || !strings.Contains(err.Error(), "limit 2G, allocated 256M, requested 2G") {
 		t.Fatalf("start over the limit = %v", err)
 	}
 	if v, _ := f.svc.Get(ctx, "b"); v.State != api.StateStopped {
@@ -369,7 +370,7 @@ func TestRecover(t *testing.T) {
 	if v := f.waitState(t, "off", api.StateStopped); v.StateReason != "the guest powered off" {
 		t.Fatalf("off reason = %q", v.StateReason)
 	}
-	if _, err := f.svc.Get(ctx, "half"); !errors.Is(err, ErrNotFound) {
+	if _, err := f.svc.Get(ctx, "half"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("interrupted create survived recovery: %v", err)
 	}
 }
@@ -381,7 +382,7 @@ func TestDeleteRemovesFiles(t *testing.T) {
 	if _, err := f.svc.Start(ctx, "d"); err != nil {
 		t.Fatal(err)
 	}
-	if err := f.svc.Delete(ctx, "d", false); !errors.Is(err, ErrState) || !strings.Contains(err.Error(), "--force") {
+	if err := f.svc.Delete(ctx, "d", false); !errors.Is(err, errdefs.ErrState) || !strings.Contains(err.Error(), "--force") {
 		t.Fatalf("delete of running VM = %v", err)
 	}
 	if err := f.svc.Delete(ctx, "d", true); err != nil {
@@ -390,7 +391,7 @@ func TestDeleteRemovesFiles(t *testing.T) {
 	if _, err := os.Stat(v.Disks[0].Path); !os.IsNotExist(err) {
 		t.Fatal("disk left behind")
 	}
-	if _, err := f.svc.Get(ctx, "d"); !errors.Is(err, ErrNotFound) {
+	if _, err := f.svc.Get(ctx, "d"); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatal("record left behind")
 	}
 }
