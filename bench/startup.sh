@@ -6,6 +6,7 @@ source "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-5}
 start_libvirtd
 start_lodged
+"$LODGE" host info -o json | sed -n 's/.*"accel": "\([a-z]*\)".*/\1/p' >"$RESULTS/accel.txt"
 
 "$LODGE" delete --force bench-start >/dev/null 2>&1 || true
 "$LODGE" create bench-start --image tiny --memory 256M >/dev/null

@@ -30,6 +30,8 @@ type instance struct {
 	guestShutdown atomic.Bool
 	agentOpen     atomic.Bool
 	consoleBusy   atomic.Bool
+	// ioError is why QEMU paused the guest on a disk error, if it did.
+	ioError atomic.Pointer[string]
 
 	agentMu sync.Mutex
 	agent   qga.Agent
@@ -161,11 +163,35 @@ func (s *Service) onEvent(ctx context.Context, in *instance, ev qmp.Event) {
 			defer cancel()
 			_ = qmp.Quit(qctx, in.mon)
 		}()
+	case "BLOCK_IO_ERROR":
+		// With QEMU's default werror=enospc a full pool pauses the guest
+		// instead of failing its writes; nothing is lost, and the guest
+		// continues from the same write once there is room again.
+		var d struct {
+			Device   string `json:"device"`
+			NodeName string `json:"node-name"`
+			Action   string `json:"action"`
+			NoSpace  bool   `json:"nospace"`
+			Reason   string `json:"reason"`
+		}
+		if json.Unmarshal(ev.Data, &d) == nil && d.Action == "stop" {
+			why := "disk " + d.NodeName + ": " + d.Reason
+			if d.NoSpace {
+				why = "disk " + d.NodeName + ": no space left in its pool; free space, then lodge resume"
+			}
+			in.ioError.Store(&why)
+			s.log.Warn("guest paused on a disk error", "vm", in.name, "reason", why)
+		}
 	case "STOP":
 		if !in.guestShutdown.Load() && !in.stopping.Load() {
-			s.setState(ctx, in.name, api.StatePaused, "")
+			reason := ""
+			if why := in.ioError.Load(); why != nil {
+				reason = *why
+			}
+			s.setState(ctx, in.name, api.StatePaused, reason)
 		}
 	case "RESUME":
+		in.ioError.Store(nil)
 		s.setState(ctx, in.name, api.StateRunning, "")
 	case "VSERPORT_CHANGE":
 		var d struct {

@@ -395,3 +395,26 @@ func TestDeleteRemovesFiles(t *testing.T) {
 		t.Fatal("record left behind")
 	}
 }
+
+func TestFullDiskPausesWithReason(t *testing.T) {
+	f := newFixture(t)
+	f.create(t, "full")
+	ctx := context.Background()
+	if _, err := f.svc.Start(ctx, "full"); err != nil {
+		t.Fatal(err)
+	}
+	vm := f.drv.VM(f.svc.runDir("full"))
+	vm.Mon.Emit("BLOCK_IO_ERROR", map[string]any{"device": "", "node-name": "disk0", "operation": "write", "action": "stop", "nospace": true, "reason": "No space left on device"})
+	vm.Mon.SetStatus("io-error")
+	vm.Mon.Emit("STOP", nil)
+	v := f.waitState(t, "full", api.StatePaused)
+	if !strings.Contains(v.StateReason, "no space left") {
+		t.Fatalf("reason = %q", v.StateReason)
+	}
+	if _, err := f.svc.Resume(ctx, "full"); err != nil {
+		t.Fatal(err)
+	}
+	if v := f.waitState(t, "full", api.StateRunning); v.StateReason != "" {
+		t.Fatalf("reason after resume = %q", v.StateReason)
+	}
+}
