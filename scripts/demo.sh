@@ -34,10 +34,16 @@ if ! "$lodge" show demo >/dev/null 2>&1; then
 elif [ "$("$lodge" show demo -o json | sed -n 's/.*"state": "\([a-z]*\)".*/\1/p' | head -1)" != running ]; then
   "$lodge" start demo >/dev/null
 fi
-echo "== waiting for the guest agent"
-"$lodge" exec demo --wait 120s -- uname -a
+echo "== waiting for the guest agent and for the guest to apply its seed"
+"$lodge" exec demo --wait 120s -- true
+for _ in $(seq 600); do
+  "$lodge" console demo --log | grep -q "lodge-guest: ready" && break
+  sleep 0.2
+done
+echo "== inside the guest (lodge exec demo -- ...)"
+"$lodge" exec demo -- sh -c 'echo "hostname:   $(hostname)"; echo "machine-id: $(cat /etc/machine-id)"; uname -sr'
 echo "== console (lodge console demo --log)"
-"$lodge" console demo --log | tr -d '\r' | tail -n 15
+"$lodge" console demo --log | tr -d '\r' | sed 's/\x1b\[[0-9;]*[a-zA-Z]//g' | grep -v '^$' | tail -n 12
 echo "== lodge show demo"
 "$lodge" show demo
 echo

@@ -34,7 +34,10 @@ func consoleCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				defer func() { _ = term.Restore(int(os.Stdin.Fd()), old) }()
+				defer func() {
+					_ = term.Restore(int(os.Stdin.Fd()), old)
+					fmt.Fprintln(os.Stderr)
+				}()
 				fmt.Fprintf(os.Stderr, "Connected to %s's console. Press Ctrl-] to leave.\r\n", args[0])
 			}
 			done := make(chan struct{}, 2)

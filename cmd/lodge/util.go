@@ -107,7 +107,7 @@ func drawProgress(o api.Operation, start time.Time) {
 		rate := float64(o.Done) / max(elapsed.Seconds(), 0.001)
 		eta := "?"
 		if rate > 0 && o.Done > 0 {
-			eta = (time.Duration(float64(o.Total-o.Done)/rate) * time.Second / time.Second).Round(time.Second).String()
+			eta = time.Duration(float64(o.Total-o.Done) / rate * float64(time.Second)).Round(time.Second).String()
 		}
 		bar := strings.Repeat("#", int(pct*20)) + strings.Repeat(".", 20-int(pct*20))
 		line += fmt.Sprintf(" [%s] %3.0f%% %s/%s %s/s ETA %s", bar, pct*100,

@@ -79,7 +79,7 @@ func (s *operations) start(kind, target string, fn func(ctx context.Context, o *
 		case err == nil:
 			o.op.State, o.op.Result = api.OpSucceeded, result
 		case errors.Is(err, context.Canceled) && ctx.Err() != nil:
-			o.op.State, o.op.Error = api.OpCancelled, "cancelled"
+			o.op.State, o.op.Error = api.OpCancelled, kind+" "+target+": cancelled"
 		default:
 			o.op.State, o.op.Error = api.OpFailed, err.Error()
 			o.op.Code = codeOf(err)
