@@ -4,15 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/lodge-vm/lodge/internal/errdefs"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/identity"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/store"
+	"github.com/lodge-vm/lodge/internal/units"
 )
 
 // Defaults for create.
@@ -43,17 +44,17 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 		req.Memory = DefaultMemory
 	}
 	if req.Memory < MinMemory {
-		return api.Image{}, fmt.Errorf("vm %q: memory %s: %w: must be at least %s", req.Name, sizeStr(req.Memory), errdefs.ErrInvalid, sizeStr(MinMemory))
+		return api.Image{}, fmt.Errorf("vm %q: memory %s: %w: must be at least %s", req.Name, units.FormatSize(req.Memory), errdefs.ErrInvalid, units.FormatSize(MinMemory))
 	}
 	if req.MaxMemory == 0 {
 		req.MaxMemory = req.Memory
 	}
 	if req.MaxMemory < req.Memory {
-		return api.Image{}, fmt.Errorf("vm %q: max memory %s is below memory %s: %w", req.Name, sizeStr(req.MaxMemory), sizeStr(req.Memory), errdefs.ErrInvalid)
+		return api.Image{}, fmt.Errorf("vm %q: max memory %s is below memory %s: %w", req.Name, units.FormatSize(req.MaxMemory), units.FormatSize(req.Memory), errdefs.ErrInvalid)
 	}
 	if s.cfg.Host != nil {
 		if total := s.cfg.Host().MemoryTotal; total > 0 && req.MaxMemory > total {
-			return api.Image{}, fmt.Errorf("vm %q: memory %s is more than the host has (%s): %w", req.Name, sizeStr(req.MaxMemory), sizeStr(total), errdefs.ErrLimit)
+			return api.Image{}, fmt.Errorf("vm %q: memory %s is more than the host has (%s): %w", req.Name, units.FormatSize(req.MaxMemory), units.FormatSize(total), errdefs.ErrLimit)
 		}
 	}
 	if req.DiskBus == "" {
@@ -79,7 +80,7 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 		req.DiskSize = max(DefaultDiskSize, img.VirtualSize)
 	}
 	if req.DiskSize < img.VirtualSize {
-		return api.Image{}, fmt.Errorf("vm %q: disk %s is smaller than image %q (%s): %w", req.Name, sizeStr(req.DiskSize), img.Name, sizeStr(img.VirtualSize), errdefs.ErrInvalid)
+		return api.Image{}, fmt.Errorf("vm %q: disk %s is smaller than image %q (%s): %w", req.Name, units.FormatSize(req.DiskSize), img.Name, units.FormatSize(img.VirtualSize), errdefs.ErrInvalid)
 	}
 	return img, nil
 }
@@ -200,8 +201,8 @@ func (s *Service) discard(ctx context.Context, r record) {
 			s.log.Warn("remove disk", "vm", r.Name, "path", d.Path, "err", err)
 		}
 	}
-	removeAllQuiet(s.vmDir(r.Name))
-	removeAllQuiet(s.runDir(r.Name))
+	s.removeAll(s.vmDir(r.Name))
+	s.removeAll(s.runDir(r.Name))
 	if err := s.cfg.Store.Update(ctx, func(tx store.Tx) error { return tx.Delete(bucket, r.Name) }); err != nil {
 		s.log.Error("remove record", "vm", r.Name, "err", err)
 	}

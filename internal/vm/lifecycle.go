@@ -3,13 +3,14 @@ package vm
 import (
 	"context"
 	"fmt"
-	"github.com/lodge-vm/lodge/internal/errdefs"
 	"os"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qmp"
+	"github.com/lodge-vm/lodge/internal/units"
 )
 
 // Start boots a stopped VM.
@@ -133,7 +134,7 @@ func (s *Service) admit(ctx context.Context, r record) error {
 	}
 	limit := int64(float64(h.MemoryLimit) * h.Overcommit)
 	if allocated+r.Memory > limit {
-		return fmt.Errorf("vm %q: %w: memory limit %s, allocated %s, requested %s", r.Name, errdefs.ErrLimit, sizeStr(limit), sizeStr(allocated), sizeStr(r.Memory))
+		return fmt.Errorf("vm %q: %w: memory limit %s, allocated %s, requested %s", r.Name, errdefs.ErrLimit, units.FormatSize(limit), units.FormatSize(allocated), units.FormatSize(r.Memory))
 	}
 	return nil
 }

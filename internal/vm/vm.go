@@ -23,7 +23,6 @@ import (
 	"github.com/lodge-vm/lodge/internal/qga"
 	"github.com/lodge-vm/lodge/internal/storage"
 	"github.com/lodge-vm/lodge/internal/store"
-	"github.com/lodge-vm/lodge/internal/units"
 )
 
 const bucket = "vms"
@@ -353,10 +352,8 @@ func (s *Service) UsersOfPool(ctx context.Context, pool string) ([]string, error
 	return out, nil
 }
 
-func sizeStr(b int64) string { return units.FormatSize(b) }
-
-func removeAllQuiet(path string) {
+func (s *Service) removeAll(path string) {
 	if err := os.RemoveAll(path); err != nil {
-		slog.Default().Warn("remove", "path", path, "err", err)
+		s.log.Warn("remove", "path", path, "err", err)
 	}
 }
