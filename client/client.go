@@ -17,7 +17,6 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
-	"time"
 
 	"github.com/lodge-vm/lodge/api"
 )
@@ -333,10 +332,4 @@ func (c *Client) Events(ctx context.Context, fn func(api.Event)) error {
 		}
 		fn(ev)
 	}
-}
-
-// WaitAgent polls until the VM's guest agent answers or timeout passes.
-func (c *Client) WaitAgent(ctx context.Context, name string, timeout time.Duration) error {
-	_, err := c.Exec(ctx, name, api.ExecRequest{Command: []string{"true"}, WaitSeconds: int(timeout / time.Second)})
-	return err
 }

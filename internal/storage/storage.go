@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -133,28 +132,9 @@ func (q *QEMUImg) Create(ctx context.Context, path string, size int64) error {
 	return err
 }
 
-// Convert copies src (of the given format) into a new qcow2 at dst. Holes
-// and zero runs stay unallocated.
-func (q *QEMUImg) Convert(ctx context.Context, src, srcFormat, dst string) error {
-	_, err := q.run(ctx, false, "convert", "-q", "-f", srcFormat, "-O", "qcow2", "-o", "cluster_size=64k", src, dst)
-	return err
-}
-
-// Check runs a consistency check.
-func (q *QEMUImg) Check(ctx context.Context, path string) error {
-	_, err := q.run(ctx, false, "check", "-q", "--force-share", path)
-	return err
-}
-
-// Remove deletes a volume file; a missing file is not an error.
-func Remove(path string) error {
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	return nil
-}
-
-// ConvertProgress is Convert reporting progress as a fraction (0..1).
+// ConvertProgress copies src (of the given format) into a new qcow2 at dst,
+// reporting progress as a fraction (0..1) if progress is not nil. Holes and
+// zero runs stay unallocated.
 func (q *QEMUImg) ConvertProgress(ctx context.Context, src, srcFormat, dst string, progress func(float64)) error {
 	cmd := exec.CommandContext(ctx, q.Binary, "convert", "-p", "-f", srcFormat, "-O", "qcow2", "-o", "cluster_size=64k", src, dst)
 	cmd.WaitDelay = 5 * time.Second

@@ -70,7 +70,7 @@ func TestConvertKeepsHoles(t *testing.T) {
 	}
 	_ = f.Close()
 	dst := filepath.Join(dir, "disk.qcow2")
-	if err := q.Convert(ctx, raw, "raw", dst); err != nil {
+	if err := q.ConvertProgress(ctx, raw, "raw", dst, nil); err != nil {
 		t.Fatal(err)
 	}
 	info, err := q.Info(ctx, dst)
