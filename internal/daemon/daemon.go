@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -80,8 +79,8 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, err
 	})
 	d.images.Users = d.vms.UsersOfImage
 	d.pools.Users = d.vms.UsersOfPool
-	if out, err := exec.CommandContext(ctx, cfg.QEMU, "--version").Output(); err == nil {
-		d.qemuVer = strings.TrimPrefix(firstLine(string(out)), "QEMU emulator version ")
+	if v, err := d.driver.Version(ctx); err == nil {
+		d.qemuVer = strings.TrimPrefix(v, "QEMU emulator version ")
 	} else {
 		d.log.Warn("qemu not found; VMs cannot start", "binary", cfg.QEMU, "err", err)
 	}
@@ -94,14 +93,6 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, err
 		return nil, fmt.Errorf("recover vms: %w", err)
 	}
 	return d, nil
-}
-
-func firstLine(s string) string {
-	s = strings.TrimSpace(s)
-	if i := strings.IndexByte(s, '\n'); i >= 0 {
-		return s[:i]
-	}
-	return s
 }
 
 // Run serves the API until ctx ends, then lets go of the VMs (they keep

@@ -46,7 +46,7 @@ var cpuModels = []string{"host", "host,-arch-capabilities"}
 // CacheKey names the facts a verdict depends on: QEMU's version, the host
 // kernel and whether /dev/kvm opens.
 func (q *QEMU) CacheKey(ctx context.Context) string {
-	out, _ := exec.CommandContext(ctx, q.Binary, "--version").Output()
+	version, _ := q.Version(ctx)
 	var uts syscall.Utsname
 	_ = syscall.Uname(&uts)
 	rel := make([]byte, 0, len(uts.Release))
@@ -56,7 +56,7 @@ func (q *QEMU) CacheKey(ctx context.Context) string {
 		}
 		rel = append(rel, byte(c))
 	}
-	return fmt.Sprintf("%s|%s|kvm=%v", firstLine(strings.TrimSpace(string(out))), rel, kvmUsable() == nil)
+	return fmt.Sprintf("%s|%s|kvm=%v", version, rel, kvmUsable() == nil)
 }
 
 func kvmUsable() error {

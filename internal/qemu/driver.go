@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -41,6 +42,10 @@ type Driver interface {
 type QEMU struct {
 	Binary string
 	Log    *slog.Logger
+
+	versionOnce sync.Once
+	version     string
+	versionErr  error
 }
 
 var _ Driver = (*QEMU)(nil)
@@ -89,6 +94,20 @@ func (q *QEMU) Launch(ctx context.Context, m Machine) (int, error) {
 		return 0, fmt.Errorf("launch vm %q: qemu started but %w", m.Name, err)
 	}
 	return pid, nil
+}
+
+// Version is the first line of `qemu-system-x86_64 --version`. It is asked
+// once: both host info and the accelerator cache key need it.
+func (q *QEMU) Version(ctx context.Context) (string, error) {
+	q.versionOnce.Do(func() {
+		out, err := exec.CommandContext(ctx, q.Binary, "--version").Output()
+		if err != nil {
+			q.versionErr = fmt.Errorf("%s --version: %w", q.Binary, err)
+			return
+		}
+		q.version = firstLine(strings.TrimSpace(string(out)))
+	})
+	return q.version, q.versionErr
 }
 
 func firstLine(s string) string {
