@@ -3,7 +3,6 @@ package daemon
 import (
 	"context"
 	"path/filepath"
-	"time"
 
 	"github.com/lodge-vm/lodge/internal/config"
 	"github.com/lodge-vm/lodge/internal/qemu"
@@ -12,7 +11,7 @@ import (
 // initAccel settles the accelerator: from the configuration, from the
 // host-wide cache of an earlier probe, or by probing in the background.
 func (d *Daemon) initAccel(ctx context.Context) {
-	d.accelReady = make(chan struct{})
+	d.accelSettled = make(chan struct{})
 	if d.cfg.Accel != config.AccelAuto {
 		d.setAccel(d.driver.ProbeAccel(ctx, qemu.ProbeInput{Mode: d.cfg.Accel}))
 		return
@@ -25,16 +24,31 @@ func (d *Daemon) initAccel(ctx context.Context) {
 	d.reprobe(ctx)
 }
 
+// probingLocked reports whether a probe is under way: its verdict is not
+// settled yet.
+func (d *Daemon) probingLocked() bool {
+	select {
+	case <-d.accelSettled:
+		return false
+	default:
+		return true
+	}
+}
+
 // reprobe runs the probe in the background if the verdict is unverified.
 // It runs at start and again after an image import, since the probe needs
-// an image to boot.
+// an image to boot. Starts wait for it rather than use the provisional
+// verdict.
 func (d *Daemon) reprobe(ctx context.Context) {
 	d.accelMu.Lock()
-	if d.probing || d.accel.Verified || d.cfg.Accel != config.AccelAuto {
+	if d.accel.Verified || d.cfg.Accel != config.AccelAuto || d.probeRunning {
 		d.accelMu.Unlock()
 		return
 	}
-	d.probing = true
+	d.probeRunning = true
+	if !d.probingLocked() {
+		d.accelSettled = make(chan struct{})
+	}
 	d.accelMu.Unlock()
 	go func() {
 		img := d.images.First(ctx)
@@ -50,48 +64,27 @@ func (d *Daemon) reprobe(ctx context.Context) {
 		if err := qemu.SaveAccelCache(qemu.DefaultAccelCache(), a); err != nil {
 			d.log.Warn("cache accelerator verdict", "err", err)
 		}
-		d.accelMu.Lock()
-		d.probing = false
-		d.accelMu.Unlock()
 		d.setAccel(a)
 	}()
 }
 
+// setAccel records a verdict and wakes whoever waits for one.
 func (d *Daemon) setAccel(a qemu.Accel) {
 	d.accelMu.Lock()
 	defer d.accelMu.Unlock()
-	d.accel = a
-	select {
-	case <-d.accelReady:
-	default:
-		close(d.accelReady)
+	d.accel, d.probeRunning = a, false
+	if d.probingLocked() {
+		close(d.accelSettled)
 	}
 }
 
 // waitAccel returns the verdict, waiting for a probe that is under way.
 func (d *Daemon) waitAccel(ctx context.Context) (qemu.Accel, error) {
 	d.accelMu.Lock()
-	probing, ready := d.probing, d.accelReady
+	settled := d.accelSettled
 	d.accelMu.Unlock()
-	if probing {
-		// A probe started after an import: wait for it instead of using
-		// the provisional verdict.
-		for {
-			d.accelMu.Lock()
-			probing = d.probing
-			d.accelMu.Unlock()
-			if !probing {
-				break
-			}
-			select {
-			case <-ctx.Done():
-				return qemu.Accel{}, ctx.Err()
-			case <-timeAfter():
-			}
-		}
-	}
 	select {
-	case <-ready:
+	case <-settled:
 	case <-ctx.Done():
 		return qemu.Accel{}, ctx.Err()
 	}
@@ -104,10 +97,8 @@ func (d *Daemon) currentAccel() qemu.Accel {
 	d.accelMu.Lock()
 	defer d.accelMu.Unlock()
 	a := d.accel
-	if d.probing {
+	if d.probingLocked() {
 		a.Reason = "probing KVM now; until it answers: " + a.Reason
 	}
 	return a
 }
-
-func timeAfter() <-chan time.Time { return time.After(100 * time.Millisecond) }

@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -41,10 +40,12 @@ type Daemon struct {
 	qemuVer string
 	memTot  int64
 
-	accelMu    sync.Mutex
-	accel      qemu.Accel
-	accelReady chan struct{}
-	probing    bool
+	accelMu sync.Mutex
+	accel   qemu.Accel
+	// accelSettled is closed once there is a verdict and no probe is
+	// running; a new probe replaces it with an open one.
+	accelSettled chan struct{}
+	probeRunning bool
 }
 
 // New prepares the daemon: directories, store, recovery. It fails fast if
@@ -174,5 +175,3 @@ func memTotal() int64 {
 	}
 	return 0
 }
-
-func cpus() int { return runtime.NumCPU() }

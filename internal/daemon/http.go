@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"runtime"
 	"strconv"
 	"time"
 
@@ -105,7 +106,7 @@ func (d *Daemon) hostInfo(w http.ResponseWriter, r *http.Request) {
 	}
 	limit := int64(float64(h.MemoryLimit) * h.Overcommit)
 	info := api.HostInfo{
-		Accel: a.Accel, AccelReason: a.Reason, AccelVerified: a.Verified, CPUs: cpus(),
+		Accel: a.Accel, AccelReason: a.Reason, AccelVerified: a.Verified, CPUs: runtime.NumCPU(),
 		MemoryTotal: h.MemoryTotal, MemoryAllocated: alloc, MemoryLimit: limit, MemoryFree: max(limit-alloc, 0),
 		Overcommit: h.Overcommit, QEMUVersion: d.qemuVer, Home: d.cfg.Home, VMs: total, Running: running,
 		DaemonPID: os.Getpid(), Pools: []api.Pool{},

@@ -91,18 +91,18 @@ func (s *Service) attach(ctx context.Context, name string, pid int, mon qmp.Moni
 func (s *Service) supervise(in *instance, events <-chan qmp.Event, cancel func()) {
 	defer cancel()
 	ctx := context.Background()
+loop:
 	for {
 		select {
 		case ev, ok := <-events:
 			if !ok {
-				events = nil
+				events = nil // closed with the connection; Done follows
 				continue
 			}
 			s.onEvent(ctx, in, ev)
-			continue
 		case <-in.mon.Done():
+			break loop
 		}
-		break
 	}
 	s.mu.Lock()
 	closing := s.instances[in.name] != in
