@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
@@ -60,7 +61,7 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 	if req.DiskBus == "" {
 		req.DiskBus = qemu.BusVirtio
 	}
-	if !validBus(req.DiskBus) {
+	if !slices.Contains(qemu.Buses, req.DiskBus) {
 		return api.Image{}, fmt.Errorf("vm %q: disk bus %q: %w: want virtio, scsi, ide or nvme", req.Name, req.DiskBus, errdefs.ErrInvalid)
 	}
 	if req.Pool == "" {
@@ -83,15 +84,6 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 		return api.Image{}, fmt.Errorf("vm %q: disk %s is smaller than image %q (%s): %w", req.Name, units.FormatSize(req.DiskSize), img.Name, units.FormatSize(img.VirtualSize), errdefs.ErrInvalid)
 	}
 	return img, nil
-}
-
-func validBus(b string) bool {
-	for _, x := range qemu.Buses {
-		if b == x {
-			return true
-		}
-	}
-	return false
 }
 
 // Create defines a VM: a thin overlay on the image in the pool, a new

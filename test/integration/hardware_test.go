@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/client"
 )
 
 // TestDiskBuses boots the guest from each non-default disk bus and checks
@@ -132,7 +133,7 @@ func TestUnprivilegedDaemon(t *testing.T) {
 	h.env = env
 	lodgeBin := filepath.Join(userHome, filepath.Base(bin))
 	h.binArgs = []string{"--reuid=65534", "--regid=65534", "--clear-groups", lodgeBin}
-	h.c = clientFor(filepath.Join(h.home, "lodge.sock"))
+	h.c = client.New(filepath.Join(h.home, "lodge.sock"))
 	h.startDaemon()
 	t.Cleanup(func() { h.cleanup(); _ = os.RemoveAll(userHome) })
 	info := h.must("host", "info", "-o", "json")
