@@ -71,15 +71,19 @@ func (q *QEMUImg) run(ctx context.Context, limited bool, args ...string) ([]byte
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if msg == "" {
-			return nil, fmt.Errorf("qemu-img %s: %w", args[0], err)
-		}
-		// qemu-img repeats its own name at the start of every message.
-		msg = strings.TrimPrefix(msg, "qemu-img: ")
-		return nil, fmt.Errorf("qemu-img %s: %s: %w", args[0], firstLine(msg), err)
+		return nil, imgError(args[0], stderr.String(), err)
 	}
 	return stdout.Bytes(), nil
+}
+
+// imgError names the qemu-img command and carries the first line of its
+// own message, without the "qemu-img: " it repeats at the start.
+func imgError(op, stderr string, err error) error {
+	msg := strings.TrimPrefix(strings.TrimSpace(stderr), "qemu-img: ")
+	if msg == "" {
+		return fmt.Errorf("qemu-img %s: %w", op, err)
+	}
+	return fmt.Errorf("qemu-img %s: %s: %w", op, firstLine(msg), err)
 }
 
 func firstLine(s string) string {
@@ -169,8 +173,7 @@ func (q *QEMUImg) ConvertProgress(ctx context.Context, src, srcFormat, dst strin
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		msg := strings.TrimPrefix(strings.TrimSpace(stderr.String()), "qemu-img: ")
-		return fmt.Errorf("qemu-img convert: %s: %w", firstLine(msg), err)
+		return imgError("convert", stderr.String(), err)
 	}
 	return nil
 }

@@ -9,7 +9,6 @@ import (
 	"testing"
 
 	"github.com/lodge-vm/lodge/api"
-	"github.com/lodge-vm/lodge/client"
 )
 
 // TestBadInput: every bad request gets a one-line error naming the object
@@ -97,13 +96,4 @@ func TestBadInput(t *testing.T) {
 	if code != 1 || !strings.Contains(errOut, "daemon is not running") || !strings.Contains(errOut, "lodge daemon") {
 		t.Errorf("no daemon: exit %d, %q", code, errOut)
 	}
-}
-
-func newHostNoDaemon(t *testing.T) *host {
-	bin, guest := requireQEMU(t)
-	home := t.TempDir()
-	h := &host{t: t, bin: bin, guest: guest, home: home}
-	h.env = append(os.Environ(), "LODGE_HOME="+home, "LODGE_SOCKET=")
-	h.c = client.New(filepath.Join(home, "lodge.sock"))
-	return h
 }

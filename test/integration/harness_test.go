@@ -75,16 +75,25 @@ func newHost(t *testing.T) *host {
 
 func newHostNoProbe(t *testing.T) *host {
 	t.Helper()
+	h := newHostNoDaemon(t)
+	h.startDaemon()
+	t.Cleanup(h.cleanup)
+	return h
+}
+
+// newHostNoDaemon prepares a home, environment and client, and starts
+// nothing.
+func newHostNoDaemon(t *testing.T) *host {
+	t.Helper()
 	bin, guest := requireQEMU(t)
 	home, err := os.MkdirTemp("", "lodge-it-")
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = os.RemoveAll(home) })
 	h := &host{t: t, bin: bin, guest: guest, home: home}
 	h.env = append(os.Environ(), "LODGE_HOME="+home, "LODGE_SOCKET=", "LODGE_ACCEL=")
 	h.c = client.New(filepath.Join(home, "lodge.sock"))
-	h.startDaemon()
-	t.Cleanup(h.cleanup)
 	return h
 }
 
