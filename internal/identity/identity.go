@@ -103,6 +103,3 @@ func isoTool() (string, []string, error) {
 	}
 	return "", nil, errors.New("neither genisoimage nor xorriso is installed (apt-get install genisoimage)")
 }
-
-// ErrConflict is returned when an identity is already in use.
-var ErrConflict = errors.New("identity conflict")

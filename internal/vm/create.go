@@ -86,6 +86,10 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 	return img, nil
 }
 
+// errIdentityTaken means a freshly drawn UUID or MAC is already in use;
+// Create draws again.
+var errIdentityTaken = errors.New("identity already taken")
+
 // Create defines a VM: a thin overlay on the image in the pool, a new
 // identity and a NoCloud seed. It records the intent first, so a crash
 // half-way is undone by Recover.
@@ -134,12 +138,12 @@ func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) 
 			}
 			for _, o := range others {
 				if o.UUID == r.UUID || o.NICs[0].MAC == r.NICs[0].MAC {
-					return identity.ErrConflict
+					return errIdentityTaken
 				}
 			}
 			return store.PutJSON(tx, bucket, r.Name, r)
 		})
-		if !errors.Is(err, identity.ErrConflict) || attempt > 10 {
+		if !errors.Is(err, errIdentityTaken) || attempt > 10 {
 			break
 		}
 	}
