@@ -50,6 +50,10 @@ type VM struct {
 	StartedAt   *time.Time `json:"started_at"`
 	PID         int        `json:"pid,omitempty"`
 	Agent       bool       `json:"agent"`
+	// CID is the VM's vsock context id, unique on the host.
+	CID uint32 `json:"cid"`
+	// ClonedFrom names the VM this one was cloned from.
+	ClonedFrom string `json:"cloned_from,omitempty"`
 }
 
 // CreateVM is the body of POST /v1/vms.
@@ -65,6 +69,26 @@ type CreateVM struct {
 	Network   string `json:"network,omitempty"`
 	CloudInit string `json:"cloud_init,omitempty"`
 	Start     bool   `json:"start,omitempty"`
+}
+
+// CloneVM is the body of POST /v1/vms/{name}/clone.
+type CloneVM struct {
+	Name string `json:"name"`
+	// Full makes an independent copy instead of a linked clone.
+	Full bool `json:"full,omitempty"`
+	// KeepIdentity copies the UUID, MACs, CID, hostname and instance-id,
+	// as when moving a VM; such copies can never run at the same time.
+	KeepIdentity bool   `json:"keep_identity,omitempty"`
+	Pool         string `json:"pool,omitempty"`
+	Start        bool   `json:"start,omitempty"`
+}
+
+// PublishImage is the body of POST /v1/images/publish.
+type PublishImage struct {
+	VM   string `json:"vm"`
+	Name string `json:"name"`
+	// Generalize clears the guest's identity inside the new image.
+	Generalize bool `json:"generalize,omitempty"`
 }
 
 // StopVM is the body of POST /v1/vms/{name}/stop.
@@ -95,15 +119,28 @@ type ExecResult struct {
 
 // Image is one entry of the image library.
 type Image struct {
-	Name         string    `json:"name"`
-	Path         string    `json:"path"`
-	Format       string    `json:"format"`
-	SourceFormat string    `json:"source_format"`
-	VirtualSize  int64     `json:"virtual_size"`
-	ActualSize   int64     `json:"actual_size"`
-	Parent       string    `json:"parent,omitempty"`
-	CreatedAt    time.Time `json:"created_at"`
-	UsedBy       []string  `json:"used_by"`
+	Name         string `json:"name"`
+	Path         string `json:"path"`
+	Format       string `json:"format"`
+	SourceFormat string `json:"source_format"`
+	VirtualSize  int64  `json:"virtual_size"`
+	ActualSize   int64  `json:"actual_size"`
+	// Parent is the image this one is layered on; Chain runs from this
+	// image down to the standalone one at the bottom.
+	Parent string   `json:"parent,omitempty"`
+	Chain  []string `json:"chain"`
+	// Children are the images layered directly on this one.
+	Children []string `json:"children"`
+	// Generalized images have had their guest identity cleared.
+	Generalized bool `json:"generalized,omitempty"`
+	// PublishedFrom names the VM the image was published from.
+	PublishedFrom string `json:"published_from,omitempty"`
+	// CPUs and Memory are the defaults for VMs made from the image, as an
+	// OVF descriptor recommends them; 0 means Lodge's defaults.
+	CPUs      int       `json:"cpus,omitempty"`
+	Memory    int64     `json:"memory,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	UsedBy    []string  `json:"used_by"`
 }
 
 // ImportImage is the body of POST /v1/images. Path is read by the daemon,

@@ -137,6 +137,12 @@ func (c *Client) DeleteVM(ctx context.Context, name string, force bool) (api.Ope
 	return op, c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(name)+"?force="+strconv.FormatBool(force), nil, &op)
 }
 
+// CloneVM copies VM src to req.Name, as a linked clone unless req.Full.
+func (c *Client) CloneVM(ctx context.Context, src string, req api.CloneVM) (api.Operation, error) {
+	var op api.Operation
+	return op, c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(src)+"/clone", req, &op)
+}
+
 // StartVM starts booting a VM.
 func (c *Client) StartVM(ctx context.Context, name string) (api.Operation, error) {
 	var op api.Operation

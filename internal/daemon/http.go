@@ -219,6 +219,28 @@ func (d *Daemon) vmAction(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		accepted(w, d.ops.start("restart", name, func(ctx context.Context, _ *operation) (any, error) { return d.vms.Restart(ctx, name, timeout) }))
+	case "clone":
+		var req api.CloneVM
+		if !decode(w, r, &req) {
+			return
+		}
+		if err := vm.ValidateName("vm", req.Name); err != nil {
+			writeErr(w, err)
+			return
+		}
+		if _, err := d.vms.Get(ctx, req.Name); err == nil {
+			writeErr(w, fmt.Errorf("vm %q: %w", req.Name, errdefs.ErrExists))
+			return
+		}
+		accepted(w, d.ops.start("clone", name, func(ctx context.Context, o *operation) (any, error) {
+			o.Progress("clone", 0, 0)
+			v, err := d.vms.Clone(ctx, name, req, func(done, total int64) { o.Progress("copy", done, total) })
+			if err != nil || !req.Start {
+				return v, err
+			}
+			o.Progress("start", 0, 0)
+			return d.vms.Start(ctx, req.Name)
+		}))
 	case "pause", "resume":
 		fn := d.vms.Pause
 		if action == "resume" {

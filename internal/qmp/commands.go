@@ -63,3 +63,34 @@ func Quit(ctx context.Context, m Monitor) error {
 	}
 	return err
 }
+
+// BlockDevice is one entry of query-block: a guest device and the node at
+// the top of its disk's chain.
+type BlockDevice struct {
+	// QDev is the device's id or QOM path.
+	QDev     string `json:"qdev"`
+	Inserted *struct {
+		NodeName string `json:"node-name"`
+		File     string `json:"file"`
+	} `json:"inserted,omitempty"`
+}
+
+// QueryBlock lists the guest's block devices.
+func QueryBlock(ctx context.Context, m Monitor) ([]BlockDevice, error) {
+	var out []BlockDevice
+	if err := m.Execute(ctx, "query-block", nil, &out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// SnapshotSync makes a new qcow2 overlay at file on top of node and moves
+// the guest's writes to it, all in QEMU's main loop, so the guest sees no
+// pause beyond one iteration. node becomes read-only; the new top is
+// named newNode.
+func SnapshotSync(ctx context.Context, m Monitor, node, file, newNode string) error {
+	return m.Execute(ctx, "blockdev-snapshot-sync", map[string]any{
+		"node-name": node, "snapshot-file": file, "snapshot-node-name": newNode,
+		"format": "qcow2", "mode": "absolute-paths",
+	}, nil)
+}

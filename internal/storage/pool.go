@@ -1,6 +1,8 @@
 package storage
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -53,7 +55,11 @@ func (p Pool) Usage() (Usage, error) {
 	return Usage{Total: int64(st.Blocks) * bs, Free: int64(st.Bavail) * bs}, nil
 }
 
-// VolumePath is where a VM's disk lives in the pool.
-func (p Pool) VolumePath(vm, disk string) string {
-	return filepath.Join(p.Path, vm+"-"+disk+".qcow2")
+// NewVolumePath names a fresh disk file for a VM in the pool. A random
+// suffix keeps names unique: a file that was once frozen as a layer under
+// one VM's name is never mistaken for a new VM's disk of the same name.
+func (p Pool) NewVolumePath(vm, disk string) string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return filepath.Join(p.Path, vm+"-"+disk+"-"+hex.EncodeToString(b[:])+".qcow2")
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -120,14 +121,59 @@ func CheckSelfContained(info Info) error {
 }
 
 // CreateOverlay makes a thin qcow2 at path on top of backing. size 0 keeps
-// the backing file's size.
+// the backing file's size. With a size, the backing file is not opened:
+// it may be a layer that a running QEMU holds, and the caller knows it.
+// An existing file at path is never overwritten.
 func (q *QEMUImg) CreateOverlay(ctx context.Context, backing, path string, size int64) error {
-	args := []string{"create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", "-F", "qcow2", "-b", backing, path}
+	if _, err := os.Lstat(path); err == nil {
+		return fmt.Errorf("create overlay %s: %w", path, os.ErrExist)
+	}
+	args := []string{"create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", "-F", "qcow2", "-b", backing}
 	if size > 0 {
-		args = append(args, strconv.FormatInt(size, 10))
+		args = append(args, "-u", path, strconv.FormatInt(size, 10))
+	} else {
+		args = append(args, path)
 	}
 	_, err := q.run(ctx, false, args...)
 	return err
+}
+
+// CopyTop writes the clusters of src's own layer (not those of its backing
+// chain) into a new qcow2 at dst whose backing file is backing, which must
+// hold what src's backing file holds.
+func (q *QEMUImg) CopyTop(ctx context.Context, src, backing, dst string) error {
+	_, err := q.run(ctx, false, "convert", "-f", "qcow2", "-O", "qcow2", "-o", "cluster_size=64k", "-B", backing, "-F", "qcow2", src, dst)
+	return err
+}
+
+// Rebase points path at a new backing file, first writing into path every
+// cluster where the old chain and the new one differ, so what the guest
+// sees does not change.
+func (q *QEMUImg) Rebase(ctx context.Context, path, backing string) error {
+	_, err := q.run(ctx, false, "rebase", "-f", "qcow2", "-F", "qcow2", "-b", backing, path)
+	return err
+}
+
+// HasData reports whether path's own layer holds any cluster, written
+// data or written zeroes, over its backing chain.
+func (q *QEMUImg) HasData(ctx context.Context, path string) (bool, error) {
+	out, err := q.run(ctx, false, "map", "--output=json", "-f", "qcow2", "--force-share", path)
+	if err != nil {
+		return false, err
+	}
+	var extents []struct {
+		Depth   int  `json:"depth"`
+		Present bool `json:"present"`
+	}
+	if err := json.Unmarshal(out, &extents); err != nil {
+		return false, fmt.Errorf("qemu-img map %s: decode: %w", path, err)
+	}
+	for _, e := range extents {
+		if e.Depth == 0 && e.Present {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // Create makes an empty thin qcow2.

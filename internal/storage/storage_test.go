@@ -104,7 +104,8 @@ func TestPool(t *testing.T) {
 	if err := gone.Check(); !errors.Is(err, ErrPoolMissing) {
 		t.Fatalf("Check(missing) = %v, want ErrPoolMissing", err)
 	}
-	if got := p.VolumePath("web", "root"); got != filepath.Join(dir, "web-root.qcow2") {
-		t.Fatalf("VolumePath = %s", got)
+	a, b := p.NewVolumePath("web", "root"), p.NewVolumePath("web", "root")
+	if filepath.Dir(a) != dir || !strings.HasPrefix(filepath.Base(a), "web-root-") || !strings.HasSuffix(a, ".qcow2") || a == b {
+		t.Fatalf("NewVolumePath = %s, %s: want two different web-root-*.qcow2 in %s", a, b, dir)
 	}
 }

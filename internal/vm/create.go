@@ -87,8 +87,65 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 }
 
 // errIdentityTaken means a freshly drawn UUID or MAC is already in use;
-// Create draws again.
+// insert draws again.
 var errIdentityTaken = errors.New("identity already taken")
+
+// insert stores a new VM record. With fresh, it gives the VM a new UUID,
+// instance-id and MACs, drawn outside the transaction (store code stays
+// deterministic) and checked for uniqueness inside it, and the lowest free
+// vsock CID. also runs in the same transaction.
+func (s *Service) insert(ctx context.Context, r *record, fresh bool, also func(tx store.Tx) error) error {
+	for attempt := 0; ; attempt++ {
+		if fresh {
+			r.UUID, r.InstanceID = identity.NewUUID(), identity.NewUUID()
+			for i := range r.NICs {
+				r.NICs[i].MAC = identity.NewMAC()
+			}
+		}
+		err := s.cfg.Store.Update(ctx, func(tx store.Tx) error {
+			if _, err := tx.Get(bucket, r.Name); err == nil {
+				return fmt.Errorf("vm %q: %w", r.Name, errdefs.ErrExists)
+			}
+			others, err := store.ListJSON[record](tx, bucket)
+			if err != nil {
+				return err
+			}
+			cids := map[uint32]bool{}
+			for _, o := range others {
+				cids[o.CID] = true
+				if !fresh {
+					continue
+				}
+				if o.UUID == r.UUID {
+					return errIdentityTaken
+				}
+				for _, on := range o.NICs {
+					for _, n := range r.NICs {
+						if n.MAC == on.MAC {
+							return errIdentityTaken
+						}
+					}
+				}
+			}
+			if fresh || r.CID == 0 {
+				// 0-2 are reserved for the hypervisor, the loopback and the host.
+				r.CID = 3
+				for cids[r.CID] {
+					r.CID++
+				}
+			}
+			if also != nil {
+				if err := also(tx); err != nil {
+					return err
+				}
+			}
+			return store.PutJSON(tx, bucket, r.Name, *r)
+		})
+		if !errors.Is(err, errIdentityTaken) || attempt > 10 {
+			return err
+		}
+	}
+}
 
 // Create defines a VM: a thin overlay on the image in the pool, a new
 // identity and a NoCloud seed. It records the intent first, so a crash
@@ -117,37 +174,14 @@ func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) 
 			Hostname: req.Name, State: api.StateStopped, CreatedAt: time.Now().UTC(),
 			Disks: []api.Disk{{
 				Name: "root", Bus: req.DiskBus, Size: req.DiskSize, Pool: pool.Name,
-				Path: pool.VolumePath(req.Name, "root"), Backing: img.Path,
+				Path: pool.NewVolumePath(req.Name, "root"), Backing: img.Path,
 			}},
 		},
 		Pool: pool.Name, ImagePath: img.Path, CloudInit: req.CloudInit,
 		Intent: intentCreating, Wanted: api.StateStopped,
 	}
-	// Identity is drawn outside the transaction (store code stays
-	// deterministic) and checked for uniqueness inside it.
-	for attempt := 0; ; attempt++ {
-		r.UUID, r.InstanceID = identity.NewUUID(), identity.NewUUID()
-		r.NICs = []api.NIC{{Network: req.Network, MAC: identity.NewMAC()}}
-		err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
-			if _, err := tx.Get(bucket, r.Name); err == nil {
-				return fmt.Errorf("vm %q: %w", r.Name, errdefs.ErrExists)
-			}
-			others, err := store.ListJSON[record](tx, bucket)
-			if err != nil {
-				return err
-			}
-			for _, o := range others {
-				if o.UUID == r.UUID || o.NICs[0].MAC == r.NICs[0].MAC {
-					return errIdentityTaken
-				}
-			}
-			return store.PutJSON(tx, bucket, r.Name, r)
-		})
-		if !errors.Is(err, errIdentityTaken) || attempt > 10 {
-			break
-		}
-	}
-	if err != nil {
+	r.NICs = []api.NIC{{Network: req.Network}}
+	if err := s.insert(ctx, &r, true, nil); err != nil {
 		return api.VM{}, err
 	}
 	if err := s.materialise(ctx, r); err != nil {
@@ -193,8 +227,11 @@ func (s *Service) writeSeed(ctx context.Context, r record) error {
 // discard removes a VM's files and record.
 func (s *Service) discard(ctx context.Context, r record) {
 	for _, d := range r.Disks {
-		if err := os.Remove(d.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			s.log.Warn("remove disk", "vm", r.Name, "path", d.Path, "err", err)
+		// .tmp is a full clone's copy in progress.
+		for _, p := range []string{d.Path, d.Path + ".tmp"} {
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				s.log.Warn("remove disk", "vm", r.Name, "path", p, "err", err)
+			}
 		}
 	}
 	s.removeAll(s.vmDir(r.Name))
@@ -228,6 +265,7 @@ func (s *Service) Delete(ctx context.Context, name string, force bool) error {
 		return err
 	}
 	s.discard(ctx, r)
+	s.collectLayers(ctx)
 	s.publish(name, "vm-deleted", "", "")
 	s.log.Info("deleted", "vm", name)
 	return nil

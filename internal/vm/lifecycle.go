@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
@@ -108,10 +109,18 @@ func (s *Service) checkConflicts(ctx context.Context, r record) error {
 		if o.UUID == r.UUID {
 			return fmt.Errorf("vm %q: %w: its UUID %s is in use by running vm %q", r.Name, errdefs.ErrConflict, r.UUID, o.Name)
 		}
+		if r.CID != 0 && o.CID == r.CID {
+			return fmt.Errorf("vm %q: %w: its vsock CID %d is in use by running vm %q", r.Name, errdefs.ErrConflict, r.CID, o.Name)
+		}
 		for _, n := range r.NICs {
 			for _, on := range o.NICs {
 				if n.MAC == on.MAC {
 					return fmt.Errorf("vm %q: %w: its MAC %s is in use by running vm %q", r.Name, errdefs.ErrConflict, n.MAC, o.Name)
+				}
+				// Two machines of one name on one network confuse DHCP,
+				// DNS and directory servers alike.
+				if n.Network == on.Network && strings.EqualFold(r.Hostname, o.Hostname) {
+					return fmt.Errorf("vm %q: %w: its hostname %q is in use on network %q by running vm %q", r.Name, errdefs.ErrConflict, r.Hostname, n.Network, o.Name)
 				}
 			}
 		}

@@ -226,9 +226,17 @@ func (s *Service) Recover(ctx context.Context) error {
 			_ = s.cfg.Driver.Kill(ctx, s.runDir(r.Name), 5*time.Second)
 			s.discard(ctx, r)
 			continue
+		case intentCloning:
+			if err := s.recoverClone(ctx, r); err != nil {
+				return err
+			}
+			if r, err = s.load(ctx, r.Name); err != nil {
+				return err
+			}
 		}
 		s.reattach(ctx, r)
 	}
+	s.collectLayers(ctx)
 	return nil
 }
 

@@ -40,6 +40,8 @@ type record struct {
 	ImagePath string `json:"image_path"`
 	CloudInit string `json:"cloud_init,omitempty"`
 	Intent    string `json:"intent,omitempty"`
+	// NextDisks are the new tops a clone is switching the disks to.
+	NextDisks []string `json:"next_disks,omitempty"`
 	// Wanted is the desired power state; State is what was last observed.
 	Wanted string `json:"wanted"`
 }
@@ -49,9 +51,12 @@ type Images interface {
 	Get(ctx context.Context, name string) (api.Image, error)
 }
 
-// Volumes makes disk files.
+// Volumes makes and inspects disk files.
 type Volumes interface {
 	CreateOverlay(ctx context.Context, backing, path string, size int64) error
+	ConvertProgress(ctx context.Context, src, srcFormat, dst string, progress func(float64)) error
+	HasData(ctx context.Context, path string) (bool, error)
+	Info(ctx context.Context, path string) (storage.Info, error)
 }
 
 // Pools resolves pool names.

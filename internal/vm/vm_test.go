@@ -40,14 +40,40 @@ func (f fakePools) Get(_ context.Context, name string) (storage.Pool, error) {
 	return storage.Pool{Name: "default", Path: f.dir}, nil
 }
 
-// fakeVolumes writes an empty file where qemu-img would write a qcow2.
+// fakeVolumes stands in for qemu-img: an "overlay" is a text file whose
+// first line names its backing file; more lines are data written to it.
 type fakeVolumes struct{ fail error }
 
-func (f fakeVolumes) CreateOverlay(_ context.Context, _, path string, _ int64) error {
+func (f fakeVolumes) CreateOverlay(_ context.Context, backing, path string, _ int64) error {
 	if f.fail != nil {
 		return f.fail
 	}
-	return os.WriteFile(path, nil, 0o600)
+	if _, err := os.Stat(path); err == nil {
+		return os.ErrExist
+	}
+	return os.WriteFile(path, []byte(backing+"\n"), 0o600)
+}
+
+func (f fakeVolumes) ConvertProgress(_ context.Context, src, _, dst string, progress func(float64)) error {
+	if f.fail != nil {
+		return f.fail
+	}
+	progress(1)
+	return os.WriteFile(dst, []byte("\ncopy of "+src+"\n"), 0o600)
+}
+
+func (f fakeVolumes) HasData(_ context.Context, path string) (bool, error) {
+	b, err := os.ReadFile(path)
+	return strings.Count(string(b), "\n") > 1, err
+}
+
+func (f fakeVolumes) Info(_ context.Context, path string) (storage.Info, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return storage.Info{}, err
+	}
+	backing, _, _ := strings.Cut(string(b), "\n")
+	return storage.Info{Filename: path, Format: "qcow2", BackingFilename: backing}, nil
 }
 
 type recorder struct {
