@@ -236,6 +236,18 @@ func (c *Client) ImportImage(ctx context.Context, name, path string) (api.Operat
 	return op, c.do(ctx, http.MethodPost, "/v1/images", api.ImportImage{Name: name, Path: path}, &op)
 }
 
+// PublishImage starts making an image from a stopped VM.
+func (c *Client) PublishImage(ctx context.Context, req api.PublishImage) (api.Operation, error) {
+	var op api.Operation
+	return op, c.do(ctx, http.MethodPost, "/v1/images/publish", req, &op)
+}
+
+// FlattenImage starts copying an image's parents into it.
+func (c *Client) FlattenImage(ctx context.Context, name string) (api.Operation, error) {
+	var op api.Operation
+	return op, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(name)+"/flatten", nil, &op)
+}
+
 // DeleteImage removes an unused image.
 func (c *Client) DeleteImage(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/images/"+url.PathEscape(name), nil, nil)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -44,6 +45,50 @@ func hostCmd(g *globals) *cobra.Command {
 	return host
 }
 
+// waitImage follows an operation that ends with an image and prints it.
+func (g *globals) waitImage(cmd *cobra.Command, c *client.Client, op api.Operation, err error, verb string) error {
+	if err != nil {
+		return err
+	}
+	if op, err = wait(cmd.Context(), c, op); err != nil {
+		return err
+	}
+	var out api.Image
+	if err := client.Result(op, &out); err != nil {
+		return err
+	}
+	return g.emit(cmd.OutOrStdout(), out, func(tw *tabwriter.Writer) {
+		fmt.Fprintf(tw, "%s %s (%s virtual, %s on disk; chain %s)\n", verb, out.Name, units.FormatSize(out.VirtualSize), units.FormatSize(out.ActualSize), strings.Join(out.Chain, " → "))
+	})
+}
+
+func publishCmd(g *globals) *cobra.Command {
+	var req api.PublishImage
+	cmd := &cobra.Command{
+		Use:   "publish VM --name N [--generalize]",
+		Short: "Make a stopped VM's disk a new image, layered on the VM's own image",
+		Long: `Make a stopped VM's disk a new read-only image. Only what differs from
+the VM's image is stored, so images build chains: base OS, then a database
+on top, then tools on top of that. --generalize boots the new image once on
+its own and clears the guest's identity inside it (machine-id, SSH host
+keys, hostname, DHCP leases, cloud-init state; sysprep /generalize on
+Windows), so every VM made from it starts as a new machine.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if req.Name == "" {
+				return usagef("image publish: --name is required")
+			}
+			req.VM = args[0]
+			c := g.client()
+			op, err := c.PublishImage(cmd.Context(), req)
+			return g.waitImage(cmd, c, op, err, "Published")
+		},
+	}
+	cmd.Flags().StringVar(&req.Name, "name", "", "name of the new image")
+	cmd.Flags().BoolVar(&req.Generalize, "generalize", false, "clear the guest's identity inside the image")
+	return cmd
+}
+
 func imageCmd(g *globals) *cobra.Command {
 	img := &cobra.Command{Use: "image", Short: "The image library"}
 	var name string
@@ -64,19 +109,7 @@ func imageCmd(g *globals) *cobra.Command {
 			}
 			c := g.client()
 			op, err := c.ImportImage(cmd.Context(), name, path)
-			if err != nil {
-				return err
-			}
-			if op, err = wait(cmd.Context(), c, op); err != nil {
-				return err
-			}
-			var out api.Image
-			if err := client.Result(op, &out); err != nil {
-				return err
-			}
-			return g.emit(cmd.OutOrStdout(), out, func(tw *tabwriter.Writer) {
-				fmt.Fprintf(tw, "Imported %s (%s, %s virtual, %s on disk)\n", out.Name, out.SourceFormat, units.FormatSize(out.VirtualSize), units.FormatSize(out.ActualSize))
-			})
+			return g.waitImage(cmd, c, op, err, "Imported")
 		},
 	}
 	imp.Flags().StringVar(&name, "name", "", "name of the new image")
@@ -89,9 +122,13 @@ func imageCmd(g *globals) *cobra.Command {
 					return err
 				}
 				return g.emit(cmd.OutOrStdout(), imgs, func(tw *tabwriter.Writer) {
-					fmt.Fprintln(tw, "NAME\tSIZE\tON DISK\tFROM\tUSED BY\tCREATED")
+					fmt.Fprintln(tw, "NAME\tSIZE\tON DISK\tPARENT\tUSED BY\tCREATED")
 					for _, i := range imgs {
-						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", i.Name, units.FormatSize(i.VirtualSize), units.FormatSize(i.ActualSize), i.SourceFormat, len(i.UsedBy), i.CreatedAt.Local().Format(time.DateTime))
+						parent := i.Parent
+						if parent == "" {
+							parent = "-"
+						}
+						fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", i.Name, units.FormatSize(i.VirtualSize), units.FormatSize(i.ActualSize), parent, len(i.UsedBy), i.CreatedAt.Local().Format(time.DateTime))
 					}
 				})
 			},
@@ -104,19 +141,43 @@ func imageCmd(g *globals) *cobra.Command {
 					return err
 				}
 				return g.emit(cmd.OutOrStdout(), i, func(tw *tabwriter.Writer) {
-					fmt.Fprintf(tw, "Name:\t%s\nPath:\t%s\nSize:\t%s virtual, %s on disk\nImported from:\t%s\nUsed by:\t%v\n",
-						i.Name, i.Path, units.FormatSize(i.VirtualSize), units.FormatSize(i.ActualSize), i.SourceFormat, i.UsedBy)
+					origin := "imported from " + i.SourceFormat
+					if i.PublishedFrom != "" {
+						origin = "published from vm " + i.PublishedFrom
+					}
+					if i.Generalized {
+						origin += ", generalized"
+					}
+					fmt.Fprintf(tw, "Name:\t%s\nPath:\t%s\nSize:\t%s virtual, %s on disk\nOrigin:\t%s\nChain:\t%s\nChildren:\t%s\nUsed by:\t%s\n",
+						i.Name, i.Path, units.FormatSize(i.VirtualSize), units.FormatSize(i.ActualSize), origin,
+						strings.Join(i.Chain, " → "), orDash(i.Children), orDash(i.UsedBy))
 				})
 			},
 		},
 		&cobra.Command{
-			Use: "delete NAME", Short: "Delete an image no VM uses", Args: cobra.ExactArgs(1),
+			Use: "delete NAME", Short: "Delete an image no VM and no other image depends on", Args: cobra.ExactArgs(1),
 			RunE: func(cmd *cobra.Command, args []string) error {
 				return g.client().DeleteImage(cmd.Context(), args[0])
 			},
 		},
+		&cobra.Command{
+			Use: "flatten NAME", Short: "Copy an image's parents into it, so it stands alone", Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				c := g.client()
+				op, err := c.FlattenImage(cmd.Context(), args[0])
+				return g.waitImage(cmd, c, op, err, "Flattened")
+			},
+		},
+		publishCmd(g),
 	)
 	return img
+}
+
+func orDash(s []string) string {
+	if len(s) == 0 {
+		return "-"
+	}
+	return strings.Join(s, ", ")
 }
 
 func poolCmd(g *globals) *cobra.Command {

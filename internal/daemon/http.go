@@ -35,6 +35,8 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("GET /v1/vms/{name}/console", d.console)
 	mux.HandleFunc("GET /v1/images", d.listImages)
 	mux.HandleFunc("POST /v1/images", d.importImage)
+	mux.HandleFunc("POST /v1/images/publish", d.publishImage)
+	mux.HandleFunc("POST /v1/images/{name}/flatten", d.flattenImage)
 	mux.HandleFunc("GET /v1/images/{name}", d.getImage)
 	mux.HandleFunc("DELETE /v1/images/{name}", d.deleteImage)
 	mux.HandleFunc("GET /v1/pools", d.listPools)
@@ -352,6 +354,45 @@ func (d *Daemon) importImage(w http.ResponseWriter, r *http.Request) {
 		return img, err
 	})
 	accepted(w, o)
+}
+
+func (d *Daemon) publishImage(w http.ResponseWriter, r *http.Request) {
+	var req api.PublishImage
+	if !decode(w, r, &req) {
+		return
+	}
+	if err := image.ValidateName(req.Name); err != nil {
+		writeErr(w, err)
+		return
+	}
+	if _, err := d.vms.Get(r.Context(), req.VM); err != nil {
+		writeErr(w, err)
+		return
+	}
+	if _, err := d.images.Get(r.Context(), req.Name); err == nil {
+		writeErr(w, fmt.Errorf("image %q: %w", req.Name, errdefs.ErrExists))
+		return
+	}
+	accepted(w, d.ops.start("image-publish", req.Name, func(ctx context.Context, o *operation) (any, error) {
+		stage := "copy"
+		if req.Generalize {
+			stage = "copy and generalize"
+		}
+		o.Progress(stage, 0, 0)
+		return d.vms.Publish(ctx, req)
+	}))
+}
+
+func (d *Daemon) flattenImage(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	img, err := d.images.Get(r.Context(), name)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	accepted(w, d.ops.start("image-flatten", name, func(ctx context.Context, o *operation) (any, error) {
+		return d.images.Flatten(ctx, name, func(f float64) { o.Progress("copy", int64(f*float64(img.VirtualSize)), img.VirtualSize) })
+	}))
 }
 
 func (d *Daemon) deleteImage(w http.ResponseWriter, r *http.Request) {

@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
@@ -38,6 +40,27 @@ type Library struct {
 	log   *slog.Logger
 	// Users lists the VMs that use an image.
 	Users func(ctx context.Context, image string) ([]string, error)
+
+	mu   sync.Mutex
+	busy map[string]string
+}
+
+// lock marks an image busy with an operation, refusing a second one.
+func (l *Library) lock(name, op string) (func(), error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if cur, ok := l.busy[name]; ok {
+		return nil, fmt.Errorf("image %q: %w: %s is in progress", name, errdefs.ErrBusy, cur)
+	}
+	if l.busy == nil {
+		l.busy = map[string]string{}
+	}
+	l.busy[name] = op
+	return func() {
+		l.mu.Lock()
+		delete(l.busy, name)
+		l.mu.Unlock()
+	}, nil
 }
 
 // New returns a library rooted at home/images.
@@ -77,10 +100,41 @@ func (l *Library) Get(ctx context.Context, name string) (api.Image, error) {
 	if err != nil {
 		return api.Image{}, err
 	}
-	return l.withUsers(ctx, r.Image)
+	all, err := l.records(ctx)
+	if err != nil {
+		return api.Image{}, err
+	}
+	return l.withUsers(ctx, r.Image, all)
 }
 
-func (l *Library) withUsers(ctx context.Context, img api.Image) (api.Image, error) {
+func (l *Library) records(ctx context.Context) (map[string]api.Image, error) {
+	var recs []record
+	err := l.store.View(ctx, func(tx store.Tx) error {
+		var err error
+		recs, err = store.ListJSON[record](tx, bucket)
+		return err
+	})
+	out := make(map[string]api.Image, len(recs))
+	for _, r := range recs {
+		if !r.Importing {
+			out[r.Name] = r.Image
+		}
+	}
+	return out, err
+}
+
+// withUsers fills in what depends on an image and what it depends on.
+func (l *Library) withUsers(ctx context.Context, img api.Image, all map[string]api.Image) (api.Image, error) {
+	img.Chain, img.Children = []string{img.Name}, []string{}
+	for p := img.Parent; p != "" && len(img.Chain) <= len(all); p = all[p].Parent {
+		img.Chain = append(img.Chain, p)
+	}
+	for _, o := range all {
+		if o.Parent == img.Name {
+			img.Children = append(img.Children, o.Name)
+		}
+	}
+	sort.Strings(img.Children)
 	img.UsedBy = []string{}
 	if l.Users != nil {
 		users, err := l.Users(ctx, img.Name)
@@ -96,21 +150,13 @@ func (l *Library) withUsers(ctx context.Context, img api.Image) (api.Image, erro
 
 // List returns every image, by name.
 func (l *Library) List(ctx context.Context) ([]api.Image, error) {
-	var recs []record
-	err := l.store.View(ctx, func(tx store.Tx) error {
-		var err error
-		recs, err = store.ListJSON[record](tx, bucket)
-		return err
-	})
+	all, err := l.records(ctx)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]api.Image, 0, len(recs))
-	for _, r := range recs {
-		if r.Importing {
-			continue
-		}
-		img, err := l.withUsers(ctx, r.Image)
+	out := make([]api.Image, 0, len(all))
+	for _, r := range all {
+		img, err := l.withUsers(ctx, r, all)
 		if err != nil {
 			return nil, err
 		}
@@ -150,10 +196,22 @@ func (l *Library) Import(ctx context.Context, name, src string, progress func(fl
 	if info.VirtualSize <= 0 {
 		return api.Image{}, fmt.Errorf("import image %q: %s: %w: empty disk", name, src, errdefs.ErrInvalid)
 	}
+	r := api.Image{Name: name, SourceFormat: info.Format}
+	return l.add(ctx, r, "import", func(ctx context.Context, tmp string) error {
+		return l.img.ConvertProgress(ctx, src, info.Format, tmp, progress)
+	})
+}
+
+// add creates image r: it records the intent, has fill write the disk
+// under a temporary name, then makes it read-only and renames it into
+// place. Whatever fails or is cancelled leaves no trace, and a crash is
+// undone by Recover.
+func (l *Library) add(ctx context.Context, img api.Image, verb string, fill func(ctx context.Context, tmp string) error) (api.Image, error) {
+	name := img.Name
 	dir := filepath.Join(l.dir, name)
-	dst := filepath.Join(dir, "disk.qcow2")
-	r := record{Image: api.Image{Name: name, Path: dst, Format: "qcow2", SourceFormat: info.Format, VirtualSize: info.VirtualSize, CreatedAt: time.Now().UTC()}, Importing: true}
-	err = l.store.Update(ctx, func(tx store.Tx) error {
+	img.Path, img.Format, img.CreatedAt = filepath.Join(dir, "disk.qcow2"), "qcow2", time.Now().UTC()
+	r := record{Image: img, Importing: true}
+	err := l.store.Update(ctx, func(tx store.Tx) error {
 		if _, err := tx.Get(bucket, name); err == nil {
 			return fmt.Errorf("image %q: %w", name, errdefs.ErrExists)
 		}
@@ -165,41 +223,46 @@ func (l *Library) Import(ctx context.Context, name, src string, progress func(fl
 	fail := func(err error) (api.Image, error) {
 		_ = os.RemoveAll(dir)
 		_ = l.store.Update(context.WithoutCancel(ctx), func(tx store.Tx) error { return tx.Delete(bucket, name) })
-		return api.Image{}, err
+		return api.Image{}, fmt.Errorf("%s image %q: %w", verb, name, err)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fail(fmt.Errorf("import image %q: %w", name, err))
+		return fail(err)
 	}
 	tmp := filepath.Join(dir, ".disk.qcow2.tmp")
-	if err := l.img.ConvertProgress(ctx, src, info.Format, tmp, progress); err != nil {
-		return fail(fmt.Errorf("import image %q: %w", name, err))
+	if err := fill(ctx, tmp); err != nil {
+		return fail(err)
 	}
 	if err := os.Chmod(tmp, 0o444); err != nil {
-		return fail(fmt.Errorf("import image %q: %w", name, err))
+		return fail(err)
 	}
-	if err := os.Rename(tmp, dst); err != nil {
-		return fail(fmt.Errorf("import image %q: %w", name, err))
+	if err := os.Rename(tmp, r.Path); err != nil {
+		return fail(err)
 	}
-	out, err := l.img.Info(ctx, dst)
+	out, err := l.img.Info(ctx, r.Path)
 	if err != nil {
-		return fail(fmt.Errorf("import image %q: %w", name, err))
+		return fail(err)
 	}
-	r.ActualSize, r.Importing = out.ActualSize, false
+	r.ActualSize, r.VirtualSize, r.Importing = out.ActualSize, out.VirtualSize, false
 	if err := l.store.Update(ctx, func(tx store.Tx) error { return store.PutJSON(tx, bucket, name, r) }); err != nil {
 		return fail(err)
 	}
-	l.log.Info("imported", "image", name, "from", src, "format", info.Format, "size", info.VirtualSize)
-	return l.withUsers(ctx, r.Image)
+	l.log.Info(verb, "image", name, "parent", r.Parent, "size", r.VirtualSize)
+	return l.Get(ctx, name)
 }
 
 // Delete removes an image that no VM uses.
 func (l *Library) Delete(ctx context.Context, name string) error {
+	unlock, err := l.lock(name, "delete")
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	img, err := l.Get(ctx, name)
 	if err != nil {
 		return err
 	}
-	if len(img.UsedBy) > 0 {
-		return fmt.Errorf("image %q: %w by vm %v: delete those first", name, errdefs.ErrInUse, img.UsedBy)
+	if len(img.UsedBy) > 0 || len(img.Children) > 0 {
+		return fmt.Errorf("image %q: %w: %s depend on it: delete them first, or flatten the images", name, errdefs.ErrInUse, dependents(img))
 	}
 	if err := os.RemoveAll(filepath.Join(l.dir, name)); err != nil {
 		return fmt.Errorf("delete image %q: %w", name, err)
@@ -207,7 +270,19 @@ func (l *Library) Delete(ctx context.Context, name string) error {
 	return l.store.Update(ctx, func(tx store.Tx) error { return tx.Delete(bucket, name) })
 }
 
-// Recover removes imports a crash interrupted.
+func dependents(img api.Image) string {
+	var parts []string
+	if len(img.UsedBy) > 0 {
+		parts = append(parts, "vm "+strings.Join(img.UsedBy, ", "))
+	}
+	if len(img.Children) > 0 {
+		parts = append(parts, "image "+strings.Join(img.Children, ", "))
+	}
+	return strings.Join(parts, " and ")
+}
+
+// Recover removes imports and publishes a crash interrupted, and finishes
+// flattens.
 func (l *Library) Recover(ctx context.Context) error {
 	var recs []record
 	if err := l.store.View(ctx, func(tx store.Tx) error {
@@ -218,12 +293,16 @@ func (l *Library) Recover(ctx context.Context) error {
 		return err
 	}
 	for _, r := range recs {
-		if r.Importing {
-			l.log.Warn("removing interrupted import", "image", r.Name)
-			_ = os.RemoveAll(filepath.Join(l.dir, r.Name))
-			if err := l.store.Update(ctx, func(tx store.Tx) error { return tx.Delete(bucket, r.Name) }); err != nil {
+		if !r.Importing {
+			if err := l.recoverFlatten(ctx, r); err != nil {
 				return err
 			}
+			continue
+		}
+		l.log.Warn("removing interrupted import or publish", "image", r.Name)
+		_ = os.RemoveAll(filepath.Join(l.dir, r.Name))
+		if err := l.store.Update(ctx, func(tx store.Tx) error { return tx.Delete(bucket, r.Name) }); err != nil {
+			return err
 		}
 	}
 	return nil

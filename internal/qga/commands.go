@@ -37,6 +37,15 @@ func (c *Client) HostName(ctx context.Context) (string, error) {
 	return r.HostName, nil
 }
 
+// OSInfo implements Agent.
+func (c *Client) OSInfo(ctx context.Context) (OSInfo, error) {
+	var info OSInfo
+	if err := c.do(ctx, "guest-get-osinfo", nil, &info); err != nil {
+		return OSInfo{}, err
+	}
+	return info, nil
+}
+
 // Info implements Agent.
 func (c *Client) Info(ctx context.Context) (Info, error) {
 	var info Info

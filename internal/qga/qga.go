@@ -102,6 +102,17 @@ type CommandInfo struct {
 	SuccessResponse bool   `json:"success-response"`
 }
 
+// OSInfo is what guest-get-osinfo reports. ID is "mswindows" on Windows
+// and the os-release ID (debian, ubuntu, ...) elsewhere.
+type OSInfo struct {
+	ID            string `json:"id"`
+	Name          string `json:"name"`
+	PrettyName    string `json:"pretty-name"`
+	Version       string `json:"version"`
+	KernelRelease string `json:"kernel-release"`
+	Machine       string `json:"machine"`
+}
+
 // Agent is what Lodge needs from a guest agent. *Client implements it
 // over QEMU's socket; qgatest.Agent implements it in memory.
 type Agent interface {
@@ -132,6 +143,8 @@ type Agent interface {
 	HostName(ctx context.Context) (string, error)
 	// Info describes the agent.
 	Info(ctx context.Context) (Info, error)
+	// OSInfo describes the guest's operating system.
+	OSInfo(ctx context.Context) (OSInfo, error)
 	// Close ends the connection.
 	Close() error
 }

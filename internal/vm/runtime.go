@@ -333,27 +333,14 @@ func (s *Service) withAgent(ctx context.Context, name string, wait time.Duration
 	in.agentMu.Lock()
 	defer in.agentMu.Unlock()
 	if in.agent == nil {
-		deadline := time.Now().Add(wait)
-		var lastErr error
-		for {
-			actx, cancel := context.WithTimeout(ctx, 3*time.Second)
-			a, err := s.cfg.Driver.Agent(actx, in.runDir)
-			cancel()
-			if err == nil {
-				in.agent = a
-				break
-			}
-			lastErr = err
-			if time.Now().After(deadline) || ctx.Err() != nil {
-				return fmt.Errorf("vm %q: %w after %s (is qemu-guest-agent running in the guest?): %w", name, errdefs.ErrNoAgent, wait.Round(time.Second), lastErr)
-			}
-			select {
-			case <-ctx.Done():
-			case <-in.done:
-				return fmt.Errorf("vm %q stopped: %w", name, errdefs.ErrState)
-			case <-time.After(250 * time.Millisecond):
-			}
+		a, err := s.waitAgent(ctx, in.runDir, wait, in.done)
+		if errors.Is(err, errdefs.ErrState) {
+			return fmt.Errorf("vm %q stopped: %w", name, errdefs.ErrState)
 		}
+		if err != nil {
+			return fmt.Errorf("vm %q: %w after %s (is qemu-guest-agent running in the guest?): %w", name, errdefs.ErrNoAgent, wait.Round(time.Second), err)
+		}
+		in.agent = a
 	}
 	err := fn(in.agent)
 	var qerr *qga.Error

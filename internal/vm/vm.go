@@ -19,6 +19,7 @@ import (
 
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/image"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qga"
 	"github.com/lodge-vm/lodge/internal/storage"
@@ -46,9 +47,10 @@ type record struct {
 	Wanted string `json:"wanted"`
 }
 
-// Images resolves image names for the service.
+// Images resolves image names for the service and takes new ones.
 type Images interface {
 	Get(ctx context.Context, name string) (api.Image, error)
+	Publish(ctx context.Context, spec image.PublishSpec) (api.Image, error)
 }
 
 // Volumes makes and inspects disk files.

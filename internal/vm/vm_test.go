@@ -14,6 +14,7 @@ import (
 
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/image"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qemu/qemutest"
 	"github.com/lodge-vm/lodge/internal/qmp/qmptest"
@@ -28,6 +29,19 @@ func (f fakeImages) Get(_ context.Context, name string) (api.Image, error) {
 	if !ok {
 		return api.Image{}, fmt.Errorf("image %q: %w", name, errdefs.ErrNotFound)
 	}
+	return img, nil
+}
+
+// Publish records what it was asked and runs the preparation step on a
+// stand-in file, as the real library does before freezing the image.
+func (f fakeImages) Publish(ctx context.Context, spec image.PublishSpec) (api.Image, error) {
+	if spec.Prepare != nil {
+		if err := spec.Prepare(ctx, spec.Top+".published"); err != nil {
+			return api.Image{}, err
+		}
+	}
+	img := api.Image{Name: spec.Name, Parent: spec.Parent, PublishedFrom: spec.VM, Path: spec.Top + "|" + spec.TopBacking, Generalized: spec.Prepare != nil}
+	f[spec.Name] = img
 	return img, nil
 }
 

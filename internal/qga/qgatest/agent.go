@@ -20,6 +20,7 @@ type Agent struct {
 	frozen    bool
 	fsCount   int
 	hostName  string
+	osInfo    qga.OSInfo
 	ifaces    []qga.Interface
 	version   string
 	exec      func(ctx context.Context, req qga.ExecRequest) (qga.ExecResult, error)
@@ -269,6 +270,27 @@ func (a *Agent) HostName(ctx context.Context) (string, error) {
 		return "", err
 	}
 	return a.hostName, nil
+}
+
+// OSInfo implements qga.Agent: a Linux guest unless SetOSInfo says
+// otherwise.
+func (a *Agent) OSInfo(ctx context.Context) (qga.OSInfo, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := a.beginLocked(ctx, "OSInfo"); err != nil {
+		return qga.OSInfo{}, err
+	}
+	if a.osInfo.ID == "" {
+		return qga.OSInfo{ID: "debian", Name: "Debian GNU/Linux", KernelRelease: "6.1.0"}, nil
+	}
+	return a.osInfo, nil
+}
+
+// SetOSInfo sets what OSInfo returns.
+func (a *Agent) SetOSInfo(info qga.OSInfo) {
+	a.mu.Lock()
+	a.osInfo = info
+	a.mu.Unlock()
 }
 
 // Info implements qga.Agent.
