@@ -190,7 +190,7 @@ func (l *Library) Import(ctx context.Context, name, src string, progress func(fl
 	if !Formats[info.Format] {
 		return api.Image{}, fmt.Errorf("import image %q: %s: %w: format %q is not supported (qcow2, raw, vpc, vhdx, vmdk)", name, src, errdefs.ErrInvalid, info.Format)
 	}
-	if err := storage.CheckSelfContained(info); err != nil {
+	if err := storage.CheckSelfContained(src, info); err != nil {
 		return api.Image{}, fmt.Errorf("import image %q: %s: %w: %w", name, src, errdefs.ErrInvalid, err)
 	}
 	if info.VirtualSize <= 0 {

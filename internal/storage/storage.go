@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -34,6 +35,11 @@ type Info struct {
 		Type string `json:"type"`
 		Data struct {
 			DataFile string `json:"data-file,omitempty"`
+			// Extents are a VMDK's data files, which its text descriptor
+			// may place anywhere.
+			Extents []struct {
+				Filename string `json:"filename"`
+			} `json:"extents,omitempty"`
 		} `json:"data"`
 	} `json:"format-specific"`
 }
@@ -109,13 +115,30 @@ func (q *QEMUImg) Info(ctx context.Context, path string) (Info, error) {
 	return info, nil
 }
 
-// CheckSelfContained refuses images that name other files.
-func CheckSelfContained(info Info) error {
+// CheckSelfContained refuses an image at path that names other files: a
+// backing file, an external data file, or a VMDK extent anywhere but a
+// regular file beside the descriptor (split VMDKs keep their extents
+// there, and nothing legitimate keeps them elsewhere).
+func CheckSelfContained(path string, info Info) error {
 	if info.BackingFilename != "" {
 		return fmt.Errorf("%w: backing file %q", ErrUnsafeImage, info.BackingFilename)
 	}
 	if info.FormatSpecific.Data.DataFile != "" {
 		return fmt.Errorf("%w: data file %q", ErrUnsafeImage, info.FormatSpecific.Data.DataFile)
+	}
+	dir := filepath.Dir(path)
+	for _, e := range info.FormatSpecific.Data.Extents {
+		f := e.Filename
+		if !filepath.IsAbs(f) {
+			f = filepath.Join(dir, f)
+		}
+		if f == path {
+			continue
+		}
+		st, err := os.Lstat(f)
+		if filepath.Dir(f) != dir || err != nil || !st.Mode().IsRegular() {
+			return fmt.Errorf("%w: VMDK extent %q is not a file beside the descriptor", ErrUnsafeImage, e.Filename)
+		}
 	}
 	return nil
 }
