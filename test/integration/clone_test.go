@@ -2,7 +2,6 @@ package integration
 
 import (
 	"crypto/sha256"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -185,9 +184,7 @@ func TestImageChain(t *testing.T) {
 	}
 
 	var img2 api.Image
-	if err := json.Unmarshal([]byte(h.must("image", "show", "img2", "-o", "json")), &img2); err != nil {
-		t.Fatal(err)
-	}
+	mustJSON(t, h.must("image", "show", "img2", "-o", "json"), &img2)
 	if strings.Join(img2.Chain, " ") != "img2 img1 tiny" || img2.Parent != "img1" || img2.PublishedFrom != "l1" {
 		t.Errorf("img2 = chain %v parent %q from %q", img2.Chain, img2.Parent, img2.PublishedFrom)
 	}
@@ -201,9 +198,7 @@ func TestImageChain(t *testing.T) {
 
 	h.must("image", "flatten", "img2")
 	var flat api.Image
-	if err := json.Unmarshal([]byte(h.must("image", "show", "img2", "-o", "json")), &flat); err != nil {
-		t.Fatal(err)
-	}
+	mustJSON(t, h.must("image", "show", "img2", "-o", "json"), &flat)
 	if len(flat.Chain) != 1 || flat.Parent != "" {
 		t.Errorf("flattened img2: chain %v parent %q", flat.Chain, flat.Parent)
 	}

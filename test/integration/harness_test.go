@@ -256,6 +256,14 @@ func (h *host) show(name string) api.VM {
 	return v
 }
 
+// mustJSON decodes a command's JSON output into v.
+func mustJSON(t *testing.T, out string, v any) {
+	t.Helper()
+	if err := json.Unmarshal([]byte(out), v); err != nil {
+		t.Fatalf("decode %q: %v", out, err)
+	}
+}
+
 // exec runs a command in the guest and returns its trimmed stdout.
 func (h *host) exec(name string, cmd ...string) string {
 	h.t.Helper()
