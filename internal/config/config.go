@@ -54,6 +54,9 @@ type Config struct {
 	// ProbeTimeout bounds the KVM probe boot.
 	ProbeTimeout time.Duration `yaml:"probe_timeout"`
 	LogLevel     string        `yaml:"log_level"`
+	// IdentityGrace is how long a clone's guest may take to adopt its new
+	// identity from the seed before Lodge applies it through the agent.
+	IdentityGrace time.Duration `yaml:"identity_grace"`
 }
 
 // DefaultHome is /var/lib/lodge for root and ~/.local/share/lodge otherwise.
@@ -139,6 +142,9 @@ func (c *Config) Default() {
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
+	if c.IdentityGrace == 0 {
+		c.IdentityGrace = 60 * time.Second
+	}
 }
 
 // Validate refuses settings that cannot work.
@@ -156,6 +162,9 @@ func (c *Config) Validate() error {
 	}
 	if c.StopTimeout < time.Second {
 		return fmt.Errorf("config stop_timeout %v: must be at least 1s", c.StopTimeout)
+	}
+	if c.IdentityGrace < time.Second {
+		return fmt.Errorf("config identity_grace %v: must be at least 1s", c.IdentityGrace)
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

@@ -72,3 +72,60 @@ func Generalize(ctx context.Context, a qga.Agent) (windows bool, err error) {
 // SysprepTimeout bounds how long a Windows guest may take to generalize
 // and power off.
 const SysprepTimeout = 20 * time.Minute
+
+// applyLinux gives a running Linux guest a new identity, for guests whose
+// boot does not act on the seed (no cloud-init or equivalent): the host
+// name ($1), a new machine-id and new SSH host keys.
+const applyLinux = `
+hn=$1
+echo "$hn" >/etc/hostname
+hostname "$hn" 2>/dev/null || hostnamectl set-hostname "$hn"
+if grep -q '^127\.0\.1\.1' /etc/hosts 2>/dev/null; then
+	sed -i "s/^127\.0\.1\.1.*/127.0.1.1	$hn/" /etc/hosts
+else
+	echo "127.0.1.1	$hn" >>/etc/hosts
+fi
+rm -f /etc/machine-id /var/lib/dbus/machine-id
+if command -v systemd-machine-id-setup >/dev/null 2>&1; then
+	systemd-machine-id-setup >/dev/null 2>&1
+else
+	tr -d '-' </proc/sys/kernel/random/uuid >/etc/machine-id
+fi
+mkdir -p /etc/ssh
+rm -f /etc/ssh/ssh_host_*
+if command -v ssh-keygen >/dev/null 2>&1; then
+	ssh-keygen -A >/dev/null 2>&1
+elif command -v dropbearkey >/dev/null 2>&1; then
+	for t in ed25519 ecdsa; do
+		k=/etc/ssh/ssh_host_${t}_key
+		s=; [ $t = ecdsa ] && s="-s 256"
+		dropbearkey -t $t $s -f $k.dropbear >/dev/null 2>&1 &&
+			dropbearconvert dropbear openssh $k.dropbear $k >/dev/null 2>&1 &&
+			dropbearkey -y -f $k.dropbear 2>/dev/null | grep -E '^(ssh|ecdsa)-' >$k.pub
+		rm -f $k.dropbear
+	done
+fi
+sync
+test "$(hostname)" = "$hn" && test -s /etc/machine-id && ls /etc/ssh/ssh_host_*_key.pub >/dev/null 2>&1
+`
+
+// Apply gives the running Linux guest behind a a new identity through its
+// agent: hostname, machine-id and SSH host keys. Lodge uses it when a
+// clone boots but its guest ignores the seed. Windows guests get theirs
+// from sysprep instead, so Apply refuses them.
+func Apply(ctx context.Context, a qga.Agent, hostname string) error {
+	if !ValidHostname(hostname) {
+		return fmt.Errorf("apply identity: hostname %q is not a valid hostname", hostname)
+	}
+	if info, err := a.OSInfo(ctx); err == nil && info.ID == "mswindows" {
+		return errors.New("apply identity: a Windows guest takes its identity from sysprep, not from the agent")
+	}
+	res, err := a.Exec(ctx, qga.ExecRequest{Path: "/bin/sh", Args: []string{"-c", applyLinux, "sh", hostname}})
+	if err != nil {
+		return fmt.Errorf("apply identity: %w", err)
+	}
+	if res.ExitCode != 0 {
+		return fmt.Errorf("apply identity: the guest's script exited %d: %s", res.ExitCode, strings.TrimSpace(string(res.Stderr)))
+	}
+	return nil
+}

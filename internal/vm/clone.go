@@ -78,7 +78,7 @@ func (s *Service) Clone(ctx context.Context, src string, req api.CloneVM, progre
 	dst := r
 	dst.Name, dst.ClonedFrom = req.Name, src
 	if !req.KeepIdentity {
-		dst.Hostname = req.Name
+		dst.Hostname, dst.IdentityPending = req.Name, true
 	}
 	dst.State, dst.StateReason, dst.Wanted, dst.StartedAt, dst.PID = api.StateStopped, "", api.StateStopped, nil, 0
 	dst.CreatedAt, dst.Intent, dst.NextDisks = time.Now().UTC(), intentCreating, nil

@@ -30,6 +30,7 @@ type instance struct {
 	guestShutdown atomic.Bool
 	agentOpen     atomic.Bool
 	consoleBusy   atomic.Bool
+	settling      atomic.Bool
 	// ioError is why QEMU paused the guest on a disk error, if it did.
 	ioError atomic.Pointer[string]
 
@@ -84,6 +85,9 @@ func (s *Service) attach(ctx context.Context, name string, pid int, mon qmp.Moni
 		}
 	}
 	go s.supervise(in, events, cancel)
+	if in.agentUp() {
+		go s.settleIdentity(in)
+	}
 	return in
 }
 
@@ -202,6 +206,8 @@ func (s *Service) onEvent(ctx context.Context, in *instance, ev qmp.Event) {
 			in.agentOpen.Store(d.Open)
 			if !d.Open {
 				s.closeAgent(in)
+			} else {
+				go s.settleIdentity(in)
 			}
 			s.publish(in.name, "agent", "", map[bool]string{true: "guest agent connected", false: "guest agent disconnected"}[d.Open])
 		}

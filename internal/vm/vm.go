@@ -41,6 +41,9 @@ type record struct {
 	ImagePath string `json:"image_path"`
 	CloudInit string `json:"cloud_init,omitempty"`
 	Intent    string `json:"intent,omitempty"`
+	// IdentityPending is set on a clone until its guest is seen to have
+	// taken its new identity; see settleIdentity.
+	IdentityPending bool `json:"identity_pending,omitempty"`
 	// NextDisks are the new tops a clone is switching the disks to.
 	NextDisks []string `json:"next_disks,omitempty"`
 	// Wanted is the desired power state; State is what was last observed.
@@ -91,6 +94,10 @@ type Config struct {
 	Host        func() Host
 	Accel       func(ctx context.Context) (qemu.Accel, error)
 	StopTimeout time.Duration
+	// IdentityGrace is how long a clone's guest has, once its agent is up,
+	// to take its new hostname from the seed before Lodge applies the new
+	// identity through the agent.
+	IdentityGrace time.Duration
 	// WriteSeed makes the NoCloud seed; a field so unit tests can skip xorriso.
 	WriteSeed func(ctx context.Context, path string, instanceID, hostname string, userData []byte) error
 }
@@ -112,6 +119,9 @@ func New(cfg Config) *Service {
 	}
 	if cfg.StopTimeout == 0 {
 		cfg.StopTimeout = 60 * time.Second
+	}
+	if cfg.IdentityGrace == 0 {
+		cfg.IdentityGrace = 60 * time.Second
 	}
 	return &Service{
 		cfg:       cfg,

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lodge-vm/lodge/api"
 )
@@ -208,5 +209,39 @@ func TestImageChain(t *testing.T) {
 	h.waitAgent("l2")
 	if got := h.exec("l2", "cat", "/root/layer1", "/root/layer2"); got != "one\ntwo" {
 		t.Errorf("VM on flattened img2, img1 deleted, reads %q", got)
+	}
+}
+
+// TestIdentityThroughAgent clones a guest that ignores its seed, as a
+// system without cloud-init would: Lodge sees the old hostname through
+// the agent and applies the new identity through it.
+func TestIdentityThroughAgent(t *testing.T) {
+	t.Parallel()
+	waitProbe(t)
+	h := newHostNoDaemon(t)
+	if err := os.WriteFile(filepath.Join(h.home, "config.yaml"), []byte("identity_grace: 3s\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h.startDaemon()
+	t.Cleanup(h.cleanup)
+	h.vm("seedless")
+	h.exec("seedless", "sh", "-c", "printf '#!/bin/sh\\n' >/usr/local/sbin/lodge-identity && echo x >/root/before && sync")
+	before := h.identity("seedless")
+	h.must("clone", "seedless", "fresh", "--start")
+	h.waitAgent("fresh")
+	var got guestIdentity
+	eventually(t, 90*time.Second, "the clone's hostname to become fresh", func() bool {
+		got = h.identity("fresh")
+		return got.hostname == "fresh"
+	})
+	if got.machineID == before.machineID || got.sshKey == before.sshKey || got.machineID == "" || got.sshKey == "" {
+		t.Errorf("identity through the agent: machine-id %q (was %q), ssh key %q (was %q); want new ones", got.machineID, before.machineID, got.sshKey, before.sshKey)
+	}
+	if got := h.exec("fresh", "cat", "/etc/hostname"); got != "fresh" {
+		t.Errorf("/etc/hostname = %q: the new name must survive a reboot", got)
+	}
+	// The seed-respecting original is untouched.
+	if again := h.identity("seedless"); again != before {
+		t.Errorf("source's identity changed: %+v, was %+v", again, before)
 	}
 }
