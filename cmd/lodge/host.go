@@ -94,7 +94,7 @@ func imageCmd(g *globals) *cobra.Command {
 	var name string
 	imp := &cobra.Command{
 		Use:   "import FILE --name N",
-		Short: "Import a disk file (qcow2, raw, vhd, vhdx, vmdk; detected) as a read-only image",
+		Short: "Import a disk file (qcow2, raw, vhd, vhdx, vmdk, ova/ovf; detected) as a read-only image",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if name == "" {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/ovf"
 	"github.com/lodge-vm/lodge/internal/storage"
 	"github.com/lodge-vm/lodge/internal/store"
 )
@@ -168,7 +169,10 @@ func (l *Library) List(ctx context.Context) ([]api.Image, error) {
 
 // Import copies a disk file into the library as a read-only qcow2. The
 // format is read from the file by qemu-img; raw data is named raw
-// explicitly so it is never probed again later. progress gets 0..1.
+// explicitly so it is never probed again later. An OVA (or a loose .ovf
+// with its disks beside it) is unpacked and checked against its manifest
+// first, and its descriptor's CPUs and memory become the image's defaults.
+// progress gets 0..1.
 func (l *Library) Import(ctx context.Context, name, src string, progress func(float64)) (api.Image, error) {
 	if err := ValidateName(name); err != nil {
 		return api.Image{}, err
@@ -183,23 +187,71 @@ func (l *Library) Import(ctx context.Context, name, src string, progress func(fl
 	if !st.Mode().IsRegular() {
 		return api.Image{}, fmt.Errorf("import image %q: %s: %w: not a regular file", name, src, errdefs.ErrInvalid)
 	}
-	info, err := l.img.Info(ctx, src)
+	var appliance *ovf.Descriptor
+	disk := src
+	switch {
+	case strings.EqualFold(filepath.Ext(src), ".ovf"):
+		d, disks, err := ovf.ReadOVF(ctx, src)
+		if err != nil {
+			return api.Image{}, fmt.Errorf("import image %q: %s: %w: %w", name, src, errdefs.ErrInvalid, err)
+		}
+		appliance, disk = &d, disks[0]
+	case isTar(src):
+		tmp, err := os.MkdirTemp(l.dir, ".ova-")
+		if err != nil {
+			return api.Image{}, fmt.Errorf("import image %q: %w", name, err)
+		}
+		defer func() { _ = os.RemoveAll(tmp) }()
+		d, disks, err := ovf.ReadOVA(ctx, src, tmp, st.Size())
+		if err != nil {
+			if errors.Is(err, ovf.ErrInvalid) {
+				err = fmt.Errorf("%w: %w", errdefs.ErrInvalid, err)
+			}
+			return api.Image{}, fmt.Errorf("import image %q: %s: %w", name, src, err)
+		}
+		appliance, disk = &d, disks[0]
+	}
+	if appliance != nil && len(appliance.Disks) > 1 {
+		return api.Image{}, fmt.Errorf("import image %q: %s: %w: appliance %q has %d disks; a Lodge image holds one disk so far", name, src, errdefs.ErrInvalid, appliance.Name, len(appliance.Disks))
+	}
+	info, err := l.img.Info(ctx, disk)
 	if err != nil {
 		return api.Image{}, fmt.Errorf("import image %q: %w", name, err)
 	}
 	if !Formats[info.Format] {
-		return api.Image{}, fmt.Errorf("import image %q: %s: %w: format %q is not supported (qcow2, raw, vpc, vhdx, vmdk)", name, src, errdefs.ErrInvalid, info.Format)
+		return api.Image{}, fmt.Errorf("import image %q: %s: %w: format %q is not supported (qcow2, raw, vpc, vhdx, vmdk, ova)", name, src, errdefs.ErrInvalid, info.Format)
 	}
-	if err := storage.CheckSelfContained(src, info); err != nil {
+	if err := storage.CheckSelfContained(disk, info); err != nil {
 		return api.Image{}, fmt.Errorf("import image %q: %s: %w: %w", name, src, errdefs.ErrInvalid, err)
 	}
 	if info.VirtualSize <= 0 {
 		return api.Image{}, fmt.Errorf("import image %q: %s: %w: empty disk", name, src, errdefs.ErrInvalid)
 	}
 	r := api.Image{Name: name, SourceFormat: info.Format}
+	if appliance != nil {
+		r.SourceFormat = "ova/" + info.Format
+		if strings.EqualFold(filepath.Ext(src), ".ovf") {
+			r.SourceFormat = "ovf/" + info.Format
+		}
+		r.CPUs, r.Memory = appliance.CPUs, appliance.Memory
+	}
 	return l.add(ctx, r, "import", func(ctx context.Context, tmp string) error {
-		return l.img.ConvertProgress(ctx, src, info.Format, tmp, progress)
+		return l.img.ConvertProgress(ctx, disk, info.Format, tmp, progress)
 	})
+}
+
+// isTar reports whether path is a POSIX tar archive, as an OVA is.
+func isTar(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer func() { _ = f.Close() }()
+	magic := make([]byte, 5)
+	if _, err := f.ReadAt(magic, 257); err != nil {
+		return false
+	}
+	return string(magic) == "ustar"
 }
 
 // add creates image r: it records the intent, has fill write the disk

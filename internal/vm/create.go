@@ -35,8 +35,16 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 	if req.Image == "" {
 		return api.Image{}, fmt.Errorf("vm %q: %w: an image is required (--image)", req.Name, errdefs.ErrInvalid)
 	}
+	img, err := s.cfg.Images.Get(ctx, req.Image)
+	if err != nil {
+		return api.Image{}, fmt.Errorf("vm %q: %w", req.Name, err)
+	}
+	// An appliance's descriptor says what it needs; flags still win.
 	if req.CPUs == 0 {
-		req.CPUs = DefaultCPUs
+		req.CPUs = max(img.CPUs, DefaultCPUs)
+	}
+	if req.Memory == 0 && img.Memory > 0 {
+		req.Memory = img.Memory
 	}
 	if req.CPUs < 1 || req.CPUs > MaxCPUs {
 		return api.Image{}, fmt.Errorf("vm %q: cpus %d: %w: must be between 1 and %d", req.Name, req.CPUs, errdefs.ErrInvalid, MaxCPUs)
@@ -72,10 +80,6 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 	}
 	if req.Network != "nat" {
 		return api.Image{}, fmt.Errorf("vm %q: network %q: %w: only the built-in \"nat\" network exists so far", req.Name, req.Network, errdefs.ErrNotFound)
-	}
-	img, err := s.cfg.Images.Get(ctx, req.Image)
-	if err != nil {
-		return api.Image{}, fmt.Errorf("vm %q: %w", req.Name, err)
 	}
 	if req.DiskSize == 0 {
 		req.DiskSize = max(DefaultDiskSize, img.VirtualSize)
