@@ -75,6 +75,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, err
 		Home: cfg.Home, Store: st, Driver: d.driver, Volumes: img, Images: d.images, Pools: d.pools,
 		Events: d.events, Log: log, Host: d.host, Accel: d.waitAccel, StopTimeout: cfg.StopTimeout,
 		IdentityGrace: cfg.IdentityGrace,
+		Vsock:         hasVhostVsock(),
 		WriteSeed: func(ctx context.Context, path, instanceID, hostname string, userData []byte) error {
 			return identity.WriteSeedISO(ctx, path, identity.Seed{InstanceID: instanceID, Hostname: hostname, UserData: userData})
 		},
@@ -175,4 +176,14 @@ func memTotal() int64 {
 		}
 	}
 	return 0
+}
+
+// hasVhostVsock reports whether VMs can have a vsock device here.
+func hasVhostVsock() bool {
+	f, err := os.OpenFile("/dev/vhost-vsock", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	_ = f.Close()
+	return true
 }

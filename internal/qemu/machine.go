@@ -41,13 +41,15 @@ type NIC struct {
 
 // Machine is everything needed to build a QEMU command line.
 type Machine struct {
-	Name      string
-	UUID      string
-	CPUs      int
-	Memory    int64
-	Disks     []Disk
-	NICs      []NIC
-	SeedISO   string
+	Name    string
+	UUID    string
+	CPUs    int
+	Memory  int64
+	Disks   []Disk
+	NICs    []NIC
+	SeedISO string
+	// VsockCID adds a vhost-vsock device with this context id when not 0.
+	VsockCID  uint32
 	RunDir    string
 	Accel     string
 	CPUModel  string
@@ -159,6 +161,9 @@ func (m Machine) Args() ([]string, error) {
 		args = append(args,
 			"-netdev", "user,id="+id,
 			"-device", "virtio-net-pci,netdev="+id+",mac="+n.MAC+",id="+id+"-dev")
+	}
+	if m.VsockCID != 0 {
+		args = append(args, "-device", "vhost-vsock-pci,id=vsock0,guest-cid="+strconv.FormatUint(uint64(m.VsockCID), 10))
 	}
 	return append(args, m.ExtraArgs...), nil
 }

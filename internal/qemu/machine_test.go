@@ -52,6 +52,24 @@ func TestArgsBuses(t *testing.T) {
 	}
 }
 
+func TestArgsVsock(t *testing.T) {
+	m := baseMachine()
+	args, err := m.Args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if joined := strings.Join(args, " "); strings.Contains(joined, "vsock") {
+		t.Errorf("a machine without a CID has a vsock device:\n%s", joined)
+	}
+	m.VsockCID = 42
+	if args, err = m.Args(); err != nil {
+		t.Fatal(err)
+	}
+	if joined := strings.Join(args, " "); !strings.Contains(joined, "-device vhost-vsock-pci,id=vsock0,guest-cid=42") {
+		t.Errorf("args lack the vsock device with CID 42:\n%s", joined)
+	}
+}
+
 func TestArgsRejects(t *testing.T) {
 	tests := []struct {
 		name string

@@ -93,6 +93,9 @@ func (s *Service) machine(r record, accel qemu.Accel) qemu.Machine {
 	for _, n := range r.NICs {
 		m.NICs = append(m.NICs, qemu.NIC{MAC: n.MAC})
 	}
+	if s.cfg.Vsock {
+		m.VsockCID = r.CID
+	}
 	return m
 }
 

@@ -94,6 +94,9 @@ type Config struct {
 	Host        func() Host
 	Accel       func(ctx context.Context) (qemu.Accel, error)
 	StopTimeout time.Duration
+	// Vsock attaches each VM's vsock device; it needs /dev/vhost-vsock
+	// (the vhost_vsock module). The CID is allocated either way.
+	Vsock bool
 	// IdentityGrace is how long a clone's guest has, once its agent is up,
 	// to take its new hostname from the seed before Lodge applies the new
 	// identity through the agent.
