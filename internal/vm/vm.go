@@ -64,6 +64,11 @@ type Volumes interface {
 	Info(ctx context.Context, path string) (storage.Info, error)
 }
 
+var (
+	_ Volumes = (*storage.QEMUImg)(nil)
+	_ Images  = (*image.Library)(nil)
+)
+
 // Pools resolves pool names.
 type Pools interface {
 	Get(ctx context.Context, name string) (storage.Pool, error)
