@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"archive/tar"
 	"context"
 	"encoding/json"
 	"os"
@@ -20,6 +21,12 @@ func TestBadInput(t *testing.T) {
 	h.must("create", "taken", "--image", "tiny")
 	notQcow := filepath.Join(h.home, "garbage.img")
 	if err := os.WriteFile(notQcow, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	badOVA := filepath.Join(h.home, "bad.ova")
+	writeTar(t, badOVA, [2]string{"disk.vmdk", "not a descriptor first"})
+	badOVF := filepath.Join(h.home, "bad.ovf")
+	if err := os.WriteFile(badOVF, []byte("<Envelope xmlns='urn:nope'/>"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	tests := []struct {
@@ -51,6 +58,19 @@ func TestBadInput(t *testing.T) {
 		{"unknown flag", []string{"create", "x", "--colour", "red"}, 2, []string{"unknown flag"}},
 		{"negative stop timeout", []string{"stop", "taken", "--timeout", "-5s"}, 2, []string{"--timeout"}},
 		{"pool on missing dir", []string{"pool", "create", "far", "/no/such/dir"}, 1, []string{`pool "far"`}},
+		{"clone without a name", []string{"clone", "taken"}, 2, []string{"2 arg"}},
+		{"clone of unknown vm", []string{"clone", "ghost", "g2"}, 1, []string{`vm "ghost"`, "not found"}},
+		{"clone onto existing vm", []string{"clone", "taken", "taken"}, 1, []string{`vm "taken"`, "already exists"}},
+		{"clone with bad name", []string{"clone", "taken", "a/b"}, 1, []string{`vm name "a/b"`}},
+		{"clone into unknown pool", []string{"clone", "taken", "c1", "--pool", "nope"}, 1, []string{`pool "nope"`}},
+		{"publish without name", []string{"image", "publish", "taken"}, 2, []string{"--name is required"}},
+		{"publish of unknown vm", []string{"image", "publish", "ghost", "--name", "p"}, 1, []string{`vm "ghost"`}},
+		{"publish over an image", []string{"image", "publish", "taken", "--name", "tiny"}, 1, []string{`image "tiny"`, "already exists"}},
+		{"publish with bad name", []string{"image", "publish", "taken", "--name", "../p"}, 1, []string{`image name "../p"`}},
+		{"flatten standalone image", []string{"image", "flatten", "tiny"}, 1, []string{`image "tiny"`, "no parent"}},
+		{"flatten unknown image", []string{"image", "flatten", "nope"}, 1, []string{`image "nope"`, "not found"}},
+		{"ova without descriptor first", []string{"image", "import", badOVA, "--name", "ova"}, 1, []string{`image "ova"`, ".ovf"}},
+		{"ovf not an envelope", []string{"image", "import", badOVF, "--name", "ovf"}, 1, []string{`image "ovf"`, "invalid OVF"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -95,5 +115,30 @@ func TestBadInput(t *testing.T) {
 	_, errOut, code := other.lodge("list")
 	if code != 1 || !strings.Contains(errOut, "daemon is not running") || !strings.Contains(errOut, "lodge daemon") {
 		t.Errorf("no daemon: exit %d, %q", code, errOut)
+	}
+}
+
+// writeTar writes an archive of (name, content) members, in order.
+func writeTar(t *testing.T, path string, files ...[2]string) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tw := tar.NewWriter(f)
+	for _, m := range files {
+		name, body := m[0], m[1]
+		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(body)), Format: tar.FormatUSTAR}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write([]byte(body)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"archive/tar"
 	"crypto/sha256"
 	"fmt"
 	"os"
@@ -190,28 +189,7 @@ func writeOVA(t *testing.T, vmdk string, capacity int64, tamper bool) string {
 	descSum := sha256.Sum256([]byte(desc))
 	manifest := fmt.Sprintf("SHA256(appliance.ovf)= %x\nSHA256(appliance-disk1.vmdk)= %x\n", descSum, sum)
 	out := filepath.Join(t.TempDir(), "appliance.ova")
-	f, err := os.Create(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tw := tar.NewWriter(f)
-	for _, m := range []struct {
-		name string
-		data []byte
-	}{{"appliance.ovf", []byte(desc)}, {"appliance.mf", []byte(manifest)}, {"appliance-disk1.vmdk", disk}} {
-		if err := tw.WriteHeader(&tar.Header{Name: m.name, Mode: 0o644, Size: int64(len(m.data)), Format: tar.FormatUSTAR}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write(m.data); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Close(); err != nil {
-		t.Fatal(err)
-	}
+	writeTar(t, out, [2]string{"appliance.ovf", desc}, [2]string{"appliance.mf", manifest}, [2]string{"appliance-disk1.vmdk", string(disk)})
 	return out
 }
 
