@@ -14,8 +14,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
+
+// dieWithParent ends a qemu-img whose daemon was killed, so a half-made
+// copy that the next daemon removes is not still being written.
+var dieWithParent = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 
 // ErrUnsafeImage is returned for an image whose header points at other
 // files (a backing file or an external data file): opening it would make
@@ -75,6 +80,7 @@ func (q *QEMUImg) run(ctx context.Context, limited bool, args ...string) ([]byte
 	}
 	cmd := exec.CommandContext(ctx, name, argv...)
 	cmd.WaitDelay = 5 * time.Second
+	cmd.SysProcAttr = dieWithParent
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
@@ -211,6 +217,7 @@ func (q *QEMUImg) Create(ctx context.Context, path string, size int64) error {
 func (q *QEMUImg) ConvertProgress(ctx context.Context, src, srcFormat, dst string, progress func(float64)) error {
 	cmd := exec.CommandContext(ctx, q.Binary, "convert", "-p", "-f", srcFormat, "-O", "qcow2", "-o", "cluster_size=64k", src, dst)
 	cmd.WaitDelay = 5 * time.Second
+	cmd.SysProcAttr = dieWithParent
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.StdoutPipe()
