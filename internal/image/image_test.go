@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/lodge-vm/lodge/internal/errdefs"
@@ -80,5 +81,110 @@ func TestImport(t *testing.T) {
 	}
 	if _, err := os.Stat(got.Path); !os.IsNotExist(err) {
 		t.Fatal("deleted image's file remains")
+	}
+}
+
+// TestPublishChainFlatten publishes a VM-like top (on a clone layer) as a
+// child image, checks chain and dependents, and flattens it.
+func TestPublishChainFlatten(t *testing.T) {
+	if _, err := exec.LookPath("qemu-io"); err != nil {
+		t.Skip("qemu-io not installed: apt-get install qemu-utils")
+	}
+	ctx := context.Background()
+	home := t.TempDir()
+	img := storage.NewQEMUImg("")
+	st := store.NewMemory()
+	lib := New(home, st, img, nil)
+	src := t.TempDir()
+	raw := filepath.Join(src, "disk.raw")
+	if err := os.WriteFile(raw, make([]byte, 16<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	base, err := lib.Import(ctx, "base", raw, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qemuIO := func(file, cmd string) {
+		if out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", cmd, file).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-io %s: %v: %s", cmd, err, out)
+		}
+	}
+	layer, top := filepath.Join(src, "layer.qcow2"), filepath.Join(src, "top.qcow2")
+	if err := img.CreateOverlay(ctx, base.Path, layer, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	qemuIO(layer, "write -P 7 0 1M")
+	if err := img.CreateOverlay(ctx, layer, top, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	qemuIO(top, "write -P 8 4M 1M")
+
+	// A failing preparation (generalize) leaves nothing behind.
+	boom := errors.New("guest would not boot")
+	_, err = lib.Publish(ctx, PublishSpec{Name: "child", Parent: "base", Top: top, TopBacking: layer, VM: "web",
+		Prepare: func(context.Context, string) error { return boom }})
+	if !errors.Is(err, boom) {
+		t.Fatalf("publish with a failing preparation = %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(home, "images", "child")); !os.IsNotExist(err) {
+		t.Fatal("failed publish left a directory")
+	}
+
+	prepared := ""
+	child, err := lib.Publish(ctx, PublishSpec{Name: "child", Parent: "base", Top: top, TopBacking: layer, VM: "web",
+		Prepare: func(_ context.Context, path string) error { prepared = path; return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if prepared == "" || child.Parent != "base" || !child.Generalized || child.PublishedFrom != "web" || strings.Join(child.Chain, ",") != "child,base" {
+		t.Fatalf("published = %+v (prepared %q)", child, prepared)
+	}
+	if out, err := exec.Command("qemu-img", "compare", "-q", top, child.Path).CombinedOutput(); err != nil {
+		t.Fatalf("published image differs from the VM's disk: %v: %s", err, out)
+	}
+	info, err := img.Info(ctx, child.Path)
+	if err != nil || info.BackingFilename != base.Path {
+		t.Fatalf("published image backing = %q (%v), want %s", info.BackingFilename, err, base.Path)
+	}
+	if got, _ := lib.Get(ctx, "base"); strings.Join(got.Children, ",") != "child" {
+		t.Fatalf("base children = %v", got.Children)
+	}
+	if err := lib.Delete(ctx, "base"); !errors.Is(err, errdefs.ErrInUse) || !strings.Contains(err.Error(), "image child") {
+		t.Fatalf("delete of a parent = %v", err)
+	}
+	if _, err := lib.Flatten(ctx, "base", nil); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("flatten of a standalone image = %v", err)
+	}
+
+	flat, err := lib.Flatten(ctx, "child", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if flat.Parent != "" || len(flat.Chain) != 1 {
+		t.Fatalf("flattened = %+v", flat)
+	}
+	if out, err := exec.Command("qemu-img", "compare", "-q", top, flat.Path).CombinedOutput(); err != nil {
+		t.Fatalf("flattened image changed content: %v: %s", err, out)
+	}
+	if err := lib.Delete(ctx, "base"); err != nil {
+		t.Fatalf("delete of the former parent: %v", err)
+	}
+
+	// A flatten whose record update was lost is finished at recovery.
+	if err := st.Update(ctx, func(tx store.Tx) error {
+		var r record
+		if err := store.GetJSON(tx, bucket, "child", &r); err != nil {
+			return err
+		}
+		r.Parent = "gone"
+		return store.PutJSON(tx, bucket, "child", r)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := lib.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := lib.Get(ctx, "child"); got.Parent != "" {
+		t.Fatalf("after recovery parent = %q", got.Parent)
 	}
 }
