@@ -12,7 +12,9 @@ import (
 
 // generalizeLinux clears what makes an installed Linux system one machine
 // rather than another, the files virt-sysprep and `cloud-init clean`
-// treat as identity: the next boot makes them anew. An empty (not
+// treat as identity: the next boot makes them anew. NIC names pinned to
+// the old MACs (udev persistent-net, RHEL's HWADDR) would rename the
+// clone's NICs, so they go too. An empty (not
 // missing) machine-id is what systemd expects of an image. The random
 // seed goes too: clones sharing it would start with the same entropy.
 const generalizeLinux = `
@@ -23,6 +25,8 @@ rm -f /var/lib/dbus/machine-id /var/lib/systemd/random-seed
 rm -rf /var/lib/cloud/instance /var/lib/cloud/instances /var/lib/cloud/instance-id /var/lib/cloud/data
 rm -f /var/lib/dhcp/*.leases /var/lib/dhclient/*.lease* /var/lib/NetworkManager/*.lease /var/lib/udhcpc/* 2>/dev/null
 rm -f /var/lib/systemd/network/*.lease 2>/dev/null
+rm -f /etc/udev/rules.d/70-persistent-net.rules
+sed -i '/^HWADDR=/d' /etc/sysconfig/network-scripts/ifcfg-* 2>/dev/null
 echo localhost >/etc/hostname
 sync
 test ! -s /etc/machine-id && ! ls /etc/ssh/ssh_host_* >/dev/null 2>&1
