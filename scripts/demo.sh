@@ -8,7 +8,7 @@ lodge=$PWD/bin/lodge
 mkdir -p "$LODGE_HOME"
 
 if [ "${1:-}" = clean ]; then
-  "$lodge" delete --force demo 2>/dev/null || true
+  "$lodge" delete --force demo demo-clone 2>/dev/null || true
   [ -f "$LODGE_HOME/daemon.pid" ] && kill "$(cat "$LODGE_HOME/daemon.pid")" 2>/dev/null || true
   sleep 1
   rm -rf "$LODGE_HOME"
@@ -34,14 +34,25 @@ if ! "$lodge" show demo >/dev/null 2>&1; then
 elif [ "$("$lodge" show demo -o json | sed -n 's/.*"state": "\([a-z]*\)".*/\1/p' | head -1)" != running ]; then
   "$lodge" start demo >/dev/null
 fi
+# ready VM: waits for the guest agent and for the guest to apply its seed.
+ready() {
+  "$lodge" exec "$1" --wait 120s -- true
+  for _ in $(seq 600); do
+    "$lodge" console "$1" --log | grep -q "lodge-guest: ready" && break
+    sleep 0.2
+  done
+}
 echo "== waiting for the guest agent and for the guest to apply its seed"
-"$lodge" exec demo --wait 120s -- true
-for _ in $(seq 600); do
-  "$lodge" console demo --log | grep -q "lodge-guest: ready" && break
-  sleep 0.2
-done
+ready demo
 echo "== inside the guest (lodge exec demo -- ...)"
 "$lodge" exec demo -- sh -c 'echo "hostname:   $(hostname)"; echo "machine-id: $(cat /etc/machine-id)"; uname -sr'
+if ! "$lodge" show demo-clone >/dev/null 2>&1; then
+  echo "== linked clone of the running VM (lodge clone demo demo-clone --start)"
+  "$lodge" clone demo demo-clone --start >/dev/null
+fi
+ready demo-clone
+echo "== inside the clone: same disk, new identity"
+"$lodge" exec demo-clone -- sh -c 'echo "hostname:   $(hostname)"; echo "machine-id: $(cat /etc/machine-id)"'
 echo "== console (lodge console demo --log)"
 "$lodge" console demo --log | tr -d '\r' | sed 's/\x1b\[[0-9;]*[a-zA-Z]//g' | grep -v '^$' | tail -n 12
 echo "== lodge show demo"
