@@ -121,6 +121,8 @@ func (q *QEMU) bootProbe(ctx context.Context, in ProbeInput, model string) (time
 	}
 	cmd := exec.CommandContext(ctx, q.Binary, args...)
 	cmd.WaitDelay = 2 * time.Second
+	// A probe guest that stalls must not outlive a daemon killed mid-probe.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	start := time.Now()
