@@ -243,6 +243,14 @@ func (s *Service) Recover(ctx context.Context) error {
 		s.reattach(ctx, r)
 	}
 	s.collectLayers(ctx)
+	// A generalize boot whose daemon died has no one to finish it; the
+	// publish it served is undone by the image library.
+	leftovers, _ := filepath.Glob(filepath.Join(s.cfg.Home, "run", ".generalize-*"))
+	for _, dir := range leftovers {
+		s.log.Warn("stopping an interrupted generalize boot", "run_dir", dir)
+		_ = s.cfg.Driver.Kill(ctx, dir, 5*time.Second)
+		s.removeAll(dir)
+	}
 	return nil
 }
 
