@@ -306,3 +306,40 @@ func TestFullCloneCrash(t *testing.T) {
 		t.Errorf("full clone takes %d bytes on disk for 2 GiB of data: holes were filled", used)
 	}
 }
+
+// TestPublishCrash kills the daemon while a generalize boot runs: the next
+// daemon stops that boot and removes the half-made image.
+func TestPublishCrash(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.importGuest()
+	h.must("create", "src", "--image", "tiny")
+	publish := exec.Command(h.bin, "image", "publish", "src", "--name", "half", "--generalize")
+	publish.Env = h.env
+	if err := publish.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var runDir string
+	eventually(t, 60*time.Second, "the generalize boot to start", func() bool {
+		m, _ := filepath.Glob(filepath.Join(h.home, "run", ".generalize-*", "pid"))
+		if len(m) == 1 {
+			runDir = filepath.Dir(m[0])
+		}
+		return runDir != ""
+	})
+	h.killDaemon()
+	_ = publish.Wait()
+	h.startDaemon()
+
+	if _, _, code := h.lodge("image", "show", "half"); code == 0 {
+		t.Error("an image cut short by a crash is listed after restart")
+	}
+	if exists(filepath.Join(h.home, "images", "half")) || exists(runDir) {
+		t.Errorf("crashed publish left files: image dir %v, run dir %v", exists(filepath.Join(h.home, "images", "half")), exists(runDir))
+	}
+	if out, _ := exec.Command("pgrep", "-f", runDir).Output(); len(out) != 0 {
+		t.Errorf("the generalize boot still runs: pids %s", out)
+	}
+	// The VM is free again and can be published.
+	h.must("image", "publish", "src", "--name", "whole")
+}
