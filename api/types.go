@@ -54,6 +54,11 @@ type VM struct {
 	CID uint32 `json:"cid"`
 	// ClonedFrom names the VM this one was cloned from.
 	ClonedFrom string `json:"cloned_from,omitempty"`
+	// CurrentSnapshot is the snapshot the VM's state descends from: the
+	// last one taken or reverted to.
+	CurrentSnapshot string `json:"current_snapshot,omitempty"`
+	// Snapshots names the VM's snapshots, parents before children.
+	Snapshots []string `json:"snapshots,omitempty"`
 }
 
 // CreateVM is the body of POST /v1/vms.
@@ -81,6 +86,41 @@ type CloneVM struct {
 	KeepIdentity bool   `json:"keep_identity,omitempty"`
 	Pool         string `json:"pool,omitempty"`
 	Start        bool   `json:"start,omitempty"`
+}
+
+// Snapshot is one point in a VM's snapshot tree.
+type Snapshot struct {
+	Name   string `json:"name"`
+	VM     string `json:"vm"`
+	Parent string `json:"parent"`
+	// Depth is the number of ancestors, for drawing the tree.
+	Depth     int       `json:"depth"`
+	CreatedAt time.Time `json:"created_at"`
+	// Size is what the snapshot holds on disk: its frozen disk layers and
+	// its memory state.
+	Size int64 `json:"size"`
+	// Memory is true when the snapshot holds the running guest's memory
+	// and device state, so that revert resumes it.
+	Memory  bool `json:"memory"`
+	Current bool `json:"current"`
+	// Pause is how long the guest's CPUs were stopped to take it, in ms.
+	PauseMS     int64  `json:"pause_ms,omitempty"`
+	Description string `json:"description,omitempty"`
+}
+
+// CreateSnapshot is the body of POST /v1/vms/{name}/snapshots.
+type CreateSnapshot struct {
+	Name string `json:"name"`
+	// NoMemory takes the disks only, with the guest's filesystems frozen
+	// through its agent.
+	NoMemory    bool   `json:"no_memory,omitempty"`
+	Description string `json:"description,omitempty"`
+}
+
+// RevertSnapshot is the body of POST /v1/vms/{name}/snapshots/{snap}/revert.
+type RevertSnapshot struct {
+	// Start boots the VM after reverting to a snapshot without memory.
+	Start bool `json:"start,omitempty"`
 }
 
 // PublishImage is the body of POST /v1/images/publish.

@@ -143,6 +143,30 @@ func (c *Client) CloneVM(ctx context.Context, src string, req api.CloneVM) (api.
 	return op, c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(src)+"/clone", req, &op)
 }
 
+// ListSnapshots returns a VM's snapshot tree, parents before children.
+func (c *Client) ListSnapshots(ctx context.Context, vm string) ([]api.Snapshot, error) {
+	var out []api.Snapshot
+	return out, c.do(ctx, http.MethodGet, "/v1/vms/"+url.PathEscape(vm)+"/snapshots", nil, &out)
+}
+
+// CreateSnapshot starts taking a snapshot; its result is the api.Snapshot.
+func (c *Client) CreateSnapshot(ctx context.Context, vm string, req api.CreateSnapshot) (api.Operation, error) {
+	var op api.Operation
+	return op, c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/snapshots", req, &op)
+}
+
+// RevertSnapshot starts returning a VM to a snapshot; its result is the VM.
+func (c *Client) RevertSnapshot(ctx context.Context, vm, snap string, req api.RevertSnapshot) (api.Operation, error) {
+	var op api.Operation
+	return op, c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/snapshots/"+url.PathEscape(snap)+"/revert", req, &op)
+}
+
+// DeleteSnapshot starts deleting a snapshot and merging its data away.
+func (c *Client) DeleteSnapshot(ctx context.Context, vm, snap string) (api.Operation, error) {
+	var op api.Operation
+	return op, c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(vm)+"/snapshots/"+url.PathEscape(snap), nil, &op)
+}
+
 // StartVM starts booting a VM.
 func (c *Client) StartVM(ctx context.Context, name string) (api.Operation, error) {
 	var op api.Operation

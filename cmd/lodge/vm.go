@@ -278,6 +278,9 @@ func (g *globals) emitVM(cmd *cobra.Command, v api.VM) error {
 		if v.ClonedFrom != "" {
 			fmt.Fprintf(tw, "Cloned from:\t%s\n", v.ClonedFrom)
 		}
+		if len(v.Snapshots) > 0 {
+			fmt.Fprintf(tw, "Snapshots:\t%s (current: %s)\n", strings.Join(v.Snapshots, ", "), v.CurrentSnapshot)
+		}
 	})
 }
 

@@ -31,6 +31,10 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("GET /v1/vms/{name}", d.getVM)
 	mux.HandleFunc("DELETE /v1/vms/{name}", d.deleteVM)
 	mux.HandleFunc("POST /v1/vms/{name}/{action}", d.vmAction)
+	mux.HandleFunc("GET /v1/vms/{name}/snapshots", d.listSnapshots)
+	mux.HandleFunc("POST /v1/vms/{name}/snapshots", d.createSnapshot)
+	mux.HandleFunc("POST /v1/vms/{name}/snapshots/{snap}/revert", d.revertSnapshot)
+	mux.HandleFunc("DELETE /v1/vms/{name}/snapshots/{snap}", d.deleteSnapshot)
 	mux.HandleFunc("GET /v1/vms/{name}/console/log", d.consoleLog)
 	mux.HandleFunc("GET /v1/vms/{name}/console", d.console)
 	mux.HandleFunc("GET /v1/images", d.listImages)
@@ -72,6 +76,8 @@ func codeOf(err error) string {
 		return "bad_request"
 	case errors.Is(err, errdefs.ErrNoAgent):
 		return "no_agent"
+	case errors.Is(err, errdefs.ErrNoSpace):
+		return "no_space"
 	}
 	return "internal"
 }
@@ -79,6 +85,7 @@ func codeOf(err error) string {
 var statusOf = map[string]int{
 	"not_found": http.StatusNotFound, "busy": http.StatusConflict, "conflict": http.StatusConflict,
 	"limit": http.StatusConflict, "bad_request": http.StatusBadRequest, "no_agent": http.StatusServiceUnavailable,
+	"no_space": http.StatusInsufficientStorage,
 	"internal": http.StatusInternalServerError,
 }
 
@@ -194,6 +201,86 @@ func (d *Daemon) deleteVM(w http.ResponseWriter, r *http.Request) {
 		return nil, d.vms.Delete(ctx, name, force)
 	})
 	accepted(w, o)
+}
+
+func (d *Daemon) listSnapshots(w http.ResponseWriter, r *http.Request) {
+	snaps, err := d.vms.ListSnapshots(r.Context(), r.PathValue("name"))
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, snaps)
+}
+
+func (d *Daemon) createSnapshot(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	var req api.CreateSnapshot
+	if !decode(w, r, &req) {
+		return
+	}
+	if err := vm.ValidateName("snapshot", req.Name); err != nil {
+		writeErr(w, err)
+		return
+	}
+	snaps, err := d.vms.ListSnapshots(r.Context(), name)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	for _, s := range snaps {
+		if s.Name == req.Name {
+			writeErr(w, fmt.Errorf("snapshot %q of vm %q: %w", req.Name, name, errdefs.ErrExists))
+			return
+		}
+	}
+	accepted(w, d.ops.start("snapshot", name, func(ctx context.Context, o *operation) (any, error) {
+		o.Progress("snapshot", 0, 0)
+		return d.vms.CreateSnapshot(ctx, name, req, func(done, total int64) { o.Progress("memory", done, total) })
+	}))
+}
+
+// snapshotTarget checks that a VM's snapshot exists before an operation
+// is started for it, so the error comes back at once.
+func (d *Daemon) snapshotTarget(w http.ResponseWriter, r *http.Request) (string, string, bool) {
+	name, snap := r.PathValue("name"), r.PathValue("snap")
+	snaps, err := d.vms.ListSnapshots(r.Context(), name)
+	if err != nil {
+		writeErr(w, err)
+		return "", "", false
+	}
+	for _, s := range snaps {
+		if s.Name == snap {
+			return name, snap, true
+		}
+	}
+	writeErr(w, fmt.Errorf("snapshot %q of vm %q: %w", snap, name, errdefs.ErrNotFound))
+	return "", "", false
+}
+
+func (d *Daemon) revertSnapshot(w http.ResponseWriter, r *http.Request) {
+	name, snap, ok := d.snapshotTarget(w, r)
+	if !ok {
+		return
+	}
+	var req api.RevertSnapshot
+	if r.ContentLength != 0 && !decode(w, r, &req) {
+		return
+	}
+	accepted(w, d.ops.start("revert", name, func(ctx context.Context, o *operation) (any, error) {
+		o.Progress("revert", 0, 0)
+		return d.vms.RevertSnapshot(ctx, name, snap, req, func(done, total int64) { o.Progress("memory", done, total) })
+	}))
+}
+
+func (d *Daemon) deleteSnapshot(w http.ResponseWriter, r *http.Request) {
+	name, snap, ok := d.snapshotTarget(w, r)
+	if !ok {
+		return
+	}
+	accepted(w, d.ops.start("snapshot-delete", name, func(ctx context.Context, o *operation) (any, error) {
+		o.Progress("delete", 0, 0)
+		return nil, d.vms.DeleteSnapshot(ctx, name, snap, func(done, total int64) { o.Progress("merge", done, total) })
+	}))
 }
 
 func (d *Daemon) vmAction(w http.ResponseWriter, r *http.Request) {

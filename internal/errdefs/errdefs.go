@@ -16,4 +16,5 @@ var (
 	ErrConflict = errors.New("conflict")
 	ErrLimit    = errors.New("over the host limit")
 	ErrNoAgent  = errors.New("guest agent not answering")
+	ErrNoSpace  = errors.New("not enough space")
 )

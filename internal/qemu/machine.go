@@ -49,7 +49,10 @@ type Machine struct {
 	NICs    []NIC
 	SeedISO string
 	// VsockCID adds a vhost-vsock device with this context id when not 0.
-	VsockCID  uint32
+	VsockCID uint32
+	// Incoming starts QEMU waiting for a saved state (migrate-incoming)
+	// instead of booting.
+	Incoming  bool
 	RunDir    string
 	Accel     string
 	CPUModel  string
@@ -164,6 +167,9 @@ func (m Machine) Args() ([]string, error) {
 	}
 	if m.VsockCID != 0 {
 		args = append(args, "-device", "vhost-vsock-pci,id=vsock0,guest-cid="+strconv.FormatUint(uint64(m.VsockCID), 10))
+	}
+	if m.Incoming {
+		args = append(args, "-incoming", "defer")
 	}
 	return append(args, m.ExtraArgs...), nil
 }

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -262,6 +263,19 @@ func (c *Client) Close() error {
 
 // Execute implements Monitor.
 func (c *Client) Execute(ctx context.Context, cmd string, args any, result any) error {
+	return c.execute(ctx, cmd, args, result, nil)
+}
+
+// PassFD implements FDPasser: QMP getfd with f's descriptor attached to
+// the command's bytes on the socket.
+func (c *Client) PassFD(ctx context.Context, name string, f *os.File) error {
+	if _, ok := c.conn.(*net.UnixConn); !ok {
+		return fmt.Errorf("qmp getfd %s: %w", name, ErrNoFDPassing)
+	}
+	return c.execute(ctx, "getfd", map[string]string{"fdname": name}, nil, syscall.UnixRights(int(f.Fd())))
+}
+
+func (c *Client) execute(ctx context.Context, cmd string, args any, result any, oob []byte) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.timeout)
@@ -287,7 +301,7 @@ func (c *Client) Execute(ctx context.Context, cmd string, args any, result any) 
 	c.mu.Unlock()
 
 	c.log.Debug("qmp command", "cmd", cmd, "id", id)
-	if err := c.send(ctx, req); err != nil {
+	if err := c.send(ctx, req, oob); err != nil {
 		c.forget(id)
 		return fmt.Errorf("qmp %s: %w", cmd, err)
 	}
@@ -333,12 +347,20 @@ func encodeRequest(cmd string, args any, id string) ([]byte, error) {
 	return append(raw, '\r', '\n'), nil
 }
 
-func (c *Client) send(ctx context.Context, req []byte) error {
+func (c *Client) send(ctx context.Context, req, oob []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	deadline, _ := ctx.Deadline()
 	_ = c.conn.SetWriteDeadline(deadline)
-	n, err := c.conn.Write(req)
+	var n int
+	var err error
+	if oob != nil {
+		// The descriptor travels with the command's first byte; QEMU
+		// keeps it until the command is parsed.
+		n, _, err = c.conn.(*net.UnixConn).WriteMsgUnix(req, oob, nil)
+	} else {
+		n, err = c.conn.Write(req)
+	}
 	if err == nil {
 		return nil
 	}

@@ -94,3 +94,116 @@ func SnapshotSync(ctx context.Context, m Monitor, node, file, newNode string) er
 		"format": "qcow2", "mode": "absolute-paths",
 	}, nil)
 }
+
+// MigrationStatus is the part of query-migrate Lodge reads.
+type MigrationStatus struct {
+	// Status is "none", "setup", "active", "completed", "failed",
+	// "cancelling", "cancelled", ...
+	Status string `json:"status"`
+	RAM    *struct {
+		Transferred int64 `json:"transferred"`
+		Remaining   int64 `json:"remaining"`
+		Total       int64 `json:"total"`
+	} `json:"ram,omitempty"`
+	// Downtime is how long the guest was paused, in ms, once completed.
+	Downtime  int64  `json:"downtime,omitempty"`
+	ErrorDesc string `json:"error-desc,omitempty"`
+}
+
+// QueryMigrate reports the outgoing or incoming migration's progress.
+func QueryMigrate(ctx context.Context, m Monitor) (MigrationStatus, error) {
+	var st MigrationStatus
+	if err := m.Execute(ctx, "query-migrate", nil, &st); err != nil {
+		return MigrationStatus{}, err
+	}
+	return st, nil
+}
+
+// SetMigrationCapabilities turns migration capabilities on or off.
+func SetMigrationCapabilities(ctx context.Context, m Monitor, caps map[string]bool) error {
+	list := make([]map[string]any, 0, len(caps))
+	for name, on := range caps {
+		list = append(list, map[string]any{"capability": name, "state": on})
+	}
+	return m.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": list}, nil)
+}
+
+// SetMigrationParameters sets migration parameters such as max-bandwidth.
+func SetMigrationParameters(ctx context.Context, m Monitor, params map[string]any) error {
+	return m.Execute(ctx, "migrate-set-parameters", params, nil)
+}
+
+// Migrate starts an outgoing migration to uri; it returns at once and
+// QueryMigrate follows it.
+func Migrate(ctx context.Context, m Monitor, uri string) error {
+	return m.Execute(ctx, "migrate", map[string]any{"uri": uri}, nil)
+}
+
+// MigrateIncoming starts loading state into a QEMU started with
+// -incoming defer.
+func MigrateIncoming(ctx context.Context, m Monitor, uri string) error {
+	return m.Execute(ctx, "migrate-incoming", map[string]any{"uri": uri}, nil)
+}
+
+// MigrateCancel stops an outgoing migration.
+func MigrateCancel(ctx context.Context, m Monitor) error {
+	return m.Execute(ctx, "migrate_cancel", nil, nil)
+}
+
+// BlockNode is one entry of query-named-block-nodes.
+type BlockNode struct {
+	NodeName string `json:"node-name"`
+	Driver   string `json:"drv"`
+	File     string `json:"file"`
+}
+
+// QueryNamedBlockNodes lists every block node, including the backing
+// nodes QEMU opened and named itself.
+func QueryNamedBlockNodes(ctx context.Context, m Monitor) ([]BlockNode, error) {
+	var out []BlockNode
+	if err := m.Execute(ctx, "query-named-block-nodes", map[string]any{"flat": true}, &out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// BlockStream starts a job that copies into node the data it reads
+// through its backing chain down to (not including) base, then makes base
+// its backing file; base "" streams the whole chain. The job stays until
+// JobDismiss so that its result can be read.
+func BlockStream(ctx context.Context, m Monitor, jobID, node, base string) error {
+	args := map[string]any{"job-id": jobID, "device": node, "auto-dismiss": false}
+	if base != "" {
+		args["base-node"] = base
+	}
+	return m.Execute(ctx, "block-stream", args, nil)
+}
+
+// Job is one entry of query-jobs.
+type Job struct {
+	ID       string `json:"id"`
+	Type     string `json:"type"`
+	Status   string `json:"status"`
+	Current  int64  `json:"current-progress"`
+	Total    int64  `json:"total-progress"`
+	ErrorMsg string `json:"error,omitempty"`
+}
+
+// QueryJobs lists the block jobs.
+func QueryJobs(ctx context.Context, m Monitor) ([]Job, error) {
+	var out []Job
+	if err := m.Execute(ctx, "query-jobs", nil, &out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// JobDismiss removes a concluded job.
+func JobDismiss(ctx context.Context, m Monitor, id string) error {
+	return m.Execute(ctx, "job-dismiss", map[string]any{"id": id}, nil)
+}
+
+// JobCancel stops a running job.
+func JobCancel(ctx context.Context, m Monitor, id string) error {
+	return m.Execute(ctx, "job-cancel", map[string]any{"id": id}, nil)
+}

@@ -17,12 +17,17 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"os"
 	"time"
 )
 
 // ErrClosed is wrapped by every error caused by the connection ending,
 // whether Close was called or QEMU went away.
 var ErrClosed = errors.New("qmp: connection closed")
+
+// ErrNoFDPassing means the monitor cannot send file descriptors (it is
+// not a unix socket).
+var ErrNoFDPassing = errors.New("qmp: monitor cannot pass file descriptors")
 
 // Error classes QEMU puts in error replies. Most failures are
 // GenericError; the others exist so that callers can react to them.
@@ -81,3 +86,11 @@ type Monitor interface {
 	// Close ends the connection. Pending calls fail with ErrClosed.
 	Close() error
 }
+
+// FDPasser is a monitor that can hand QEMU an open file, which later
+// commands name as "fd:NAME".
+type FDPasser interface {
+	PassFD(ctx context.Context, name string, f *os.File) error
+}
+
+var _ FDPasser = (*Client)(nil)

@@ -179,7 +179,11 @@ func (q *QEMUImg) CopyTop(ctx context.Context, src, backing, dst string) error {
 // cluster where the old chain and the new one differ, so what the guest
 // sees does not change.
 func (q *QEMUImg) Rebase(ctx context.Context, path, backing string) error {
-	_, err := q.run(ctx, false, "rebase", "-f", "qcow2", "-F", "qcow2", "-b", backing, path)
+	args := []string{"rebase", "-f", "qcow2", "-b", backing}
+	if backing != "" {
+		args = append(args, "-F", "qcow2")
+	}
+	_, err := q.run(ctx, false, append(args, path)...)
 	return err
 }
 

@@ -149,7 +149,7 @@ func (s *Service) Clone(ctx context.Context, src string, req api.CloneVM, progre
 	}
 
 	if anyNext {
-		if err := s.freezeTops(ctx, r, next, running); err != nil {
+		if err := s.freezeTops(ctx, "clone", r, next, running); err != nil {
 			return fail(err)
 		}
 	}
@@ -193,18 +193,18 @@ func (s *Service) siblingPath(ctx context.Context, d api.Disk, vm string) string
 // layers with new writable tops above them, and records the change. A
 // running VM switches in QEMU with its filesystems frozen; a stopped one
 // gets new overlay files.
-func (s *Service) freezeTops(ctx context.Context, r record, next []string, running bool) error {
+func (s *Service) freezeTops(ctx context.Context, op string, r record, next []string, running bool) error {
 	switched := make([]bool, len(r.Disks))
 	var err error
 	if running {
-		err = s.snapshotRunning(ctx, r, next, switched)
+		err = s.snapshotRunning(ctx, op, r, next, switched)
 	} else {
 		for i, d := range r.Disks {
 			if next[i] == "" {
 				continue
 			}
 			if err = s.cfg.Volumes.CreateOverlay(ctx, d.Path, next[i], d.Size); err != nil {
-				err = fmt.Errorf("clone vm %q: disk %q: new top: %w", r.Name, d.Name, err)
+				err = fmt.Errorf("%s vm %q: disk %q: new top: %w", op, r.Name, d.Name, err)
 				break
 			}
 			switched[i] = true
@@ -267,14 +267,14 @@ func (s *Service) commitTops(ctx context.Context, name string, next []string, sw
 // filesystems are frozen through the agent around the switch, so the
 // frozen layers hold a clean filesystem; without an agent they hold what
 // a power cut would have left, and the log says so.
-func (s *Service) snapshotRunning(ctx context.Context, r record, next []string, switched []bool) error {
+func (s *Service) snapshotRunning(ctx context.Context, op string, r record, next []string, switched []bool) error {
 	in := s.instance(r.Name)
 	if in == nil {
-		return fmt.Errorf("clone vm %q: it stopped: %w", r.Name, errdefs.ErrState)
+		return fmt.Errorf("%s vm %q: it stopped: %w", op, r.Name, errdefs.ErrState)
 	}
 	st, err := qmp.QueryStatus(ctx, in.mon)
 	if err != nil {
-		return fmt.Errorf("clone vm %q: %w", r.Name, err)
+		return fmt.Errorf("%s vm %q: %w", op, r.Name, err)
 	}
 	frozen := false
 	if st.Running && in.agentUp() {
@@ -284,10 +284,10 @@ func (s *Service) snapshotRunning(ctx context.Context, r record, next []string, 
 		if err == nil {
 			frozen = true
 		} else {
-			s.log.Warn("filesystems not frozen: the clone is crash-consistent", "vm", r.Name, "err", err)
+			s.log.Warn("filesystems not frozen: the "+op+" is crash-consistent", "vm", r.Name, "err", err)
 		}
 	} else if st.Running {
-		s.log.Warn("no guest agent: the clone is crash-consistent", "vm", r.Name)
+		s.log.Warn("no guest agent: the "+op+" is crash-consistent", "vm", r.Name)
 	}
 	if frozen {
 		defer func() {
@@ -298,9 +298,15 @@ func (s *Service) snapshotRunning(ctx context.Context, r record, next []string, 
 			}
 		}()
 	}
+	return s.switchTops(ctx, op, r, in, next, switched)
+}
+
+// switchTops makes QEMU put new overlays (where next is set) on top of a
+// running VM's disks, each in one step of its main loop.
+func (s *Service) switchTops(ctx context.Context, op string, r record, in *instance, next []string, switched []bool) error {
 	devs, err := qmp.QueryBlock(ctx, in.mon)
 	if err != nil {
-		return fmt.Errorf("clone vm %q: %w", r.Name, err)
+		return fmt.Errorf("%s vm %q: %w", op, r.Name, err)
 	}
 	for i, d := range r.Disks {
 		if next[i] == "" {
@@ -308,10 +314,10 @@ func (s *Service) snapshotRunning(ctx context.Context, r record, next []string, 
 		}
 		node := topNode(devs, "disk"+strconv.Itoa(i)+"-dev")
 		if node == "" {
-			return fmt.Errorf("clone vm %q: disk %q: QEMU lists no such device", r.Name, d.Name)
+			return fmt.Errorf("%s vm %q: disk %q: QEMU lists no such device", op, r.Name, d.Name)
 		}
 		if err := qmp.SnapshotSync(ctx, in.mon, node, next[i], "disk"+strconv.Itoa(i)+"-"+randomHex(4)); err != nil {
-			return fmt.Errorf("clone vm %q: disk %q: switch to a new top: %w", r.Name, d.Name, err)
+			return fmt.Errorf("%s vm %q: disk %q: switch to a new top: %w", op, r.Name, d.Name, err)
 		}
 		switched[i] = true
 	}

@@ -240,7 +240,19 @@ func (s *Service) discard(ctx context.Context, r record) {
 	}
 	s.removeAll(s.vmDir(r.Name))
 	s.removeAll(s.runDir(r.Name))
-	if err := s.cfg.Store.Update(ctx, func(tx store.Tx) error { return tx.Delete(bucket, r.Name) }); err != nil {
+	err := s.cfg.Store.Update(ctx, func(tx store.Tx) error {
+		snaps, err := vmSnapshots(tx, r.Name)
+		if err != nil {
+			return err
+		}
+		for _, sr := range snaps {
+			if err := tx.Delete(snapBucket, snapKey(r.Name, sr.Name)); err != nil {
+				return err
+			}
+		}
+		return tx.Delete(bucket, r.Name)
+	})
+	if err != nil {
 		s.log.Error("remove record", "vm", r.Name, "err", err)
 	}
 }

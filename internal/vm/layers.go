@@ -56,6 +56,15 @@ func (s *Service) collectLayers(ctx context.Context) {
 					used[l.Backing] = true
 				}
 			}
+			snaps, err := store.ListJSON[snapRecord](tx, snapBucket)
+			if err != nil {
+				return err
+			}
+			for _, sn := range snaps {
+				for _, d := range sn.Disks {
+					used[d.Path] = true
+				}
+			}
 			for _, l := range layers {
 				if l.Deleting || !used[l.Path] {
 					l.Deleting = true

@@ -25,6 +25,12 @@ func (s *Service) Start(ctx context.Context, name string) (api.VM, error) {
 }
 
 func (s *Service) startLocked(ctx context.Context, name string) (api.VM, error) {
+	return s.boot(ctx, name, nil, nil)
+}
+
+// boot launches a VM's QEMU. With from set, QEMU does not boot the guest
+// but loads that snapshot's memory state and resumes it.
+func (s *Service) boot(ctx context.Context, name string, from *snapRecord, progress func(done, total int64)) (api.VM, error) {
 	r, err := s.load(ctx, name)
 	if err != nil {
 		return api.VM{}, err
@@ -55,6 +61,7 @@ func (s *Service) startLocked(ctx context.Context, name string) (api.VM, error) 
 	}
 	s.publish(name, "vm-state", api.StateStarting, "accel "+accel.Accel)
 	m := s.machine(r, accel)
+	m.Incoming = from != nil
 	// Truncate the previous boot's console log: --log shows this boot.
 	_ = os.Truncate(m.Path(qemu.SerialLog), 0)
 	pid, err := s.cfg.Driver.Launch(ctx, m)
@@ -70,9 +77,15 @@ func (s *Service) startLocked(ctx context.Context, name string) (api.VM, error) 
 		s.setState(context.WithoutCancel(ctx), name, api.StateError, "QEMU started but its monitor does not answer: "+err.Error())
 		return api.VM{}, fmt.Errorf("start vm %q: connect to QMP: %w", name, err)
 	}
-	s.attach(ctx, name, pid, mon)
-	s.markRunning(ctx, name, pid, api.StateRunning)
-	s.log.Info("started", "vm", name, "pid", pid, "accel", accel.Accel)
+	in := s.attach(ctx, name, pid, mon)
+	state := api.StateRunning
+	if from != nil {
+		if state, err = s.resumeState(ctx, in, from, progress); err != nil {
+			return api.VM{}, err
+		}
+	}
+	s.markRunning(ctx, name, pid, state)
+	s.log.Info("started", "vm", name, "pid", pid, "accel", accel.Accel, "from_snapshot", from != nil)
 	return s.Get(ctx, name)
 }
 

@@ -31,6 +31,9 @@ type instance struct {
 	agentOpen     atomic.Bool
 	consoleBusy   atomic.Bool
 	settling      atomic.Bool
+	// snapshotting hides the short pause of a memory snapshot, which
+	// QEMU reports as STOP and RESUME, from the VM's recorded state.
+	snapshotting atomic.Bool
 	// ioError is why QEMU paused the guest on a disk error, if it did.
 	ioError atomic.Pointer[string]
 
@@ -73,22 +76,27 @@ func (s *Service) attach(ctx context.Context, name string, pid int, mon qmp.Moni
 	s.instances[name] = in
 	s.mu.Unlock()
 	// The guest may have opened the agent port before we connected.
-	var chardevs []struct {
-		Label        string `json:"label"`
-		FrontendOpen bool   `json:"frontend-open"`
-	}
-	if err := mon.Execute(ctx, "query-chardev", nil, &chardevs); err == nil {
-		for _, c := range chardevs {
-			if c.Label == "qga0" && c.FrontendOpen {
-				in.agentOpen.Store(true)
-			}
-		}
-	}
+	s.syncAgentOpen(ctx, in)
 	go s.supervise(in, events, cancel)
 	if in.agentUp() {
 		go s.settleIdentity(in)
 	}
 	return in
+}
+
+// syncAgentOpen asks QEMU whether the guest has the agent's port open.
+func (s *Service) syncAgentOpen(ctx context.Context, in *instance) {
+	var chardevs []struct {
+		Label        string `json:"label"`
+		FrontendOpen bool   `json:"frontend-open"`
+	}
+	if err := in.mon.Execute(ctx, "query-chardev", nil, &chardevs); err == nil {
+		for _, c := range chardevs {
+			if c.Label == "qga0" {
+				in.agentOpen.Store(c.FrontendOpen)
+			}
+		}
+	}
 }
 
 // supervise follows a QEMU until it exits, then records why.
@@ -187,7 +195,7 @@ func (s *Service) onEvent(ctx context.Context, in *instance, ev qmp.Event) {
 			s.log.Warn("guest paused on a disk error", "vm", in.name, "reason", why)
 		}
 	case "STOP":
-		if !in.guestShutdown.Load() && !in.stopping.Load() {
+		if !in.guestShutdown.Load() && !in.stopping.Load() && !in.snapshotting.Load() {
 			reason := ""
 			if why := in.ioError.Load(); why != nil {
 				reason = *why
@@ -195,6 +203,9 @@ func (s *Service) onEvent(ctx context.Context, in *instance, ev qmp.Event) {
 			s.setState(ctx, in.name, api.StatePaused, reason)
 		}
 	case "RESUME":
+		if in.snapshotting.Load() {
+			return
+		}
 		in.ioError.Store(nil)
 		s.setState(ctx, in.name, api.StateRunning, "")
 	case "VSERPORT_CHANGE":
@@ -236,11 +247,18 @@ func (s *Service) Recover(ctx context.Context) error {
 			if err := s.recoverClone(ctx, r); err != nil {
 				return err
 			}
-			if r, err = s.load(ctx, r.Name); err != nil {
-				return err
-			}
+		}
+		pausedBySnapshot, err := s.recoverSnapshots(ctx, r)
+		if err != nil {
+			return err
+		}
+		if r, err = s.load(ctx, r.Name); err != nil {
+			return err
 		}
 		s.reattach(ctx, r)
+		if pausedBySnapshot && r.State == api.StateRunning {
+			s.resumeAfterSnapshot(ctx, r.Name)
+		}
 	}
 	s.collectLayers(ctx)
 	// A generalize boot whose daemon died has no one to finish it; the
@@ -252,6 +270,21 @@ func (s *Service) Recover(ctx context.Context) error {
 		s.removeAll(dir)
 	}
 	return nil
+}
+
+// resumeAfterSnapshot resumes a guest that a dead daemon left paused in
+// the middle of a memory snapshot.
+func (s *Service) resumeAfterSnapshot(ctx context.Context, name string) {
+	in := s.instance(name)
+	if in == nil {
+		return
+	}
+	if st, err := qmp.QueryStatus(ctx, in.mon); err == nil && st.Status == "paused" {
+		s.log.Warn("resuming a guest paused by an interrupted snapshot", "vm", name)
+		if err := qmp.Cont(ctx, in.mon); err != nil {
+			s.log.Error("resume", "vm", name, "err", err)
+		}
+	}
 }
 
 func (s *Service) reattach(ctx context.Context, r record) {

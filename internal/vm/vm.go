@@ -61,6 +61,7 @@ type Volumes interface {
 	CreateOverlay(ctx context.Context, backing, path string, size int64) error
 	ConvertProgress(ctx context.Context, src, srcFormat, dst string, progress func(float64)) error
 	HasData(ctx context.Context, path string) (bool, error)
+	Rebase(ctx context.Context, path, backing string) error
 	Info(ctx context.Context, path string) (storage.Info, error)
 }
 
@@ -244,7 +245,9 @@ func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
 	if in := s.instance(name); in != nil && in.agentUp() {
 		s.refreshIPs(ctx, in)
 	}
-	return s.view(r), nil
+	v := s.view(r)
+	v.Snapshots = s.snapshotNames(ctx, name)
+	return v, nil
 }
 
 func (s *Service) refreshIPs(ctx context.Context, in *instance) {

@@ -81,6 +81,22 @@ func (f fakeVolumes) HasData(_ context.Context, path string) (bool, error) {
 	return strings.Count(string(b), "\n") > 1, err
 }
 
+// Rebase keeps path's data lines and appends the old backing's, as
+// qemu-img's safe rebase copies what differs.
+func (f fakeVolumes) Rebase(_ context.Context, path, backing string) error {
+	if f.fail != nil {
+		return f.fail
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	old, data, _ := strings.Cut(string(b), "\n")
+	moved, _ := os.ReadFile(old)
+	_, oldData, _ := strings.Cut(string(moved), "\n")
+	return os.WriteFile(path, []byte(backing+"\n"+data+oldData), 0o600)
+}
+
 func (f fakeVolumes) Info(_ context.Context, path string) (storage.Info, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {

@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/lodge-vm/lodge/internal/qmp"
@@ -30,6 +32,8 @@ type MonitorHandler func(args json.RawMessage) (any, error)
 //   - system_powerdown emits POWERDOWN (what the guest makes of it is up
 //     to the test: Emit SHUTDOWN to model a guest that obeys);
 //   - system_reset emits RESET;
+//   - getfd (through PassFD) keeps a copy of the file, and closefd
+//     closes it;
 //   - quit emits SHUTDOWN and then ends the connection, like QEMU
 //     exiting.
 //
@@ -44,9 +48,13 @@ type Monitor struct {
 	events   chan qmp.Event // backs Events(); made on first use
 	done     chan struct{}
 	closed   bool
+	fds      map[string]*os.File
 }
 
-var _ qmp.Monitor = (*Monitor)(nil)
+var (
+	_ qmp.Monitor  = (*Monitor)(nil)
+	_ qmp.FDPasser = (*Monitor)(nil)
+)
 
 // NewMonitor returns a Monitor of a running VM.
 func NewMonitor() *Monitor {
@@ -57,6 +65,21 @@ func NewMonitor() *Monitor {
 		done:     make(chan struct{}),
 	}
 	m.handlers["qmp_capabilities"] = func(json.RawMessage) (any, error) { return nil, nil }
+	m.handlers["getfd"] = func(json.RawMessage) (any, error) { return nil, nil }
+	m.handlers["closefd"] = func(raw json.RawMessage) (any, error) {
+		var a struct {
+			FDName string `json:"fdname"`
+		}
+		_ = json.Unmarshal(raw, &a)
+		m.mu.Lock()
+		f := m.fds[a.FDName]
+		delete(m.fds, a.FDName)
+		m.mu.Unlock()
+		if f == nil {
+			return nil, &qmp.Error{Class: qmp.ClassGenericError, Desc: "File descriptor named '" + a.FDName + "' not found"}
+		}
+		return nil, f.Close()
+	}
 	m.handlers["query-status"] = func(json.RawMessage) (any, error) {
 		st := m.Status()
 		return qmp.Status{Status: st, Running: st == "running"}, nil
@@ -171,6 +194,33 @@ func (m *Monitor) Execute(ctx context.Context, cmd string, args any, result any)
 		return fmt.Errorf("qmp %s: decode reply: %w", cmd, err)
 	}
 	return nil
+}
+
+// PassFD implements qmp.FDPasser. It runs as the command "getfd" (so a
+// handler may refuse it) and keeps f under name for FD.
+func (m *Monitor) PassFD(ctx context.Context, name string, f *os.File) error {
+	if err := m.Execute(ctx, "getfd", map[string]string{"fdname": name}, nil); err != nil {
+		return err
+	}
+	// QEMU gets its own descriptor; the caller may close its copy.
+	fd, err := syscall.Dup(int(f.Fd()))
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.fds == nil {
+		m.fds = map[string]*os.File{}
+	}
+	m.fds[name] = os.NewFile(uintptr(fd), name)
+	return nil
+}
+
+// FD returns QEMU's copy of the file last passed under name, or nil.
+func (m *Monitor) FD(name string) *os.File {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.fds[name]
 }
 
 // Emit sends an event to every subscriber. Like qmp.Client it never
