@@ -268,7 +268,7 @@ func (d *Daemon) revertSnapshot(w http.ResponseWriter, r *http.Request) {
 	}
 	accepted(w, d.ops.start("revert", name, func(ctx context.Context, o *operation) (any, error) {
 		o.Progress("revert", 0, 0)
-		return d.vms.RevertSnapshot(ctx, name, snap, req, func(done, total int64) { o.Progress("memory", done, total) })
+		return d.vms.RevertSnapshot(ctx, name, snap, req)
 	}))
 }
 

@@ -1,23 +1,32 @@
 package snapshot
 
 import (
+	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
-	"sync/atomic"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/lodge-vm/lodge/internal/qmp"
 )
 
-// The monitor fd name under which QEMU gets the migration pipe.
+// The monitor fd name under which QEMU gets the migration stream.
 const fdName = "lodge-memstate"
 
 // How often a running save or load is polled for progress.
 var pollEvery = 50 * time.Millisecond
+
+// writerScript copies the stream into $1. If the copy fails (a full
+// disk), it still reads the stream to its end: a background snapshot
+// that fails half-way leaves QEMU 7.2 stuck, its guest waiting on
+// write-protected pages that no one will save (seen here: the guest and
+// then QMP stop answering). So from QEMU's side the save always completes,
+// and the writer's exit status says whether the file is whole.
+const writerScript = `if cat >"$1"; then exit 0; fi; cat >/dev/null; exit 1`
 
 // SaveStats describes one memory save.
 type SaveStats struct {
@@ -41,9 +50,12 @@ type SaveStats struct {
 // happens at the same instant as the memory state. A guest that was
 // paused stays paused.
 //
-// The state goes through a pipe that Lodge reads, so the file is complete
-// exactly when QEMU closes its end; it is written to path+".part" and
-// renamed once synced. On any failure nothing is left at either name.
+// The stream goes through a pipe to a writer process in its own session,
+// so a daemon that dies mid-save does not cut QEMU off (see
+// writerScript). The file is written to path+".part" and renamed once
+// synced; on any failure nothing is left at either name. Once QEMU has
+// started, the save is not cancelled: it runs to its end (a second or
+// so), and a cancelled ctx then discards the result.
 func Save(ctx context.Context, mon qmp.Monitor, path string, atPause func(context.Context) error, progress func(done, total int64)) (SaveStats, error) {
 	var stats SaveStats
 	passer, ok := mon.(qmp.FDPasser)
@@ -52,63 +64,64 @@ func Save(ctx context.Context, mon qmp.Monitor, path string, atPause func(contex
 	}
 	start := time.Now()
 	part := path + ".part"
-	f, err := os.OpenFile(part, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
+	if err := waitIdle(ctx, mon); err != nil {
 		return stats, fmt.Errorf("save memory state: %w", err)
 	}
-	fail := func(err error) (SaveStats, error) {
-		_ = f.Close()
-		_ = os.Remove(part)
-		return stats, err
-	}
 	if err := qmp.SetMigrationCapabilities(ctx, mon, map[string]bool{"background-snapshot": true}); err != nil {
-		return fail(fmt.Errorf("save memory state: enable background snapshot: %w", err))
+		return stats, fmt.Errorf("save memory state: enable background snapshot: %w", err)
 	}
 	// QEMU caps migration at 128 MiB/s by default; a local file takes
 	// whatever the disk gives.
 	if err := qmp.SetMigrationParameters(ctx, mon, map[string]any{"max-bandwidth": int64(1) << 40}); err != nil {
-		return fail(fmt.Errorf("save memory state: %w", err))
+		return stats, fmt.Errorf("save memory state: %w", err)
 	}
 	pr, pw, err := os.Pipe()
 	if err != nil {
-		return fail(fmt.Errorf("save memory state: %w", err))
+		return stats, fmt.Errorf("save memory state: %w", err)
+	}
+	// Not tied to ctx: killing the writer mid-stream is what must not
+	// happen.
+	writer := exec.CommandContext(context.WithoutCancel(ctx), "/bin/sh", "-c", writerScript, "lodge-memstate", part)
+	writer.Stdin = pr
+	var werr bytes.Buffer
+	writer.Stderr = &werr
+	writer.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = writer.Start()
+	_ = pr.Close()
+	if err != nil {
+		_ = pw.Close()
+		return stats, fmt.Errorf("save memory state: start writer: %w", err)
+	}
+	written := make(chan error, 1)
+	go func() { written <- writer.Wait() }()
+	fail := func(err error) (SaveStats, error) {
+		_ = os.Remove(part)
+		return stats, err
 	}
 	err = passer.PassFD(ctx, fdName, pw)
 	_ = pw.Close() // QEMU holds its own copy now
 	if err != nil {
-		_ = pr.Close()
+		<-written
 		return fail(fmt.Errorf("save memory state: pass pipe to qemu: %w", err))
 	}
-	var written atomic.Int64
-	copied := make(chan error, 1)
-	go func() {
-		n, err := io.Copy(countWriter{f, &written}, pr)
-		_ = pr.Close()
-		if err == nil && n == 0 {
-			err = errors.New("qemu wrote nothing")
-		}
-		copied <- err
-	}()
-	// From here on the reader goroutine owns pr. Before the migration
-	// starts, a failure must make QEMU drop its end so the copy ends, and
-	// resume a guest that Lodge paused.
-	wasRunning, stopped := false, false
+	// Until the migration starts, a failure must make QEMU drop its end of
+	// the pipe, so the writer ends, and resume a guest Lodge paused.
+	stopped := false
 	abort := func(err error) (SaveStats, error) {
 		bg := context.WithoutCancel(ctx)
 		_ = mon.Execute(bg, "closefd", map[string]string{"fdname": fdName}, nil)
 		if stopped {
 			_ = qmp.Cont(bg, mon)
 		}
-		<-copied
+		<-written
 		return fail(err)
 	}
 	st, err := qmp.QueryStatus(ctx, mon)
 	if err != nil {
 		return abort(fmt.Errorf("save memory state: %w", err))
 	}
-	wasRunning = st.Running
 	paused := time.Now()
-	if wasRunning {
+	if st.Running {
 		if err := qmp.Stop(ctx, mon); err != nil {
 			return abort(fmt.Errorf("save memory state: pause guest: %w", err))
 		}
@@ -123,46 +136,79 @@ func Save(ctx context.Context, mon qmp.Monitor, path string, atPause func(contex
 	// QEMU resumes the guest itself once write tracking is on, whatever
 	// its state before: wait for that, and pause again a guest the user
 	// had paused.
-	stats.Pause = waitRunning(ctx, mon, paused)
-	if !wasRunning {
-		_ = qmp.Stop(context.WithoutCancel(ctx), mon)
+	bg := context.WithoutCancel(ctx)
+	stats.Pause = waitRunning(bg, mon, paused)
+	if !st.Running {
+		_ = qmp.Stop(bg, mon)
 	}
-	if err := follow(ctx, mon, func(ms qmp.MigrationStatus) {
+	ferr := follow(bg, mon, func(ms qmp.MigrationStatus) {
 		if progress != nil && ms.RAM != nil {
 			progress(ms.RAM.Transferred, ms.RAM.Total)
 		}
-	}); err != nil {
-		if ctx.Err() != nil {
-			_ = qmp.MigrateCancel(context.WithoutCancel(ctx), mon)
-			_ = waitMigration(context.WithoutCancel(ctx), mon)
+	})
+	wErr := <-written
+	switch {
+	case ferr != nil:
+		return fail(fmt.Errorf("save memory state: %w", ferr))
+	case wErr != nil:
+		msg := strings.TrimSpace(werr.String())
+		if msg == "" {
+			msg = wErr.Error()
 		}
-		<-copied
+		err := fmt.Errorf("save memory state: write %s: %s", part, msg)
+		if strings.Contains(msg, "No space left") {
+			err = fmt.Errorf("%w: %w", err, syscall.ENOSPC)
+		}
+		return fail(err)
+	case ctx.Err() != nil:
+		return fail(fmt.Errorf("save memory state: %w", ctx.Err()))
+	}
+	if err := syncFile(part); err != nil {
 		return fail(fmt.Errorf("save memory state: %w", err))
 	}
-	if err := <-copied; err != nil {
-		return fail(fmt.Errorf("save memory state: write %s: %w", part, err))
-	}
-	if err := f.Sync(); err != nil {
-		return fail(fmt.Errorf("save memory state: sync %s: %w", part, err))
-	}
-	if err := f.Close(); err != nil {
-		_ = os.Remove(part)
-		return stats, fmt.Errorf("save memory state: close %s: %w", part, err)
-	}
 	if err := os.Rename(part, path); err != nil {
-		_ = os.Remove(part)
-		return stats, fmt.Errorf("save memory state: %w", err)
+		return fail(fmt.Errorf("save memory state: %w", err))
 	}
 	syncDir(filepath.Dir(path))
-	stats.Bytes, stats.Elapsed = written.Load(), time.Since(start)
+	if fi, err := os.Stat(path); err == nil {
+		stats.Bytes = fi.Size()
+	}
+	stats.Elapsed = time.Since(start)
 	return stats, nil
+}
+
+// idleWait bounds how long Save waits for an earlier save to end.
+var idleWait = 2 * time.Minute
+
+// waitIdle waits for a migration still running in QEMU, such as a save
+// whose daemon died, to end: QEMU runs one at a time.
+func waitIdle(ctx context.Context, mon qmp.Monitor) error {
+	deadline := time.Now().Add(idleWait)
+	for {
+		ms, err := qmp.QueryMigrate(ctx, mon)
+		if err != nil {
+			return err
+		}
+		switch ms.Status {
+		case "", "none", "completed", "failed", "cancelled":
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("an earlier memory save is still %s in QEMU", ms.Status)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(pollEvery):
+		}
+	}
 }
 
 // waitRunning waits (briefly) for QEMU to resume the guest after the
 // state was taken, and returns how long it was paused.
 func waitRunning(ctx context.Context, mon qmp.Monitor, since time.Time) time.Duration {
 	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
+	for time.Now().Before(deadline) {
 		st, err := qmp.QueryStatus(ctx, mon)
 		if err != nil || st.Running {
 			break
@@ -172,7 +218,7 @@ func waitRunning(ctx context.Context, mon qmp.Monitor, since time.Time) time.Dur
 	return time.Since(since)
 }
 
-// follow polls an outgoing migration until it ends.
+// follow polls a migration until it ends.
 func follow(ctx context.Context, mon qmp.Monitor, progress func(qmp.MigrationStatus)) error {
 	for {
 		ms, err := qmp.QueryMigrate(ctx, mon)
@@ -197,21 +243,12 @@ func follow(ctx context.Context, mon qmp.Monitor, progress func(qmp.MigrationSta
 	}
 }
 
-// waitMigration waits for a cancelled migration to settle.
-func waitMigration(ctx context.Context, mon qmp.Monitor) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	err := follow(ctx, mon, func(qmp.MigrationStatus) {})
-	if err != nil && ctx.Err() != nil {
-		return err
-	}
-	return nil
-}
-
 // Load feeds the state file at path into a QEMU started with -incoming
-// defer and waits until QEMU has taken all of it. The guest is left
-// paused; the caller resumes it.
-func Load(ctx context.Context, mon qmp.Monitor, path string, progress func(done, total int64)) error {
+// defer and waits until QEMU has taken all of it. QEMU reads the file
+// itself, through a descriptor Lodge passes it, so the load does not
+// depend on the daemon staying alive. The guest is left paused; the
+// caller resumes it.
+func Load(ctx context.Context, mon qmp.Monitor, path string) error {
 	passer, ok := mon.(qmp.FDPasser)
 	if !ok {
 		return fmt.Errorf("load memory state: %w", qmp.ErrNoFDPassing)
@@ -220,28 +257,11 @@ func Load(ctx context.Context, mon qmp.Monitor, path string, progress func(done,
 	if err != nil {
 		return fmt.Errorf("load memory state: %w", err)
 	}
-	defer func() { _ = f.Close() }()
-	info, err := f.Stat()
+	err = passer.PassFD(ctx, fdName, f)
+	_ = f.Close()
 	if err != nil {
-		return fmt.Errorf("load memory state: %w", err)
+		return fmt.Errorf("load memory state: pass %s to qemu: %w", path, err)
 	}
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		return fmt.Errorf("load memory state: %w", err)
-	}
-	err = passer.PassFD(ctx, fdName, pr)
-	_ = pr.Close()
-	if err != nil {
-		_ = pw.Close()
-		return fmt.Errorf("load memory state: pass pipe to qemu: %w", err)
-	}
-	var read atomic.Int64
-	copied := make(chan error, 1)
-	go func() {
-		_, err := io.Copy(pw, countReader{f, &read})
-		_ = pw.Close()
-		copied <- err
-	}()
 	if err := qmp.MigrateIncoming(ctx, mon, "fd:"+fdName); err != nil {
 		_ = mon.Execute(context.WithoutCancel(ctx), "closefd", map[string]string{"fdname": fdName}, nil)
 		return fmt.Errorf("load memory state: %w", err)
@@ -251,14 +271,8 @@ func Load(ctx context.Context, mon qmp.Monitor, path string, progress func(done,
 		if err != nil {
 			return fmt.Errorf("load memory state: %w", err)
 		}
-		if progress != nil {
-			progress(read.Load(), info.Size())
-		}
 		switch ms.Status {
 		case "completed":
-			if err := <-copied; err != nil {
-				return fmt.Errorf("load memory state: read %s: %w", path, err)
-			}
 			return nil
 		case "failed", "cancelled":
 			return fmt.Errorf("load memory state from %s: qemu: migration %s %s", path, ms.Status, ms.ErrorDesc)
@@ -271,26 +285,16 @@ func Load(ctx context.Context, mon qmp.Monitor, path string, progress func(done,
 	}
 }
 
-type countWriter struct {
-	w io.Writer
-	n *atomic.Int64
-}
-
-func (c countWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n.Add(int64(n))
-	return n, err
-}
-
-type countReader struct {
-	r io.Reader
-	n *atomic.Int64
-}
-
-func (c countReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n.Add(int64(n))
-	return n, err
+func syncFile(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // syncDir makes a rename in dir durable.

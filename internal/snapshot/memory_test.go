@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -38,8 +39,12 @@ func newFakeQEMU(state string) *fakeQEMU {
 		f.set("active", "")
 		go func() {
 			f.SetStatus("running")
-			_, _ = io.WriteString(w, state)
+			_, werr := io.WriteString(w, state)
 			_ = w.Close()
+			if werr != nil { // the reader went away: QEMU fails too
+				f.set("failed", werr.Error())
+				return
+			}
 			if f.failWith != "" {
 				f.set("failed", f.failWith)
 				return
@@ -135,26 +140,32 @@ func TestSave(t *testing.T) {
 	}
 }
 
+// A cancelled save lets QEMU finish (stopping a background snapshot
+// half-way hangs the guest), then throws the state away.
 func TestSaveCancelled(t *testing.T) {
 	pollEvery = time.Millisecond
 	q := newFakeQEMU("x")
-	// A migration that never ends until cancelled.
+	ctx, cancel := context.WithCancel(context.Background())
 	q.Handle("migrate", func(json.RawMessage) (any, error) {
+		w := q.FD(fdName)
 		q.set("active", "")
 		q.SetStatus("running")
-		return nil, nil
-	})
-	q.Handle("migrate_cancel", func(json.RawMessage) (any, error) {
-		_ = q.FD(fdName).Close()
-		q.set("cancelled", "")
+		cancel()
+		go func() {
+			time.Sleep(20 * time.Millisecond)
+			_, _ = io.WriteString(w, "state")
+			_ = w.Close()
+			q.set("completed", "")
+		}()
 		return nil, nil
 	})
 	path := filepath.Join(t.TempDir(), "s.mem")
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-	defer cancel()
 	_, err := Save(ctx, q, path, func(context.Context) error { return nil }, nil)
-	if !errors.Is(err, context.DeadlineExceeded) {
+	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("Save = %v, want the context's error", err)
+	}
+	if q.Commands()[len(q.Commands())-1] == "migrate_cancel" {
+		t.Error("Save cancelled QEMU's migration")
 	}
 	for _, p := range []string{path, path + ".part"} {
 		if _, err := os.Stat(p); err == nil {
@@ -171,17 +182,61 @@ func TestLoad(t *testing.T) {
 	if err := os.WriteFile(path, []byte(want), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	var last int64
-	if err := Load(context.Background(), q, path, func(done, _ int64) { last = done }); err != nil {
+	if err := Load(context.Background(), q, path); err != nil {
 		t.Fatalf("Load: %v", err)
 	}
 	if got := q.loadedState(); got != want {
 		t.Fatalf("QEMU read %d bytes, want the file's %d", len(got), len(want))
 	}
-	if last != int64(len(want)) {
-		t.Errorf("last progress %d, want %d", last, len(want))
-	}
-	if err := Load(context.Background(), q, path+".missing", nil); err == nil {
+	if err := Load(context.Background(), q, path+".missing"); err == nil {
 		t.Fatal("Load of a missing file succeeded")
+	}
+}
+
+// A full disk fails the save cleanly, while QEMU still gets to finish.
+func TestSaveDiskFull(t *testing.T) {
+	pollEvery = time.Millisecond
+	q := newFakeQEMU(strings.Repeat("page", 100000))
+	path := filepath.Join(t.TempDir(), "s.mem")
+	// The writer opens path.part; /dev/full fails every write with ENOSPC.
+	if err := os.Symlink("/dev/full", path+".part"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Save(context.Background(), q, path, func(context.Context) error { return nil }, nil)
+	if !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("Save to a full disk = %v, want ENOSPC", err)
+	}
+	if got := q.Status(); got != "running" {
+		t.Errorf("guest is %s, want running", got)
+	}
+	if _, err := os.Lstat(path + ".part"); err == nil {
+		t.Errorf("%s.part left behind", path)
+	}
+	q.mu.Lock()
+	status := q.status
+	q.mu.Unlock()
+	if status != "completed" {
+		t.Errorf("QEMU's side of the save ended %q: the writer stopped draining the stream", status)
+	}
+}
+
+// A save left running by a dead daemon is waited for, not refused; one
+// that never ends is refused with a reason.
+func TestSaveWaitsForEarlierSave(t *testing.T) {
+	pollEvery = time.Millisecond
+	q := newFakeQEMU("state")
+	q.set("active", "")
+	go func() { time.Sleep(30 * time.Millisecond); q.set("completed", "") }()
+	path := filepath.Join(t.TempDir(), "s.mem")
+	if _, err := Save(context.Background(), q, path, func(context.Context) error { return nil }, nil); err != nil {
+		t.Fatalf("Save after an earlier save ended: %v", err)
+	}
+
+	idleWait = 20 * time.Millisecond
+	defer func() { idleWait = 2 * time.Minute }()
+	q.set("active", "")
+	_, err := Save(context.Background(), q, path+"2", func(context.Context) error { return nil }, nil)
+	if err == nil || !strings.Contains(err.Error(), "still active") {
+		t.Fatalf("Save during an endless earlier save = %v, want 'still active'", err)
 	}
 }

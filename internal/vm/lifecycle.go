@@ -25,12 +25,12 @@ func (s *Service) Start(ctx context.Context, name string) (api.VM, error) {
 }
 
 func (s *Service) startLocked(ctx context.Context, name string) (api.VM, error) {
-	return s.boot(ctx, name, nil, nil)
+	return s.boot(ctx, name, nil)
 }
 
 // boot launches a VM's QEMU. With from set, QEMU does not boot the guest
 // but loads that snapshot's memory state and resumes it.
-func (s *Service) boot(ctx context.Context, name string, from *snapRecord, progress func(done, total int64)) (api.VM, error) {
+func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.VM, error) {
 	r, err := s.load(ctx, name)
 	if err != nil {
 		return api.VM{}, err
@@ -62,8 +62,11 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord, progr
 	s.publish(name, "vm-state", api.StateStarting, "accel "+accel.Accel)
 	m := s.machine(r, accel)
 	m.Incoming = from != nil
-	// Truncate the previous boot's console log: --log shows this boot.
-	_ = os.Truncate(m.Path(qemu.SerialLog), 0)
+	// Truncate the previous boot's console log: --log shows this boot. A
+	// restored guest goes on from its snapshot, so its log does too.
+	if from == nil {
+		_ = os.Truncate(m.Path(qemu.SerialLog), 0)
+	}
 	pid, err := s.cfg.Driver.Launch(ctx, m)
 	if err != nil {
 		s.setState(context.WithoutCancel(ctx), name, api.StateStopped, "start failed: "+err.Error())
@@ -80,7 +83,7 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord, progr
 	in := s.attach(ctx, name, pid, mon)
 	state := api.StateRunning
 	if from != nil {
-		if state, err = s.resumeState(ctx, in, from, progress); err != nil {
+		if state, err = s.resumeState(ctx, in, from); err != nil {
 			return api.VM{}, err
 		}
 	}

@@ -313,7 +313,7 @@ func (s *Service) snapshotNames(ctx context.Context, vm string) []string {
 // dropped; other snapshots are kept. A snapshot with memory comes back
 // running (or paused, if it was taken paused); one without comes back
 // stopped unless req.Start.
-func (s *Service) RevertSnapshot(ctx context.Context, vm, snap string, req api.RevertSnapshot, progress func(done, total int64)) (api.VM, error) {
+func (s *Service) RevertSnapshot(ctx context.Context, vm, snap string, req api.RevertSnapshot) (api.VM, error) {
 	unlock, err := s.lock(vm, "revert")
 	if err != nil {
 		return api.VM{}, err
@@ -399,9 +399,9 @@ func (s *Service) RevertSnapshot(ctx context.Context, vm, snap string, req api.R
 	s.log.Info("reverted", "vm", vm, "snapshot", snap, "memory", sr.Memory)
 	switch {
 	case sr.Memory:
-		return s.boot(ctx, vm, &sr, progress)
+		return s.boot(ctx, vm, &sr)
 	case req.Start:
-		return s.boot(ctx, vm, nil, nil)
+		return s.boot(ctx, vm, nil)
 	}
 	return s.Get(ctx, vm)
 }
@@ -409,8 +409,8 @@ func (s *Service) RevertSnapshot(ctx context.Context, vm, snap string, req api.R
 // resumeState loads a snapshot's memory state into a QEMU started with
 // -incoming and resumes the guest. On failure QEMU is stopped and the VM
 // is left stopped with its reverted disks.
-func (s *Service) resumeState(ctx context.Context, in *instance, sr *snapRecord, progress func(done, total int64)) (string, error) {
-	if err := snapshot.Load(ctx, in.mon, sr.MemFile, progress); err != nil {
+func (s *Service) resumeState(ctx context.Context, in *instance, sr *snapRecord) (string, error) {
+	if err := snapshot.Load(ctx, in.mon, sr.MemFile); err != nil {
 		in.stopping.Store(true)
 		_ = s.cfg.Driver.Kill(context.WithoutCancel(ctx), in.runDir, 5*time.Second)
 		<-in.done

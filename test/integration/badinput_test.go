@@ -71,6 +71,12 @@ func TestBadInput(t *testing.T) {
 		{"flatten unknown image", []string{"image", "flatten", "nope"}, 1, []string{`image "nope"`, "not found"}},
 		{"ova without descriptor first", []string{"image", "import", badOVA, "--name", "ova"}, 1, []string{`image "ova"`, ".ovf"}},
 		{"ovf not an envelope", []string{"image", "import", badOVF, "--name", "ovf"}, 1, []string{`image "ovf"`, "invalid OVF"}},
+		{"snapshot of unknown vm", []string{"snapshot", "create", "ghost", "s"}, 1, []string{`vm "ghost"`, "not found"}},
+		{"snapshot with bad name", []string{"snapshot", "create", "taken", "a/b"}, 1, []string{`snapshot name "a/b"`}},
+		{"snapshot without a name", []string{"snapshot", "create", "taken"}, 2, []string{"2 arg"}},
+		{"revert to unknown snapshot", []string{"snapshot", "revert", "taken", "nope"}, 1, []string{`snapshot "nope" of vm "taken"`, "not found"}},
+		{"delete unknown snapshot", []string{"snapshot", "delete", "taken", "nope"}, 1, []string{`snapshot "nope" of vm "taken"`, "not found"}},
+		{"snapshots of unknown vm", []string{"snapshot", "list", "ghost"}, 1, []string{`vm "ghost"`, "not found"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -108,6 +114,13 @@ func TestBadInput(t *testing.T) {
 	// API bodies are checked too.
 	if _, err := h.c.CreateVM(context.Background(), api.CreateVM{Name: "../x", Image: "tiny"}); err == nil || !strings.Contains(err.Error(), `vm name "../x"`) {
 		t.Errorf("API create with bad name: %v", err)
+	}
+
+	if _, err := h.c.CreateSnapshot(context.Background(), "taken", api.CreateSnapshot{Name: "../x"}); err == nil || !strings.Contains(err.Error(), `snapshot name "../x"`) {
+		t.Errorf("API snapshot with bad name: %v", err)
+	}
+	if snaps, err := h.c.ListSnapshots(context.Background(), "taken"); err != nil || len(snaps) != 0 {
+		t.Errorf("snapshots after bad input = %+v, %v; want none", snaps, err)
 	}
 
 	// A missing daemon is reported with how to start it.
