@@ -41,3 +41,88 @@ echo "libvirt's create is virsh define, timed on the first few domains only: on 
 echo "machines libvirtd waits 30-80 s per define with no CPU used (no systemd or D-Bus"
 echo "in the container), which says nothing about libvirt itself. Its show and list are"
 echo "measured with all domains loaded."
+
+c=$RESULTS
+ms() { awk -v x="$1" 'BEGIN{printf "%.0f", x*1000}'; }
+times() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a>0) printf "%.0f×", b/a; else print "-" }'; }
+# verdict EXPR: pass when the awk expression holds
+verdict() { if awk "BEGIN{exit !($1)}"; then echo pass; else echo fail; fi; }
+if ls "$c"/clone-*.tsv >/dev/null 2>&1; then
+  echo
+  echo "## Clones"
+  echo
+  echo "Medians of $(($(wc -l <"$(ls "$c"/clone-*.tsv | head -1)") - 1)) runs, Lodge and the comparison alternated within each run; \`sync\` before every timed step."
+fi
+if [ -f "$c/clone-linked.tsv" ]; then
+  a=$(col "$c/clone-linked.tsv" 2 ""); b=$(col "$c/clone-linked.tsv" 3 ""); v=$(col "$c/clone-linked.tsv" 4 "")
+  d=$(col "$c/clone-linked.tsv" 5 ""); k=$(col "$c/clone-linked.tsv" 6 "")
+  echo
+  echo "Linked clone of a stopped VM, 4 GiB disk with 1 GiB of data in its top layer:"
+  echo
+  echo "| measure | Lodge | comparison | comparison / Lodge | target | result |"
+  echo "|---|---|---|---|---|---|"
+  echo "| \`lodge clone\` against \`virt-clone\` (ms) | $(ms "$a") | $(ms "$b") | $(times "$a" "$b") | < 100 ms, ≥ 20× faster | $(verdict "$a < 0.1 && $b >= 20 * $a") |"
+  echo "| of which virt-clone's define (s) | | $d | | | |"
+  echo "| and its disk copy (s) | | $k | | | |"
+  echo "| against libvirt's copy alone, \`virsh vol-clone\` (ms) | $(ms "$a") | $(ms "$v") | $(times "$a" "$v") | ≥ 20× faster | $(verdict "$v >= 20 * $a") |"
+fi
+if [ -f "$c/clone-size.tsv" ]; then
+  s1=$(col "$c/clone-size.tsv" 2 ""); s4=$(col "$c/clone-size.tsv" 3 ""); s16=$(col "$c/clone-size.tsv" 4 "")
+  echo
+  echo "Linked clone time against disk size (Lodge only):"
+  echo
+  echo "| disk (data in its top layer) | Lodge (ms) | 1 GiB disk (ms) | ratio to 1 GiB | target | result |"
+  echo "|---|---|---|---|---|---|"
+  echo "| 1 GiB (512 MiB) | $(ms "$s1") | $(ms "$s1") | 1.00 | < 100 ms | $(verdict "$s1 < 0.1") |"
+  echo "| 4 GiB (1 GiB) | $(ms "$s4") | $(ms "$s1") | $(ratio "$s4" "$s1") | < 100 ms | $(verdict "$s4 < 0.1") |"
+  echo "| 16 GiB (1 GiB) | $(ms "$s16") | $(ms "$s1") | $(ratio "$s16" "$s1") | < 100 ms, no growth (≤ 1.5) | $(verdict "$s16 < 0.1 && $s16 <= 1.5 * $s1") |"
+fi
+if [ -f "$c/clone-full.tsv" ]; then
+  f=$c/clone-full.tsv
+  a=$(col "$f" 2 ""); b=$(col "$f" 3 "")
+  ar=$(awk -F'\t' 'NR>1{printf "%.1f\n", $4/$2/1e6}' "$f" | median)
+  br=$(awk -F'\t' 'NR>1{printf "%.1f\n", $5/$3/1e6}' "$f" | median)
+  ab=$(col "$f" 4 ""); bb=$(col "$f" 5 "")
+  echo
+  echo "Full clone of image + top with 1 GiB of data (4 GiB disk) against \`cp --sparse=always\` of the same chain flattened into one qcow2;"
+  echo "MB/s on allocated bytes ($(awk -v x="$ab" 'BEGIN{printf "%.0f", x/1048576}') MiB for Lodge's copy, $(awk -v x="$bb" 'BEGIN{printf "%.0f", x/1048576}') MiB for cp's):"
+  echo
+  echo "| comparison | Lodge (s) | comparison (s) | Lodge (MB/s) | comparison (MB/s) | Lodge / comparison, speed | target | result |"
+  echo "|---|---|---|---|---|---|---|---|"
+  echo "| \`cp --sparse=always\` | $a | $b | $ar | $br | $(ratio "$ar" "$br") | ≥ 0.90 | $(verdict "$ar >= 0.9 * $br") |"
+fi
+if [ -f "$c/clone-boot.tsv" ]; then
+  a=$(col "$c/clone-boot.tsv" 2 ""); b=$(col "$c/clone-boot.tsv" 3 ""); k=$(col "$c/clone-boot.tsv" 4 "")
+  echo
+  echo "From clone to agent ready, against a fresh boot of the image:"
+  echo
+  echo "| measure | Lodge clone + start + exec | fresh create --start + exec | Lodge / fresh | target | result |"
+  echo "|---|---|---|---|---|---|"
+  echo "| to agent ready (s) | $a | $b | $(ratio "$a" "$b") | ≤ 1.00 | $(verdict "$a <= $b") |"
+  echo "| of which \`lodge clone\` (ms) | $(ms "$k") | | | | |"
+fi
+if [ -f "$c/snapshot.tsv" ]; then
+  f=$c/snapshot.tsv
+  a=$(col "$f" 2 ""); b=$(col "$f" 3 ""); ga=$(col "$f" 4 ""); gb=$(col "$f" 5 ""); p=$(col "$f" 6 "")
+  ra=$(col "$f" 7 ""); rb=$(col "$f" 8 ""); bl=$(col "$f" 9 ""); bv=$(col "$f" 10 "")
+  echo
+  echo "## Snapshots with memory"
+  echo
+  echo "Guest with 1 GiB of RAM (600 MiB filled) and a 4 GiB disk holding 1 GiB; medians of $(($(wc -l <"$f") - 1)) runs, Lodge and \`virsh snapshot-create-as\` / \`snapshot-revert\` alternated."
+  echo "The pause is seen from the guest: it writes to its serial port every 2 ms and the host times the arrivals; the longest gap with nothing going on was $bl ms (Lodge's VM) and $bv ms (libvirt's)."
+  echo
+  echo "| measure | Lodge | libvirt | Lodge / libvirt | target | result |"
+  echo "|---|---|---|---|---|---|"
+  echo "| longest guest gap during the snapshot (ms) | $ga | $gb | $(ratio "$ga" "$gb") | < 100 ms | $(verdict "$ga < 100") |"
+  echo "| of which Lodge's own pause measure (ms) | $p | | | | |"
+  echo "| whole create (s) | $a | $b | $(ratio "$a" "$b") | ≤ 1.00 | $(verdict "$a <= $b") |"
+  echo "| revert (s) | $ra | $rb | $(ratio "$ra" "$rb") | ≤ 0.50 | $(verdict "$ra <= 0.5 * $rb") |"
+fi
+if [ -f "$c/snapshot-disk.tsv" ]; then
+  a=$(col "$c/snapshot-disk.tsv" 2 ""); b=$(col "$c/snapshot-disk.tsv" 3 "")
+  echo
+  echo "| disk-only snapshot (ms) | Lodge | target | result |"
+  echo "|---|---|---|---|"
+  echo "| running VM, 4 GiB disk, filesystems frozen | $(ms "$a") | < 200 ms | $(verdict "$a < 0.2") |"
+  echo "| stopped VM, 16 GiB disk | $(ms "$b") | < 200 ms | $(verdict "$b < 0.2") |"
+fi
