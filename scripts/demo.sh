@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's first session: a daemon in the background, the tiny guest
-# imported, one VM booted, its console and details printed.
+# imported, one VM booted and cloned, a snapshot taken and reverted to,
+# its console and details printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LODGE_HOME=${LODGE_HOME:-$PWD/build/demo}
@@ -53,6 +54,14 @@ fi
 ready demo-clone
 echo "== inside the clone: same disk, new identity"
 "$lodge" exec demo-clone -- sh -c 'echo "hostname:   $(hostname)"; echo "machine-id: $(cat /etc/machine-id)"'
+echo "== snapshot with memory, a mistake, and a revert"
+"$lodge" exec demo -- sh -c 'echo precious >/root/data; sleep 100000 </dev/null >/dev/null 2>&1 & echo $! >/tmp/worker'
+"$lodge" snapshot delete demo before >/dev/null 2>&1 || true
+"$lodge" snapshot create demo before
+"$lodge" exec demo -- sh -c 'rm /root/data; kill $(cat /tmp/worker)'
+"$lodge" snapshot revert demo before >/dev/null
+"$lodge" exec demo -- sh -c 'echo "after revert: /root/data holds $(cat /root/data), worker $(cat /tmp/worker) $(kill -0 $(cat /tmp/worker) && echo runs)"'
+"$lodge" snapshot list demo
 echo "== console (lodge console demo --log)"
 "$lodge" console demo --log | tr -d '\r' | sed 's/\x1b\[[0-9;]*[a-zA-Z]//g' | grep -v '^$' | tail -n 12
 echo "== lodge show demo"

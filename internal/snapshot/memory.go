@@ -11,11 +11,17 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/lodge-vm/lodge/internal/qmp"
 )
 
 // The monitor fd name under which QEMU gets the migration stream.
 const fdName = "lodge-memstate"
+
+// pipeSize is the default limit for unprivileged pipes
+// (/proc/sys/fs/pipe-max-size).
+const pipeSize = 1 << 20
 
 // How often a running save or load is polled for progress.
 var pollEvery = 50 * time.Millisecond
@@ -79,6 +85,9 @@ func Save(ctx context.Context, mon qmp.Monitor, path string, atPause func(contex
 	if err != nil {
 		return stats, fmt.Errorf("save memory state: %w", err)
 	}
+	// While QEMU waits on a full pipe it does not serve the guest's
+	// faults on write-protected pages; a larger pipe keeps it writing.
+	_, _ = unix.FcntlInt(pw.Fd(), unix.F_SETPIPE_SZ, pipeSize)
 	// Not tied to ctx: killing the writer mid-stream is what must not
 	// happen.
 	writer := exec.CommandContext(context.WithoutCancel(ctx), "/bin/sh", "-c", writerScript, "lodge-memstate", part)
