@@ -76,7 +76,7 @@ func (s *Service) Clone(ctx context.Context, src string, req api.CloneVM, progre
 	next := make([]string, len(r.Disks))
 	base := make([]string, len(r.Disks))
 	dst := r
-	dst.Name, dst.ClonedFrom = req.Name, src
+	dst.Name, dst.ClonedFrom, dst.CurrentSnapshot = req.Name, src, ""
 	if !req.KeepIdentity {
 		dst.Hostname, dst.IdentityPending = req.Name, true
 	}
