@@ -34,22 +34,25 @@ type Disk struct {
 
 // VM is a virtual machine as `lodge show -o json` prints it.
 type VM struct {
-	Name        string     `json:"name"`
-	UUID        string     `json:"uuid"`
-	State       string     `json:"state"`
-	StateReason string     `json:"state_reason,omitempty"`
-	Image       string     `json:"image"`
-	CPUs        int        `json:"cpus"`
-	Memory      int64      `json:"memory"`
-	MaxMemory   int64      `json:"max_memory"`
-	Hostname    string     `json:"hostname"`
-	InstanceID  string     `json:"instance_id"`
-	NICs        []NIC      `json:"nics"`
-	Disks       []Disk     `json:"disks"`
-	CreatedAt   time.Time  `json:"created_at"`
-	StartedAt   *time.Time `json:"started_at"`
-	PID         int        `json:"pid,omitempty"`
-	Agent       bool       `json:"agent"`
+	Name        string `json:"name"`
+	UUID        string `json:"uuid"`
+	State       string `json:"state"`
+	StateReason string `json:"state_reason,omitempty"`
+	Image       string `json:"image"`
+	CPUs        int    `json:"cpus"`
+	Memory      int64  `json:"memory"`
+	MaxMemory   int64  `json:"max_memory"`
+	// MemoryActual is what a running guest has now: its boot memory less
+	// what its balloon holds.
+	MemoryActual int64      `json:"memory_actual,omitempty"`
+	Hostname     string     `json:"hostname"`
+	InstanceID   string     `json:"instance_id"`
+	NICs         []NIC      `json:"nics"`
+	Disks        []Disk     `json:"disks"`
+	CreatedAt    time.Time  `json:"created_at"`
+	StartedAt    *time.Time `json:"started_at"`
+	PID          int        `json:"pid,omitempty"`
+	Agent        bool       `json:"agent"`
 	// CID is the VM's vsock context id, unique on the host.
 	CID uint32 `json:"cid"`
 	// ClonedFrom names the VM this one was cloned from.
@@ -129,6 +132,15 @@ type PublishImage struct {
 	Name string `json:"name"`
 	// Generalize clears the guest's identity inside the new image.
 	Generalize bool `json:"generalize,omitempty"`
+}
+
+// SetVM is the body of PATCH /v1/vms/{name}: the settings to change.
+// Memory changes while the VM runs; CPUs and MaxMemory while it is
+// stopped.
+type SetVM struct {
+	Memory    int64 `json:"memory,omitempty"`
+	MaxMemory int64 `json:"max_memory,omitempty"`
+	CPUs      int   `json:"cpus,omitempty"`
 }
 
 // StopVM is the body of POST /v1/vms/{name}/stop.

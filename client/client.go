@@ -143,6 +143,12 @@ func (c *Client) CloneVM(ctx context.Context, src string, req api.CloneVM) (api.
 	return op, c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(src)+"/clone", req, &op)
 }
 
+// SetVM starts changing a VM's settings; memory changes while it runs.
+func (c *Client) SetVM(ctx context.Context, name string, req api.SetVM) (api.Operation, error) {
+	var op api.Operation
+	return op, c.do(ctx, http.MethodPatch, "/v1/vms/"+url.PathEscape(name), req, &op)
+}
+
 // ListSnapshots returns a VM's snapshot tree, parents before children.
 func (c *Client) ListSnapshots(ctx context.Context, vm string) ([]api.Snapshot, error) {
 	var out []api.Snapshot

@@ -254,8 +254,12 @@ func (g *globals) emitVM(cmd *cobra.Command, v api.VM) error {
 		if v.StateReason != "" {
 			state += " (" + v.StateReason + ")"
 		}
-		fmt.Fprintf(tw, "Name:\t%s\nState:\t%s\nUUID:\t%s\nImage:\t%s\nCPUs:\t%d\nMemory:\t%s (max %s)\nHostname:\t%s\n",
-			v.Name, state, v.UUID, v.Image, v.CPUs, units.FormatSize(v.Memory), units.FormatSize(v.MaxMemory), v.Hostname)
+		mem := units.FormatSize(v.Memory) + " (max " + units.FormatSize(v.MaxMemory)
+		if v.MemoryActual > 0 {
+			mem += ", guest has " + units.FormatSize(v.MemoryActual)
+		}
+		fmt.Fprintf(tw, "Name:\t%s\nState:\t%s\nUUID:\t%s\nImage:\t%s\nCPUs:\t%d\nMemory:\t%s)\nHostname:\t%s\n",
+			v.Name, state, v.UUID, v.Image, v.CPUs, mem, v.Hostname)
 		agent := "not connected"
 		if v.Agent {
 			agent = "connected"

@@ -30,6 +30,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/vms", d.createVM)
 	mux.HandleFunc("GET /v1/vms/{name}", d.getVM)
 	mux.HandleFunc("DELETE /v1/vms/{name}", d.deleteVM)
+	mux.HandleFunc("PATCH /v1/vms/{name}", d.setVM)
 	mux.HandleFunc("POST /v1/vms/{name}/{action}", d.vmAction)
 	mux.HandleFunc("GET /v1/vms/{name}/snapshots", d.listSnapshots)
 	mux.HandleFunc("POST /v1/vms/{name}/snapshots", d.createSnapshot)
@@ -201,6 +202,23 @@ func (d *Daemon) deleteVM(w http.ResponseWriter, r *http.Request) {
 		return nil, d.vms.Delete(ctx, name, force)
 	})
 	accepted(w, o)
+}
+
+func (d *Daemon) setVM(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if _, err := d.vms.Get(r.Context(), name); err != nil {
+		writeErr(w, err)
+		return
+	}
+	var req api.SetVM
+	if !decode(w, r, &req) {
+		return
+	}
+	if req == (api.SetVM{}) {
+		writeErr(w, fmt.Errorf("set vm %q: %w: nothing to change", name, errdefs.ErrInvalid))
+		return
+	}
+	accepted(w, d.ops.start("set", name, func(ctx context.Context, _ *operation) (any, error) { return d.vms.Set(ctx, name, req) }))
 }
 
 func (d *Daemon) listSnapshots(w http.ResponseWriter, r *http.Request) {

@@ -207,3 +207,19 @@ func JobDismiss(ctx context.Context, m Monitor, id string) error {
 func JobCancel(ctx context.Context, m Monitor, id string) error {
 	return m.Execute(ctx, "job-cancel", map[string]any{"id": id}, nil)
 }
+
+// Balloon asks the guest's balloon driver to leave it target bytes.
+func Balloon(ctx context.Context, m Monitor, target int64) error {
+	return m.Execute(ctx, "balloon", map[string]any{"value": target}, nil)
+}
+
+// QueryBalloon reports how much memory the guest has now.
+func QueryBalloon(ctx context.Context, m Monitor) (int64, error) {
+	var out struct {
+		Actual int64 `json:"actual"`
+	}
+	if err := m.Execute(ctx, "query-balloon", nil, &out); err != nil {
+		return 0, err
+	}
+	return out.Actual, nil
+}

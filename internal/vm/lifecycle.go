@@ -53,15 +53,19 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.
 			return api.VM{}, err
 		}
 	}
+	m := s.machine(r, accel)
+	if from != nil {
+		// The saved state fits only a QEMU of the size it came from.
+		m.Incoming, m.Memory = true, from.MemorySize
+	}
 	if _, err := s.update(ctx, name, func(x *record) error {
 		x.State, x.StateReason, x.Wanted, x.StartedAt = api.StateStarting, "", api.StateRunning, nil
+		x.BootMemory = m.Memory
 		return nil
 	}); err != nil {
 		return api.VM{}, err
 	}
 	s.publish(name, "vm-state", api.StateStarting, "accel "+accel.Accel)
-	m := s.machine(r, accel)
-	m.Incoming = from != nil
 	// Truncate the previous boot's console log: --log shows this boot. A
 	// restored guest goes on from its snapshot, so its log does too.
 	if from == nil {

@@ -44,10 +44,13 @@ const snapshotSlack = 64 << 20
 type snapRecord struct {
 	api.Snapshot
 	// Disks are the VM's disks as they were: each Path is a frozen layer.
-	Disks      []api.Disk `json:"disks"`
-	CPUs       int        `json:"cpus"`
-	MemorySize int64      `json:"memory_size"`
-	MemFile    string     `json:"mem_file,omitempty"`
+	Disks []api.Disk `json:"disks"`
+	CPUs  int        `json:"cpus"`
+	// MemorySize is the QEMU's memory (-m) when taken, Target the
+	// balloon's target then.
+	MemorySize int64  `json:"memory_size"`
+	Target     int64  `json:"target,omitempty"`
+	MemFile    string `json:"mem_file,omitempty"`
 	// Paused records a guest that was paused when taken; revert leaves it
 	// paused.
 	Paused bool   `json:"paused,omitempty"`
@@ -121,11 +124,14 @@ func (s *Service) CreateSnapshot(ctx context.Context, vm string, req api.CreateS
 			Name: req.Name, VM: vm, Parent: r.CurrentSnapshot, CreatedAt: time.Now().UTC(),
 			Memory: withMemory, Description: req.Description,
 		},
-		Disks: append([]api.Disk(nil), r.Disks...), CPUs: r.CPUs, MemorySize: r.Memory,
+		Disks: append([]api.Disk(nil), r.Disks...), CPUs: r.CPUs, MemorySize: r.Memory, Target: r.Memory,
 		Paused: r.State == api.StatePaused, State: snapCreating,
 	}
 	if withMemory {
 		sr.MemFile = filepath.Join(s.snapDir(vm), req.Name+".mem")
+		if r.BootMemory > 0 {
+			sr.MemorySize = r.BootMemory
+		}
 	}
 	err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
 		var cur record
@@ -387,6 +393,9 @@ func (s *Service) RevertSnapshot(ctx context.Context, vm, snap string, req api.R
 			cur.Disks[i] = d
 		}
 		cur.CPUs, cur.Memory = sr.CPUs, sr.MemorySize
+		if sr.Target > 0 {
+			cur.Memory = sr.Target
+		}
 		cur.CurrentSnapshot = snap
 		cur.Intent, cur.NextDisks = "", nil
 		return store.PutJSON(tx, bucket, vm, cur)

@@ -22,6 +22,7 @@ import (
 	"github.com/lodge-vm/lodge/internal/image"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qga"
+	"github.com/lodge-vm/lodge/internal/qmp"
 	"github.com/lodge-vm/lodge/internal/storage"
 	"github.com/lodge-vm/lodge/internal/store"
 )
@@ -46,6 +47,9 @@ type record struct {
 	IdentityPending bool `json:"identity_pending,omitempty"`
 	// NextDisks are the new tops a clone is switching the disks to.
 	NextDisks []string `json:"next_disks,omitempty"`
+	// BootMemory is the memory the running QEMU was started with (-m):
+	// the balloon moves Memory below it.
+	BootMemory int64 `json:"boot_memory,omitempty"`
 	// Wanted is the desired power state; State is what was last observed.
 	Wanted string `json:"wanted"`
 }
@@ -242,10 +246,18 @@ func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
 	if err != nil {
 		return api.VM{}, err
 	}
-	if in := s.instance(name); in != nil && in.agentUp() {
+	in := s.instance(name)
+	if in != nil && in.agentUp() {
 		s.refreshIPs(ctx, in)
 	}
 	v := s.view(r)
+	if in != nil {
+		bctx, cancel := context.WithTimeout(ctx, time.Second)
+		if actual, err := qmp.QueryBalloon(bctx, in.mon); err == nil {
+			v.MemoryActual = actual
+		}
+		cancel()
+	}
 	v.Snapshots = s.snapshotNames(ctx, name)
 	return v, nil
 }

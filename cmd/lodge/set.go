@@ -1,0 +1,66 @@
+package main
+
+import (
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/units"
+)
+
+func setCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "set VM KEY=VALUE...",
+		Short: "Change a VM's memory (also while it runs), max_memory or cpus",
+		Long: `Change a VM's settings:
+
+  memory=SIZE      while it runs too: the balloon gives memory back and
+                   takes it again, up to what the VM booted with; the
+                   command returns once the guest has got there
+  max_memory=SIZE  while it is stopped
+  cpus=N           while it is stopped
+
+Sizes take 512M, 2G or 2GiB.`,
+		Args: cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req, err := parseSettings(args[1:])
+			if err != nil {
+				return err
+			}
+			c := g.client()
+			op, err := c.SetVM(cmd.Context(), args[0], req)
+			return g.waitVM(cmd, c, op, err)
+		},
+	}
+}
+
+// parseSettings reads KEY=VALUE words into a SetVM.
+func parseSettings(words []string) (api.SetVM, error) {
+	var req api.SetVM
+	for _, w := range words {
+		key, val, ok := strings.Cut(w, "=")
+		if !ok || val == "" {
+			return req, usagef("set: %q: want KEY=VALUE", w)
+		}
+		var err error
+		switch key {
+		case "memory":
+			req.Memory, err = units.ParseSize(val)
+		case "max_memory", "max-memory":
+			req.MaxMemory, err = units.ParseSize(val)
+		case "cpus":
+			req.CPUs, err = strconv.Atoi(val)
+			if err == nil && req.CPUs < 1 {
+				return req, usagef("set: cpus=%s: must be at least 1", val)
+			}
+		default:
+			return req, usagef("set: unknown setting %q (memory, max_memory, cpus)", key)
+		}
+		if err != nil {
+			return req, usagef("set: %s: %v", w, err)
+		}
+	}
+	return req, nil
+}

@@ -1,0 +1,132 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/qemu/qemutest"
+)
+
+// fakeBalloon models a guest's balloon: with a driver it moves toward
+// the target in steps; without, it never moves.
+type fakeBalloon struct {
+	mu             sync.Mutex
+	actual, target int64
+	driver         bool
+	targets        []int64
+}
+
+func (b *fakeBalloon) install(vm *qemutest.VM) {
+	vm.Mon.Handle("balloon", func(raw json.RawMessage) (any, error) {
+		var a struct {
+			Value int64 `json:"value"`
+		}
+		_ = json.Unmarshal(raw, &a)
+		b.mu.Lock()
+		b.target = a.Value
+		b.targets = append(b.targets, a.Value)
+		b.mu.Unlock()
+		return nil, nil
+	})
+	vm.Mon.Handle("query-balloon", func(json.RawMessage) (any, error) {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if b.driver && b.actual != b.target {
+			step := max(min(b.target-b.actual, 64<<20), -64<<20)
+			b.actual += step
+		}
+		return map[string]int64{"actual": b.actual}, nil
+	})
+}
+
+func TestSetMemoryWhileRunning(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	f.create(t, "web") // 256 MiB
+	b := &fakeBalloon{actual: 256 << 20, target: 256 << 20, driver: true}
+	f.drv.OnLaunch = b.install
+	if _, err := f.svc.Start(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := f.svc.Set(ctx, "web", api.SetVM{Memory: 128 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Memory != 128<<20 || v.MemoryActual != 128<<20 {
+		t.Fatalf("after shrinking: memory %d, actual %d; want 128 MiB both", v.Memory, v.MemoryActual)
+	}
+	if v, err = f.svc.Set(ctx, "web", api.SetVM{Memory: 256 << 20}); err != nil || v.MemoryActual != 256<<20 {
+		t.Fatalf("growing back: %v, actual %d", err, v.MemoryActual)
+	}
+
+	bad := []struct {
+		req  api.SetVM
+		want error
+		msg  string
+	}{
+		{api.SetVM{Memory: 512 << 20}, errdefs.ErrInvalid, "above its max_memory"},
+		{api.SetVM{Memory: 32 << 20}, errdefs.ErrInvalid, "at least"},
+		{api.SetVM{CPUs: 2}, errdefs.ErrState, "while the VM is stopped"},
+		{api.SetVM{MaxMemory: 1 << 30}, errdefs.ErrState, "while the VM is stopped"},
+	}
+	for _, tt := range bad {
+		_, err := f.svc.Set(ctx, "web", tt.req)
+		if !errors.Is(err, tt.want) || !strings.Contains(err.Error(), tt.msg) {
+			t.Errorf("Set(%+v) = %v, want %v with %q", tt.req, err, tt.want, tt.msg)
+		}
+	}
+	if r, _ := f.svc.load(ctx, "web"); r.Memory != 256<<20 || r.CPUs != 1 || r.MaxMemory != 256<<20 {
+		t.Errorf("refused changes left the record at memory %d, cpus %d, max %d", r.Memory, r.CPUs, r.MaxMemory)
+	}
+}
+
+// A guest without a balloon driver is found out within the stall time,
+// and nothing is left half-set: the balloon target goes back.
+func TestSetMemoryWithoutBalloonDriver(t *testing.T) {
+	balloonStall = 300 * time.Millisecond
+	defer func() { balloonStall = 10 * time.Second }()
+	f := newFixture(t)
+	ctx := context.Background()
+	f.create(t, "web")
+	b := &fakeBalloon{actual: 256 << 20, target: 256 << 20}
+	f.drv.OnLaunch = b.install
+	if _, err := f.svc.Start(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := f.svc.Set(ctx, "web", api.SetVM{Memory: 128 << 20})
+	if err == nil || !strings.Contains(err.Error(), "did not move") {
+		t.Fatalf("Set on a guest without a balloon driver = %v", err)
+	}
+	b.mu.Lock()
+	targets := b.targets
+	b.mu.Unlock()
+	if len(targets) != 2 || targets[1] != 256<<20 {
+		t.Errorf("balloon targets %v: want the old target put back", targets)
+	}
+	if r, _ := f.svc.load(ctx, "web"); r.Memory != 256<<20 {
+		t.Errorf("record memory %d after a failed change", r.Memory)
+	}
+}
+
+func TestSetWhileStopped(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	f.create(t, "db")
+	v, err := f.svc.Set(ctx, "db", api.SetVM{CPUs: 2, MaxMemory: 1 << 30, Memory: 768 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.CPUs != 2 || v.MaxMemory != 1<<30 || v.Memory != 768<<20 {
+		t.Fatalf("after set: %+v", v)
+	}
+	if _, err := f.svc.Set(ctx, "db", api.SetVM{MaxMemory: 512 << 20}); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("max_memory below memory: %v", err)
+	}
+}
