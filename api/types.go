@@ -230,6 +230,12 @@ type HostInfo struct {
 	DaemonPID       int     `json:"daemon_pid"`
 }
 
+// SetHost is the body of PATCH /v1/host: limits to change; 0 keeps one.
+type SetHost struct {
+	MemoryLimit int64   `json:"memory_limit,omitempty"`
+	Overcommit  float64 `json:"overcommit,omitempty"`
+}
+
 // Operation states.
 const (
 	OpRunning   = "running"

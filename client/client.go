@@ -113,6 +113,12 @@ func (c *Client) Host(ctx context.Context) (api.HostInfo, error) {
 	return h, c.do(ctx, http.MethodGet, "/v1/host", nil, &h)
 }
 
+// SetHost changes the host's limits and returns the host info after.
+func (c *Client) SetHost(ctx context.Context, req api.SetHost) (api.HostInfo, error) {
+	var out api.HostInfo
+	return out, c.do(ctx, http.MethodPatch, "/v1/host", req, &out)
+}
+
 // ListVMs returns every VM.
 func (c *Client) ListVMs(ctx context.Context) ([]api.VM, error) {
 	var vms []api.VM

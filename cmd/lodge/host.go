@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -29,20 +30,61 @@ func hostCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return g.emit(cmd.OutOrStdout(), h, func(tw *tabwriter.Writer) {
-				fmt.Fprintf(tw, "Accelerator:\t%s (%s)\n", h.Accel, h.AccelReason)
-				fmt.Fprintf(tw, "QEMU:\t%s\nCPUs:\t%d\n", h.QEMUVersion, h.CPUs)
-				fmt.Fprintf(tw, "Memory:\t%s total, %s limit (overcommit %.1f), %s allocated, %s free\n",
-					units.FormatSize(h.MemoryTotal), units.FormatSize(h.MemoryLimit), h.Overcommit,
-					units.FormatSize(h.MemoryAllocated), units.FormatSize(h.MemoryFree))
-				fmt.Fprintf(tw, "VMs:\t%d (%d running)\nHome:\t%s\n", h.VMs, h.Running, h.Home)
-				for _, p := range h.Pools {
-					fmt.Fprintf(tw, "Pool %s:\t%s (%s free of %s)\n", p.Name, p.Path, sizeOrDash(p.Free), sizeOrDash(p.Total))
+			return g.emitHost(cmd, h)
+		},
+	}, &cobra.Command{
+		Use:   "set KEY=VALUE...",
+		Short: "Set the host's limits: memory_limit=SIZE, overcommit=RATIO",
+		Long: `Set the host's limits; they are kept across restarts and win over the
+config file.
+
+  memory_limit=SIZE  the total memory VMs may be given (default: host RAM
+                     less memory_reserve)
+  overcommit=RATIO   how far past memory_limit VMs may be given memory
+                     (default 1.0: never)`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var req api.SetHost
+			for _, w := range args {
+				key, val, ok := strings.Cut(w, "=")
+				if !ok || val == "" {
+					return usagef("host set: %q: want KEY=VALUE", w)
 				}
-			})
+				var err error
+				switch key {
+				case "memory_limit", "memory-limit":
+					req.MemoryLimit, err = units.ParseSize(val)
+				case "overcommit":
+					req.Overcommit, err = strconv.ParseFloat(val, 64)
+				default:
+					return usagef("host set: unknown setting %q (memory_limit, overcommit)", key)
+				}
+				if err != nil {
+					return usagef("host set: %s: %v", w, err)
+				}
+			}
+			h, err := g.client().SetHost(cmd.Context(), req)
+			if err != nil {
+				return err
+			}
+			return g.emitHost(cmd, h)
 		},
 	})
 	return host
+}
+
+func (g *globals) emitHost(cmd *cobra.Command, h api.HostInfo) error {
+	return g.emit(cmd.OutOrStdout(), h, func(tw *tabwriter.Writer) {
+		fmt.Fprintf(tw, "Accelerator:\t%s (%s)\n", h.Accel, h.AccelReason)
+		fmt.Fprintf(tw, "QEMU:\t%s\nCPUs:\t%d\n", h.QEMUVersion, h.CPUs)
+		fmt.Fprintf(tw, "Memory:\t%s total, %s limit (overcommit %.1f), %s allocated, %s free\n",
+			units.FormatSize(h.MemoryTotal), units.FormatSize(h.MemoryLimit), h.Overcommit,
+			units.FormatSize(h.MemoryAllocated), units.FormatSize(h.MemoryFree))
+		fmt.Fprintf(tw, "VMs:\t%d (%d running)\nHome:\t%s\n", h.VMs, h.Running, h.Home)
+		for _, p := range h.Pools {
+			fmt.Fprintf(tw, "Pool %s:\t%s (%s free of %s)\n", p.Name, p.Path, sizeOrDash(p.Free), sizeOrDash(p.Total))
+		}
+	})
 }
 
 // waitImage follows an operation that ends with an image and prints it.

@@ -40,6 +40,9 @@ type Daemon struct {
 	qemuVer string
 	memTot  int64
 
+	limitsMu sync.Mutex
+	limits   hostLimits
+
 	accelMu sync.Mutex
 	accel   qemu.Accel
 	// accelSettled is closed once there is a verdict and no probe is
@@ -86,6 +89,10 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, err
 		d.qemuVer = strings.TrimPrefix(v, "QEMU emulator version ")
 	} else {
 		d.log.Warn("qemu not found; VMs cannot start", "binary", cfg.QEMU, "err", err)
+	}
+	if err := d.loadLimits(ctx); err != nil {
+		_ = st.Close()
+		return nil, err
 	}
 	if err := d.images.Recover(ctx); err != nil {
 		_ = st.Close()
@@ -154,14 +161,6 @@ func listen(path string) (net.Listener, error) {
 		return nil, err
 	}
 	return ln, nil
-}
-
-func (d *Daemon) host() vm.Host {
-	limit := int64(d.cfg.MemoryLimit)
-	if limit == 0 {
-		limit = max(d.memTot-int64(d.cfg.MemoryReserve), 0)
-	}
-	return vm.Host{MemoryTotal: d.memTot, MemoryLimit: limit, Overcommit: d.cfg.Overcommit}
 }
 
 func memTotal() int64 {

@@ -26,6 +26,7 @@ const maxBody = 4 << 20
 func (d *Daemon) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/host", d.hostInfo)
+	mux.HandleFunc("PATCH /v1/host", d.setHost)
 	mux.HandleFunc("GET /v1/vms", d.listVMs)
 	mux.HandleFunc("POST /v1/vms", d.createVM)
 	mux.HandleFunc("GET /v1/vms/{name}", d.getVM)

@@ -4,6 +4,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/lodge-vm/lodge/api"
 )
 
 // memTotal is the guest's MemTotal in KiB.
@@ -60,5 +62,57 @@ func TestMemoryBalloon(t *testing.T) {
 	}
 	if v := h.show("bal"); v.Memory != 512<<20 || v.CPUs != 1 {
 		t.Errorf("refused changes left memory %d, cpus %d", v.Memory, v.CPUs)
+	}
+}
+
+// TestHostLimits: starting or growing VMs past the host's memory limit is
+// refused with the numbers; giving memory back through the balloon makes
+// room; the limit set with `host set` survives a daemon crash.
+func TestHostLimits(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	var info api.HostInfo
+	mustJSON(t, h.must("host", "set", "memory_limit=700M", "-o", "json"), &info)
+	if info.MemoryLimit != 700<<20 || info.Overcommit != 1 {
+		t.Fatalf("after host set: limit %d, overcommit %g", info.MemoryLimit, info.Overcommit)
+	}
+	h.vm("la") // 256M each
+	h.vm("lb")
+	h.importGuest()
+	h.must("create", "lc", "--image", "tiny", "--memory", "256M")
+	_, errOut, code := h.lodge("start", "lc")
+	if code != 1 || !strings.Contains(errOut, "memory limit 700M, allocated 512M, requested 256M") {
+		t.Fatalf("start past the limit: exit %d, %q", code, errOut)
+	}
+	h.must("set", "la", "memory=128M")
+	h.must("start", "lc")
+	_, errOut, code = h.lodge("set", "la", "memory=256M")
+	if code != 1 || !strings.Contains(errOut, "memory limit 700M, allocated 640M, requested 128M more") {
+		t.Fatalf("growing past the limit: exit %d, %q", code, errOut)
+	}
+	mustJSON(t, h.must("host", "info", "-o", "json"), &info)
+	if info.MemoryAllocated != 640<<20 || info.MemoryFree != 60<<20 {
+		t.Fatalf("host info: allocated %d, free %d; want 640M and 60M", info.MemoryAllocated, info.MemoryFree)
+	}
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"host", "set", "memory_limit=100T"}, 1, "the host has"},
+		{[]string{"host", "set", "overcommit=100"}, 1, "between 0.5 and 10"},
+		{[]string{"host", "set", "memory_limit=lots"}, 2, "not a size"},
+		{[]string{"host", "set", "cpus=4"}, 2, "unknown setting"},
+	} {
+		_, errOut, code := h.lodge(c.args...)
+		if code != c.code || !strings.Contains(errOut, c.want) {
+			t.Errorf("lodge %v: exit %d, %q; want exit %d with %q", c.args, code, errOut, c.code, c.want)
+		}
+	}
+	h.killDaemon()
+	h.startDaemon()
+	mustJSON(t, h.must("host", "info", "-o", "json"), &info)
+	if info.MemoryLimit != 700<<20 {
+		t.Fatalf("limit after a daemon crash: %d, want 700M", info.MemoryLimit)
 	}
 }

@@ -1,0 +1,111 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/store"
+	"github.com/lodge-vm/lodge/internal/units"
+	"github.com/lodge-vm/lodge/internal/vm"
+)
+
+// Limits set with `lodge host set` live in the store and win over the
+// config file, so that they survive restarts without editing it.
+const (
+	settingsBucket = "settings"
+	limitsKey      = "host-limits"
+)
+
+// Bounds for the overcommit ratio: below 0.5 wastes the host, above 10
+// promises memory that cannot exist.
+const (
+	minOvercommit = 0.5
+	maxOvercommit = 10
+)
+
+type hostLimits struct {
+	MemoryLimit int64   `json:"memory_limit,omitempty"`
+	Overcommit  float64 `json:"overcommit,omitempty"`
+}
+
+func (d *Daemon) loadLimits(ctx context.Context) error {
+	var l hostLimits
+	err := d.store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, settingsBucket, limitsKey, &l) })
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return fmt.Errorf("host limits: %w", err)
+	}
+	d.limitsMu.Lock()
+	d.limits = l
+	d.limitsMu.Unlock()
+	return nil
+}
+
+// host is what VMs may draw on now: the config, overridden by host set.
+func (d *Daemon) host() vm.Host {
+	d.limitsMu.Lock()
+	l := d.limits
+	d.limitsMu.Unlock()
+	limit := int64(d.cfg.MemoryLimit)
+	if l.MemoryLimit > 0 {
+		limit = l.MemoryLimit
+	}
+	if limit == 0 {
+		limit = max(d.memTot-int64(d.cfg.MemoryReserve), 0)
+	}
+	over := d.cfg.Overcommit
+	if l.Overcommit > 0 {
+		over = l.Overcommit
+	}
+	return vm.Host{MemoryTotal: d.memTot, MemoryLimit: limit, Overcommit: over}
+}
+
+// validateLimits refuses limits that make no sense on this host.
+func (d *Daemon) validateLimits(req api.SetHost) error {
+	switch {
+	case req.MemoryLimit < 0:
+		return fmt.Errorf("host memory_limit %d: %w: must be positive", req.MemoryLimit, errdefs.ErrInvalid)
+	case req.MemoryLimit > 0 && req.MemoryLimit < 64<<20:
+		return fmt.Errorf("host memory_limit %s: %w: must be at least 64M", units.FormatSize(req.MemoryLimit), errdefs.ErrInvalid)
+	case d.memTot > 0 && req.MemoryLimit > d.memTot:
+		return fmt.Errorf("host memory_limit %s: %w: the host has %s (use overcommit to promise more)", units.FormatSize(req.MemoryLimit), errdefs.ErrLimit, units.FormatSize(d.memTot))
+	case req.Overcommit != 0 && (req.Overcommit < minOvercommit || req.Overcommit > maxOvercommit):
+		return fmt.Errorf("host overcommit %g: %w: must be between %g and %g", req.Overcommit, errdefs.ErrInvalid, float64(minOvercommit), float64(maxOvercommit))
+	case req == api.SetHost{}:
+		return fmt.Errorf("host set: %w: nothing to change", errdefs.ErrInvalid)
+	}
+	return nil
+}
+
+func (d *Daemon) setHost(w http.ResponseWriter, r *http.Request) {
+	var req api.SetHost
+	if !decode(w, r, &req) {
+		return
+	}
+	if err := d.validateLimits(req); err != nil {
+		writeErr(w, err)
+		return
+	}
+	d.limitsMu.Lock()
+	l := d.limits
+	if req.MemoryLimit > 0 {
+		l.MemoryLimit = req.MemoryLimit
+	}
+	if req.Overcommit > 0 {
+		l.Overcommit = req.Overcommit
+	}
+	err := d.store.Update(r.Context(), func(tx store.Tx) error { return store.PutJSON(tx, settingsBucket, limitsKey, l) })
+	if err == nil {
+		d.limits = l
+	}
+	d.limitsMu.Unlock()
+	if err != nil {
+		writeErr(w, fmt.Errorf("host set: %w", err))
+		return
+	}
+	d.log.Info("host limits set", "memory_limit", l.MemoryLimit, "overcommit", l.Overcommit)
+	d.hostInfo(w, r)
+}
