@@ -20,11 +20,10 @@ const (
 	limitsKey      = "host-limits"
 )
 
-// Bounds for the overcommit ratio: below 0.5 wastes the host, above 10
-// promises memory that cannot exist.
+// Bounds for the overcommit ratio, as the config file has them.
 const (
-	minOvercommit = 0.5
-	maxOvercommit = 10
+	minOvercommit = 1.0
+	maxOvercommit = 100
 )
 
 type hostLimits struct {

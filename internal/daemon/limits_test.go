@@ -22,8 +22,8 @@ func TestValidateLimits(t *testing.T) {
 		{api.SetHost{MemoryLimit: -1}, errdefs.ErrInvalid},
 		{api.SetHost{MemoryLimit: 1 << 20}, errdefs.ErrInvalid},
 		{api.SetHost{MemoryLimit: 9 << 30}, errdefs.ErrLimit},
-		{api.SetHost{Overcommit: 0.1}, errdefs.ErrInvalid},
-		{api.SetHost{Overcommit: 11}, errdefs.ErrInvalid},
+		{api.SetHost{Overcommit: 0.5}, errdefs.ErrInvalid},
+		{api.SetHost{Overcommit: 101}, errdefs.ErrInvalid},
 	}
 	for _, tt := range tests {
 		err := d.validateLimits(tt.req)

@@ -100,7 +100,7 @@ func TestHostLimits(t *testing.T) {
 		want string
 	}{
 		{[]string{"host", "set", "memory_limit=100T"}, 1, "the host has"},
-		{[]string{"host", "set", "overcommit=100"}, 1, "between 0.5 and 10"},
+		{[]string{"host", "set", "overcommit=0.5"}, 1, "between 1 and 100"},
 		{[]string{"host", "set", "memory_limit=lots"}, 2, "not a size"},
 		{[]string{"host", "set", "cpus=4"}, 2, "unknown setting"},
 	} {
