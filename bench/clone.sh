@@ -10,6 +10,9 @@
 # full-copy comparison warms both sources with one untimed copy each.
 source "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-5}
+# SECTIONS picks parts to run again on their own: linked size full boot.
+SECTIONS=${SECTIONS:-linked size full boot}
+want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 V="virsh -c qemu:///system"
 POOL=lv-bench-clone
 start_libvirtd
@@ -42,6 +45,7 @@ rm -f "$WORK"/lv-clone-*.qcow2 "$WORK"/lv-volclone-*.qcow2 "$WORK"/full-*.qcow2
 # 1. Linked clone of a 4 GiB disk holding 1 GiB, against virt-clone (a
 # full copy: Debian 12's virt-clone 4.1 has no --linked) of a standalone
 # qcow2 holding the same data, and against that copy alone.
+if want linked; then
 src_with_data clone-src 4G 1G
 qemu-img convert -f qcow2 -O qcow2 -o cluster_size=64k "$(disk_of clone-src)" "$WORK/lv-clone-src.qcow2"
 cp "$LODGE_HOME/vms/clone-src/seed.iso" "$WORK/lv-clone-seed.iso"
@@ -75,8 +79,10 @@ done
 libvirt_undefine lv-clone-src
 $V pool-destroy "$POOL" >/dev/null
 rm -f "$WORK/lv-clone-src.qcow2" "$WORK/lv-clone-seed.iso" "$WORK"/virt-clone-*.log
+fi
 
 # 2. Linked clone time against disk size, Lodge only.
+if want size; then
 src_with_data clone-s1 1G 512M
 src_with_data clone-s4 4G 1G
 src_with_data clone-s16 16G 1G
@@ -91,12 +97,14 @@ for i in $(seq "$RUNS"); do
   done
   echo -e "$row" | tee -a "$out"
 done
+fi
 
 # 3. Full clone of image + 1 GiB top against cp --sparse=always of the
 # same chain flattened into one qcow2. Neither makes its copy durable
 # (qemu-img convert, which lodge clone --full runs, writes with
 # cache=unsafe and does not flush at the end), so neither is timed with a
 # sync after it.
+if want full; then
 src_with_data clone-fsrc 4G 1G
 flat=$WORK/full-flat.qcow2
 qemu-img convert -f qcow2 -O qcow2 -o cluster_size=64k "$(disk_of clone-fsrc)" "$flat"
@@ -114,10 +122,12 @@ for i in $(seq "$RUNS"); do
   echo -e "$i\t$a\t$b\t$ab\t$bb" | tee -a "$out"
 done
 rm -f "$flat"
+fi
 
 # 4. Clone, start and agent-ready against a fresh boot of the image. The
 # source has booted once and been shut down, as a VM one clones would be;
 # its clones get a new identity, so they run first boot again too.
+if want boot; then
 "$LODGE" create clone-bsrc --image tiny --memory 256M --start >/dev/null
 "$LODGE" exec clone-bsrc --wait 180s -- true
 "$LODGE" stop clone-bsrc >/dev/null
@@ -133,5 +143,6 @@ for i in $(seq "$RUNS"); do
   "$LODGE" delete --force clone-fresh >/dev/null
   echo -e "$i\t$a\t$b\t$sa" | tee -a "$out"
 done
+fi
 
-for vm in clone-src clone-s1 clone-s4 clone-s16 clone-fsrc clone-bsrc; do "$LODGE" delete "$vm" >/dev/null; done
+for vm in clone-src clone-s1 clone-s4 clone-s16 clone-fsrc clone-bsrc; do "$LODGE" delete "$vm" >/dev/null 2>&1 || true; done

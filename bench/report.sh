@@ -126,3 +126,16 @@ if [ -f "$c/snapshot-disk.tsv" ]; then
   echo "| running VM, 4 GiB disk, filesystems frozen | $(ms "$a") | < 200 ms | $(verdict "$a < 0.2") |"
   echo "| stopped VM, 16 GiB disk | $(ms "$b") | < 200 ms | $(verdict "$b < 0.2") |"
 fi
+if [ -f "$c/memory.tsv" ]; then
+  f=$c/memory.tsv
+  a=$(col "$f" 2 ""); b=$(col "$f" 3 ""); g=$(col "$f" 4 ""); h=$(col "$f" 5 "")
+  echo
+  echo "## Memory"
+  echo
+  echo "A running 1 GiB guest gives back half its memory and takes it again; Lodge's \`set\` returns when the guest is there, libvirt's \`setmem --live\` is followed by polling \`dommemstat\` until it is (within 4 MiB). Medians of $(($(wc -l <"$f") - 1)) runs, alternated."
+  echo
+  echo "| measure | Lodge | libvirt | Lodge / libvirt | target | result |"
+  echo "|---|---|---|---|---|---|"
+  echo "| 1 GiB → 512 MiB (s) | $a | $b | $(ratio "$a" "$b") | < 5 s | $(verdict "$a < 5") |"
+  echo "| 512 MiB → 1 GiB (s) | $g | $h | $(ratio "$g" "$h") | | |"
+fi
