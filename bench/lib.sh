@@ -89,7 +89,7 @@ XML
 
 libvirt_undefine() {
   virsh -c qemu:///system destroy "$1" >/dev/null 2>&1 || true
-  virsh -c qemu:///system undefine "$1" >/dev/null 2>&1 || true
+  virsh -c qemu:///system undefine "$1" --snapshots-metadata >/dev/null 2>&1 || true
 }
 
 # wait until the libvirt domain's agent answers guest-ping

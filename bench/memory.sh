@@ -25,6 +25,7 @@ libvirt_wait_agent lv-mem
 
 # lv_setmem KIB: set the balloon and wait for the guest to get there.
 lv_setmem() {
+  local a
   $V setmem lv-mem "$1" --live >/dev/null
   for _ in $(seq 600); do
     a=$($V dommemstat lv-mem | awk '$1=="actual"{print $2}')
