@@ -44,15 +44,18 @@ type VM struct {
 	MaxMemory   int64  `json:"max_memory"`
 	// MemoryActual is what a running guest has now: its boot memory less
 	// what its balloon holds.
-	MemoryActual int64      `json:"memory_actual,omitempty"`
-	Hostname     string     `json:"hostname"`
-	InstanceID   string     `json:"instance_id"`
-	NICs         []NIC      `json:"nics"`
-	Disks        []Disk     `json:"disks"`
-	CreatedAt    time.Time  `json:"created_at"`
-	StartedAt    *time.Time `json:"started_at"`
-	PID          int        `json:"pid,omitempty"`
-	Agent        bool       `json:"agent"`
+	MemoryActual int64 `json:"memory_actual,omitempty"`
+	// MemoryUsed is what the guest itself uses (its total less what it
+	// reports available), from its balloon driver's last report.
+	MemoryUsed int64      `json:"memory_used,omitempty"`
+	Hostname   string     `json:"hostname"`
+	InstanceID string     `json:"instance_id"`
+	NICs       []NIC      `json:"nics"`
+	Disks      []Disk     `json:"disks"`
+	CreatedAt  time.Time  `json:"created_at"`
+	StartedAt  *time.Time `json:"started_at"`
+	PID        int        `json:"pid,omitempty"`
+	Agent      bool       `json:"agent"`
 	// CID is the VM's vsock context id, unique on the host.
 	CID uint32 `json:"cid"`
 	// ClonedFrom names the VM this one was cloned from.

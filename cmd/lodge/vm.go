@@ -258,6 +258,9 @@ func (g *globals) emitVM(cmd *cobra.Command, v api.VM) error {
 		if v.MemoryActual > 0 {
 			mem += ", guest has " + units.FormatSize(v.MemoryActual)
 		}
+		if v.MemoryUsed > 0 {
+			mem += ", uses " + units.FormatSize(v.MemoryUsed)
+		}
 		fmt.Fprintf(tw, "Name:\t%s\nState:\t%s\nUUID:\t%s\nImage:\t%s\nCPUs:\t%d\nMemory:\t%s)\nHostname:\t%s\n",
 			v.Name, state, v.UUID, v.Image, v.CPUs, mem, v.Hostname)
 		agent := "not connected"

@@ -223,3 +223,31 @@ func QueryBalloon(ctx context.Context, m Monitor) (int64, error) {
 	}
 	return out.Actual, nil
 }
+
+// The balloon device's QOM path; Lodge gives it the id balloon0.
+const balloonPath = "/machine/peripheral/balloon0"
+
+// EnableBalloonStats asks the guest's balloon driver to report its
+// memory statistics every interval seconds.
+func EnableBalloonStats(ctx context.Context, m Monitor, interval int) error {
+	return m.Execute(ctx, "qom-set", map[string]any{"path": balloonPath, "property": "guest-stats-polling-interval", "value": interval}, nil)
+}
+
+// BalloonStats is the part of the balloon's guest-stats Lodge reads; a
+// value the guest does not report is -1.
+type BalloonStats struct {
+	Stats struct {
+		Total     int64 `json:"stat-total-memory"`
+		Free      int64 `json:"stat-free-memory"`
+		Available int64 `json:"stat-available-memory"`
+	} `json:"stats"`
+	// LastUpdate is 0 until the guest has reported once.
+	LastUpdate int64 `json:"last-update"`
+}
+
+// QueryBalloonStats reads the guest's last memory report.
+func QueryBalloonStats(ctx context.Context, m Monitor) (BalloonStats, error) {
+	var out BalloonStats
+	err := m.Execute(ctx, "qom-get", map[string]any{"path": balloonPath, "property": "guest-stats"}, &out)
+	return out, err
+}

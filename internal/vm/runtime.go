@@ -77,12 +77,19 @@ func (s *Service) attach(ctx context.Context, name string, pid int, mon qmp.Moni
 	s.mu.Unlock()
 	// The guest may have opened the agent port before we connected.
 	s.syncAgentOpen(ctx, in)
+	// Guest memory use for show comes from the balloon driver's reports.
+	if err := qmp.EnableBalloonStats(ctx, mon, balloonStatsInterval); err != nil {
+		s.log.Debug("balloon stats", "vm", name, "err", err)
+	}
 	go s.supervise(in, events, cancel)
 	if in.agentUp() {
 		go s.settleIdentity(in)
 	}
 	return in
 }
+
+// How often, in seconds, the guest's balloon driver reports memory use.
+const balloonStatsInterval = 2
 
 // syncAgentOpen asks QEMU whether the guest has the agent's port open.
 func (s *Service) syncAgentOpen(ctx context.Context, in *instance) {

@@ -173,7 +173,7 @@ func (s *Service) balloon(ctx context.Context, in *instance, from, target int64)
 		case <-ctx.Done():
 		case <-in.done:
 			return last != start, fmt.Errorf("set vm %q: memory: it stopped: %w", in.name, errdefs.ErrState)
-		case <-time.After(200 * time.Millisecond):
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }

@@ -35,6 +35,13 @@ func (b *fakeBalloon) install(vm *qemutest.VM) {
 		b.mu.Unlock()
 		return nil, nil
 	})
+	vm.Mon.Handle("qom-set", func(json.RawMessage) (any, error) { return nil, nil })
+	vm.Mon.Handle("qom-get", func(json.RawMessage) (any, error) {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return map[string]any{"last-update": 1, "stats": map[string]int64{
+			"stat-total-memory": b.actual, "stat-free-memory": b.actual / 2, "stat-available-memory": b.actual - 40<<20}}, nil
+	})
 	vm.Mon.Handle("query-balloon", func(json.RawMessage) (any, error) {
 		b.mu.Lock()
 		defer b.mu.Unlock()
@@ -61,6 +68,9 @@ func TestSetMemoryWhileRunning(t *testing.T) {
 	}
 	if v.Memory != 128<<20 || v.MemoryActual != 128<<20 {
 		t.Fatalf("after shrinking: memory %d, actual %d; want 128 MiB both", v.Memory, v.MemoryActual)
+	}
+	if v.MemoryUsed != 40<<20 {
+		t.Fatalf("memory used %d, want total less available (40 MiB)", v.MemoryUsed)
 	}
 	if v, err = f.svc.Set(ctx, "web", api.SetVM{Memory: 256 << 20}); err != nil || v.MemoryActual != 256<<20 {
 		t.Fatalf("growing back: %v, actual %d", err, v.MemoryActual)

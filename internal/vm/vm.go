@@ -256,6 +256,17 @@ func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
 		if actual, err := qmp.QueryBalloon(bctx, in.mon); err == nil {
 			v.MemoryActual = actual
 		}
+		if st, err := qmp.QueryBalloonStats(bctx, in.mon); err == nil && st.LastUpdate > 0 && st.Stats.Total > 0 {
+			// Available counts what the guest could free (page cache);
+			// older kernels report only free.
+			spare := st.Stats.Available
+			if spare < 0 {
+				spare = st.Stats.Free
+			}
+			if spare >= 0 {
+				v.MemoryUsed = st.Stats.Total - spare
+			}
+		}
 		cancel()
 	}
 	v.Snapshots = s.snapshotNames(ctx, name)

@@ -4,6 +4,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lodge-vm/lodge/api"
 )
@@ -29,6 +30,13 @@ func TestMemoryBalloon(t *testing.T) {
 	h := newHost(t)
 	h.vm("bal", "--memory", "512M")
 	full := h.memTotal("bal")
+	// What the guest uses comes from its balloon driver's reports, every
+	// 2 s: 64 MiB more in its tmpfs shows up.
+	var before int64
+	eventually(t, 30*time.Second, "a memory report from the guest", func() bool { before = h.show("bal").MemoryUsed; return before > 0 })
+	h.exec("bal", "sh", "-c", "dd if=/dev/urandom of=/dev/shm/x bs=1M count=64 2>/dev/null")
+	eventually(t, 30*time.Second, "the guest's report to grow by 64 MiB", func() bool { return h.show("bal").MemoryUsed >= before+60<<20 })
+	h.exec("bal", "rm", "/dev/shm/x")
 
 	h.must("set", "bal", "memory=256M")
 	v := h.show("bal")
