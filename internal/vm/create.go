@@ -61,10 +61,8 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 	if req.MaxMemory < req.Memory {
 		return api.Image{}, fmt.Errorf("vm %q: max memory %s is below memory %s: %w", req.Name, units.FormatSize(req.MaxMemory), units.FormatSize(req.Memory), errdefs.ErrInvalid)
 	}
-	if s.cfg.Host != nil {
-		if total := s.cfg.Host().MemoryTotal; total > 0 && req.MaxMemory > total {
-			return api.Image{}, fmt.Errorf("vm %q: memory %s is more than the host has (%s): %w", req.Name, units.FormatSize(req.MaxMemory), units.FormatSize(total), errdefs.ErrLimit)
-		}
+	if total := s.hostMemory(); total > 0 && req.MaxMemory > total {
+		return api.Image{}, fmt.Errorf("vm %q: memory %s is more than the host has (%s): %w", req.Name, units.FormatSize(req.MaxMemory), units.FormatSize(total), errdefs.ErrLimit)
 	}
 	if req.DiskBus == "" {
 		req.DiskBus = qemu.BusVirtio

@@ -153,22 +153,37 @@ func (s *Service) checkConflicts(ctx context.Context, r record) error {
 
 // admit refuses a start that would take the host past its memory limit.
 func (s *Service) admit(ctx context.Context, r record) error {
+	limit, allocated, ok, err := s.headroom(ctx, r.Memory)
+	if err != nil || ok {
+		return err
+	}
+	return fmt.Errorf("vm %q: %w: memory limit %s, allocated %s, requested %s", r.Name, errdefs.ErrLimit, units.FormatSize(limit), units.FormatSize(allocated), units.FormatSize(r.Memory))
+}
+
+// hostMemory is the host's RAM, 0 when unknown.
+func (s *Service) hostMemory() int64 {
 	if s.cfg.Host == nil {
-		return nil
+		return 0
+	}
+	return s.cfg.Host().MemoryTotal
+}
+
+// headroom reports whether VMs may be given more bytes on top of what is
+// allocated now, and the limit and allocation it judged by.
+func (s *Service) headroom(ctx context.Context, more int64) (limit, allocated int64, ok bool, err error) {
+	if s.cfg.Host == nil {
+		return 0, 0, true, nil
 	}
 	h := s.cfg.Host()
 	if h.MemoryLimit <= 0 {
-		return nil
+		return 0, 0, true, nil
 	}
-	allocated, _, _, err := s.MemoryAllocated(ctx)
+	allocated, _, _, err = s.MemoryAllocated(ctx)
 	if err != nil {
-		return err
+		return 0, 0, false, err
 	}
-	limit := int64(float64(h.MemoryLimit) * h.Overcommit)
-	if allocated+r.Memory > limit {
-		return fmt.Errorf("vm %q: %w: memory limit %s, allocated %s, requested %s", r.Name, errdefs.ErrLimit, units.FormatSize(limit), units.FormatSize(allocated), units.FormatSize(r.Memory))
-	}
-	return nil
+	limit = int64(float64(h.MemoryLimit) * h.Overcommit)
+	return limit, allocated, allocated+more <= limit, nil
 }
 
 // Stop powers a VM off: ACPI power button first, then forced after

@@ -57,10 +57,8 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 	case cpus < 1 || cpus > MaxCPUs:
 		return api.VM{}, fmt.Errorf("set vm %q: cpus %d: %w: must be between 1 and %d", name, cpus, errdefs.ErrInvalid, MaxCPUs)
 	}
-	if s.cfg.Host != nil {
-		if total := s.cfg.Host().MemoryTotal; total > 0 && maxMem > total {
-			return api.VM{}, fmt.Errorf("set vm %q: memory %s is more than the host has (%s): %w", name, units.FormatSize(maxMem), units.FormatSize(total), errdefs.ErrLimit)
-		}
+	if total := s.hostMemory(); total > 0 && maxMem > total {
+		return api.VM{}, fmt.Errorf("set vm %q: memory %s is more than the host has (%s): %w", name, units.FormatSize(maxMem), units.FormatSize(total), errdefs.ErrLimit)
 	}
 	if in != nil {
 		if cpus != r.CPUs {
@@ -108,23 +106,12 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 // admitGrowth refuses to give a running VM more memory than the host
 // limit allows.
 func (s *Service) admitGrowth(ctx context.Context, r record, more int64) error {
-	if s.cfg.Host == nil {
-		return nil
-	}
-	h := s.cfg.Host()
-	if h.MemoryLimit <= 0 {
-		return nil
-	}
-	allocated, _, _, err := s.MemoryAllocated(ctx)
-	if err != nil {
+	limit, allocated, ok, err := s.headroom(ctx, more)
+	if err != nil || ok {
 		return err
 	}
-	limit := int64(float64(h.MemoryLimit) * h.Overcommit)
-	if allocated+more > limit {
-		return fmt.Errorf("set vm %q: %w: memory limit %s, allocated %s, requested %s more", r.Name, errdefs.ErrLimit,
-			units.FormatSize(limit), units.FormatSize(allocated), units.FormatSize(more))
-	}
-	return nil
+	return fmt.Errorf("set vm %q: %w: memory limit %s, allocated %s, requested %s more", r.Name, errdefs.ErrLimit,
+		units.FormatSize(limit), units.FormatSize(allocated), units.FormatSize(more))
 }
 
 // balloon moves a running guest's memory to target and waits until the
