@@ -150,7 +150,7 @@ func Save(ctx context.Context, mon qmp.Monitor, path string, atPause func(contex
 	if !st.Running {
 		_ = qmp.Stop(bg, mon)
 	}
-	ferr := follow(bg, mon, func(ms qmp.MigrationStatus) {
+	ferr := follow(bg, mon, pollEvery, func(ms qmp.MigrationStatus) {
 		if progress != nil && ms.RAM != nil {
 			progress(ms.RAM.Transferred, ms.RAM.Total)
 		}
@@ -227,8 +227,8 @@ func waitRunning(ctx context.Context, mon qmp.Monitor, since time.Time) time.Dur
 	return time.Since(since)
 }
 
-// follow polls a migration until it ends.
-func follow(ctx context.Context, mon qmp.Monitor, progress func(qmp.MigrationStatus)) error {
+// follow polls a migration every interval until it ends.
+func follow(ctx context.Context, mon qmp.Monitor, interval time.Duration, progress func(qmp.MigrationStatus)) error {
 	for {
 		ms, err := qmp.QueryMigrate(ctx, mon)
 		if err != nil {
@@ -247,7 +247,7 @@ func follow(ctx context.Context, mon qmp.Monitor, progress func(qmp.MigrationSta
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(pollEvery):
+		case <-time.After(interval):
 		}
 	}
 }
@@ -275,23 +275,11 @@ func Load(ctx context.Context, mon qmp.Monitor, path string) error {
 		_ = mon.Execute(context.WithoutCancel(ctx), "closefd", map[string]string{"fdname": fdName}, nil)
 		return fmt.Errorf("load memory state: %w", err)
 	}
-	for {
-		ms, err := qmp.QueryMigrate(ctx, mon)
-		if err != nil {
-			return fmt.Errorf("load memory state: %w", err)
-		}
-		switch ms.Status {
-		case "completed":
-			return nil
-		case "failed", "cancelled":
-			return fmt.Errorf("load memory state from %s: qemu: migration %s %s", path, ms.Status, ms.ErrorDesc)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("load memory state: %w", ctx.Err())
-		case <-time.After(pollEvery / 5):
-		}
+	// A revert waits on this, so it is polled more often than a save.
+	if err := follow(ctx, mon, pollEvery/5, func(qmp.MigrationStatus) {}); err != nil {
+		return fmt.Errorf("load memory state from %s: %w", path, err)
 	}
+	return nil
 }
 
 func syncFile(path string) error {
