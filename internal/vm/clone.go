@@ -367,10 +367,11 @@ func (s *Service) fullCopy(ctx context.Context, src, dst string, total int64, pr
 	return nil
 }
 
-// recoverClone finishes or undoes a clone that froze src's tops when the
-// daemon died: a new top that exists as a valid overlay of the old one
-// may already hold the guest's writes, so it is kept.
-func (s *Service) recoverClone(ctx context.Context, r record) error {
+// recoverTops finishes or undoes a switch to new disk tops (for a clone
+// or a snapshot) that the daemon died in: a new top that exists as a
+// valid overlay of the old one may already hold the guest's writes, so it
+// is kept.
+func (s *Service) recoverTops(ctx context.Context, r record) error {
 	switched := make([]bool, len(r.Disks))
 	for i, d := range r.Disks {
 		if i >= len(r.NextDisks) || r.NextDisks[i] == "" {
@@ -385,6 +386,6 @@ func (s *Service) recoverClone(ctx context.Context, r record) error {
 			return fmt.Errorf("vm %q: remove half-made top %s: %w", r.Name, r.NextDisks[i], rerr)
 		}
 	}
-	s.log.Warn("finishing interrupted clone", "vm", r.Name, "switched", switched)
+	s.log.Warn("finishing interrupted switch to new disk tops", "vm", r.Name, "intent", r.Intent, "switched", switched)
 	return s.commitTops(ctx, r.Name, r.NextDisks, switched)
 }

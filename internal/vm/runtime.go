@@ -251,7 +251,7 @@ func (s *Service) Recover(ctx context.Context) error {
 			s.discard(ctx, r)
 			continue
 		case intentCloning:
-			if err := s.recoverClone(ctx, r); err != nil {
+			if err := s.recoverTops(ctx, r); err != nil {
 				return err
 			}
 		}

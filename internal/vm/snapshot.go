@@ -260,20 +260,9 @@ func (s *Service) dropSnapshot(ctx context.Context, sr snapRecord) {
 // snapshotSize is the space a snapshot holds: its layers' allocated
 // blocks and its memory state.
 func (s *Service) snapshotSize(sr snapRecord) int64 {
-	var n int64
-	paths := []string{sr.MemFile}
+	n := allocated(sr.MemFile)
 	for _, d := range sr.Disks {
-		paths = append(paths, d.Path)
-	}
-	for _, p := range paths {
-		if p == "" {
-			continue
-		}
-		if fi, err := os.Stat(p); err == nil {
-			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-				n += st.Blocks * 512
-			}
-		}
+		n += allocated(d.Path)
 	}
 	return n
 }
@@ -284,8 +273,15 @@ func (s *Service) ListSnapshots(ctx context.Context, vm string) ([]api.Snapshot,
 	if err != nil {
 		return nil, err
 	}
+	return s.snapshotViews(ctx, vm, r.CurrentSnapshot, true)
+}
+
+// snapshotViews returns a VM's finished snapshots as the API shows them,
+// parents first. A size costs a stat per file, so only listing asks.
+func (s *Service) snapshotViews(ctx context.Context, vm, current string, sized bool) ([]api.Snapshot, error) {
 	var recs []snapRecord
 	if err := s.cfg.Store.View(ctx, func(tx store.Tx) error {
+		var err error
 		recs, err = vmSnapshots(tx, vm)
 		return err
 	}); err != nil {
@@ -297,14 +293,17 @@ func (s *Service) ListSnapshots(ctx context.Context, vm string) ([]api.Snapshot,
 			continue
 		}
 		v := sr.Snapshot
-		v.Size, v.Current = s.snapshotSize(sr), sr.Name == r.CurrentSnapshot
+		v.Current = sr.Name == current
+		if sized {
+			v.Size = s.snapshotSize(sr)
+		}
 		out = append(out, v)
 	}
 	return snapshot.Sort(out), nil
 }
 
 func (s *Service) snapshotNames(ctx context.Context, vm string) []string {
-	snaps, err := s.ListSnapshots(ctx, vm)
+	snaps, err := s.snapshotViews(ctx, vm, "", false)
 	if err != nil {
 		return nil
 	}
@@ -763,7 +762,7 @@ func (s *Service) recoverSnapshots(ctx context.Context, r record) (bool, error) 
 	wasSnapshotting := r.Intent == intentSnapshotting
 	switch r.Intent {
 	case intentSnapshotting:
-		if err := s.recoverClone(ctx, r); err != nil {
+		if err := s.recoverTops(ctx, r); err != nil {
 			return false, err
 		}
 	case intentReverting:
