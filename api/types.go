@@ -42,9 +42,11 @@ type VM struct {
 	CPUs        int    `json:"cpus"`
 	Memory      int64  `json:"memory"`
 	MaxMemory   int64  `json:"max_memory"`
-	// MemoryActual is what a running guest has now: its boot memory less
-	// what its balloon holds.
+	// MemoryActual is what a running guest has now: its boot memory and
+	// what virtio-mem has plugged, less what its balloon holds.
 	MemoryActual int64 `json:"memory_actual,omitempty"`
+	// MemoryPlugged is the part of MemoryActual plugged in by virtio-mem.
+	MemoryPlugged int64 `json:"memory_plugged,omitempty"`
 	// MemoryUsed is what the guest itself uses (its total less what it
 	// reports available), from its balloon driver's last report.
 	MemoryUsed int64      `json:"memory_used,omitempty"`

@@ -44,7 +44,7 @@ ROOTFS_MODULES=("${INITRD_MODULES[@]}" virtio_net virtio_console virtio_balloon
 	virtio_mem cdrom sr_mod isofs fat vfat nls_cp437 nls_ascii
 	nls_utf8 nls_iso8859_1 button evdev)
 
-CMDLINE="console=ttyS0,115200 root=LABEL=lodgeroot rw memhp_default_state=online quiet panic=-1 loglevel=4"
+CMDLINE="console=ttyS0,115200 root=LABEL=lodgeroot rw memhp_default_state=online memory_hotplug.online_policy=auto-movable quiet panic=-1 loglevel=4"
 
 # Disk layout (MiB): MBR + gap | p1 FAT32 boot (syslinux BIOS + EFI) | p2 ext4 root
 BOOT_START=1 BOOT_SIZE=48

@@ -258,6 +258,9 @@ func (g *globals) emitVM(cmd *cobra.Command, v api.VM) error {
 		if v.MemoryActual > 0 {
 			mem += ", guest has " + units.FormatSize(v.MemoryActual)
 		}
+		if v.MemoryPlugged > 0 {
+			mem += ", " + units.FormatSize(v.MemoryPlugged) + " of it hot-plugged"
+		}
 		if v.MemoryUsed > 0 {
 			mem += ", uses " + units.FormatSize(v.MemoryUsed)
 		}

@@ -41,13 +41,16 @@ type NIC struct {
 
 // Machine is everything needed to build a QEMU command line.
 type Machine struct {
-	Name    string
-	UUID    string
-	CPUs    int
-	Memory  int64
-	Disks   []Disk
-	NICs    []NIC
-	SeedISO string
+	Name   string
+	UUID   string
+	CPUs   int
+	Memory int64
+	// MaxMemory above Memory adds a virtio-mem device that can plug in
+	// the difference while the guest runs; see HotplugSize.
+	MaxMemory int64
+	Disks     []Disk
+	NICs      []NIC
+	SeedISO   string
 	// VsockCID adds a vhost-vsock device with this context id when not 0.
 	VsockCID uint32
 	// Incoming starts QEMU waiting for a saved state (migrate-incoming)
@@ -90,7 +93,7 @@ func (m Machine) Args() ([]string, error) {
 		"-name", "guest=" + m.Name + ",debug-threads=on",
 		"-uuid", m.UUID,
 		"-machine", "pc,accel=" + accel,
-		"-m", strconv.FormatInt(m.Memory>>20, 10) + "M",
+		"-m", m.memoryOption(),
 		"-smp", strconv.Itoa(m.CPUs),
 		"-nodefaults", "-no-user-config", "-display", "none",
 		// -no-shutdown keeps QEMU alive after the guest powers off, so a
@@ -108,6 +111,13 @@ func (m Machine) Args() ([]string, error) {
 	}
 	if m.CPUModel != "" {
 		args = append(args, "-cpu", m.CPUModel)
+	}
+	if hot := m.HotplugSize(); hot > 0 {
+		// The backend reserves no RAM: virtio-mem populates only the
+		// blocks it plugs, and the guest starts with none of them.
+		args = append(args,
+			"-object", "memory-backend-ram,id="+HotplugDevice+"-mem,size="+strconv.FormatInt(hot>>20, 10)+"M,reserve=off",
+			"-device", "virtio-mem-pci,id="+HotplugDevice+",memdev="+HotplugDevice+"-mem,requested-size=0")
 	}
 	scsi := false
 	for i, d := range m.Disks {
@@ -172,6 +182,30 @@ func (m Machine) Args() ([]string, error) {
 		args = append(args, "-incoming", "defer")
 	}
 	return append(args, m.ExtraArgs...), nil
+}
+
+// HotplugDevice is the QOM id of the virtio-mem device.
+const HotplugDevice = "hotmem0"
+
+// HotplugBlock is the granularity virtio-mem plugs in: QEMU's default
+// block size on x86, the size of a transparent huge page.
+const HotplugBlock = 2 << 20
+
+// HotplugSize is how much memory the virtio-mem device can plug: the
+// room between Memory and MaxMemory, in whole blocks.
+func (m Machine) HotplugSize() int64 {
+	if m.MaxMemory <= m.Memory {
+		return 0
+	}
+	return (m.MaxMemory - m.Memory) &^ (HotplugBlock - 1)
+}
+
+func (m Machine) memoryOption() string {
+	boot := m.Memory >> 20
+	if hot := m.HotplugSize(); hot > 0 {
+		return fmt.Sprintf("%dM,maxmem=%dM", boot, boot+hot>>20)
+	}
+	return strconv.FormatInt(boot, 10) + "M"
 }
 
 // escape doubles commas, which QEMU's option syntax uses as separators.

@@ -103,3 +103,40 @@ func TestEscapeCommas(t *testing.T) {
 		t.Fatal("comma in path not doubled")
 	}
 }
+
+func TestArgsHotplug(t *testing.T) {
+	tests := []struct {
+		name      string
+		max       int64
+		wantM     string
+		wantVmem  string
+		wantNoDev bool
+	}{
+		{name: "none", max: 0, wantM: "-m 512M ", wantNoDev: true},
+		{name: "equal", max: 512 << 20, wantM: "-m 512M ", wantNoDev: true},
+		{name: "two gib", max: 2 << 30, wantM: "-m 512M,maxmem=2048M ", wantVmem: "memory-backend-ram,id=hotmem0-mem,size=1536M,reserve=off"},
+		// The room is cut down to whole 2 MiB blocks.
+		{name: "odd", max: 515 << 20, wantM: "-m 512M,maxmem=514M ", wantVmem: "size=2M,"},
+		{name: "under a block", max: 513 << 20, wantM: "-m 512M ", wantNoDev: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := baseMachine()
+			m.MaxMemory = tt.max
+			args, err := m.Args()
+			if err != nil {
+				t.Fatal(err)
+			}
+			joined := strings.Join(args, " ")
+			if !strings.Contains(joined, tt.wantM) {
+				t.Errorf("args lack %q:\n%s", tt.wantM, joined)
+			}
+			if got := strings.Contains(joined, "virtio-mem-pci"); got == tt.wantNoDev {
+				t.Errorf("virtio-mem device present = %v, want %v:\n%s", got, !tt.wantNoDev, joined)
+			}
+			if tt.wantVmem != "" && !strings.Contains(joined, tt.wantVmem) {
+				t.Errorf("args lack %q:\n%s", tt.wantVmem, joined)
+			}
+		})
+	}
+}

@@ -251,3 +251,17 @@ func QueryBalloonStats(ctx context.Context, m Monitor) (BalloonStats, error) {
 	err := m.Execute(ctx, "qom-get", map[string]any{"path": balloonPath, "property": "guest-stats"}, &out)
 	return out, err
 }
+
+// SetVirtioMemRequested asks the guest's virtio-mem driver behind device
+// id to plug or unplug memory until size bytes are plugged.
+func SetVirtioMemRequested(ctx context.Context, m Monitor, id string, size int64) error {
+	return m.Execute(ctx, "qom-set", map[string]any{"path": "/machine/peripheral/" + id, "property": "requested-size", "value": size}, nil)
+}
+
+// VirtioMemSize reports how much memory the guest has plugged through
+// virtio-mem device id.
+func VirtioMemSize(ctx context.Context, m Monitor, id string) (int64, error) {
+	var size int64
+	err := m.Execute(ctx, "qom-get", map[string]any{"path": "/machine/peripheral/" + id, "property": "size"}, &size)
+	return size, err
+}

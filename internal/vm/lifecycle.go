@@ -56,11 +56,11 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.
 	m := s.machine(r, accel)
 	if from != nil {
 		// The saved state fits only a QEMU of the size it came from.
-		m.Incoming, m.Memory = true, from.MemorySize
+		m.Incoming, m.Memory, m.MaxMemory = true, from.MemorySize, from.MaxMemorySize
 	}
 	if _, err := s.update(ctx, name, func(x *record) error {
 		x.State, x.StateReason, x.Wanted, x.StartedAt = api.StateStarting, "", api.StateRunning, nil
-		x.BootMemory = m.Memory
+		x.BootMemory, x.BootMaxMemory = m.Memory, m.Memory+m.HotplugSize()
 		return nil
 	}); err != nil {
 		return api.VM{}, err
@@ -98,7 +98,7 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.
 
 func (s *Service) machine(r record, accel qemu.Accel) qemu.Machine {
 	m := qemu.Machine{
-		Name: r.Name, UUID: r.UUID, CPUs: r.CPUs, Memory: r.Memory,
+		Name: r.Name, UUID: r.UUID, CPUs: r.CPUs, Memory: r.Memory, MaxMemory: r.MaxMemory,
 		RunDir: s.runDir(r.Name), SeedISO: s.seedPath(r.Name),
 		Accel: accel.Accel, CPUModel: accel.CPUModel,
 	}

@@ -7,6 +7,7 @@ import (
 
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qmp"
 	"github.com/lodge-vm/lodge/internal/units"
 )
@@ -67,13 +68,13 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 		if maxMem != r.MaxMemory {
 			return api.VM{}, fmt.Errorf("set vm %q: max_memory: %w: it changes while the VM is stopped", name, errdefs.ErrState)
 		}
-		boot := r.BootMemory
-		if boot == 0 {
-			boot = r.Memory
-		}
-		if mem > boot {
-			return api.VM{}, fmt.Errorf("set vm %q: memory %s: %w: a running VM grows only back to the %s it booted with (memory hot-plug is not there yet); stop it to boot with more",
-				name, units.FormatSize(mem), errdefs.ErrLimit, units.FormatSize(boot))
+		boot, ceiling := r.bootSizes()
+		if mem > ceiling {
+			why := fmt.Sprintf("a running VM grows only to the %s it booted with room for", units.FormatSize(ceiling))
+			if ceiling == boot {
+				why = fmt.Sprintf("it booted with %s and no room for hot-plug; stop it and raise max_memory first", units.FormatSize(boot))
+			}
+			return api.VM{}, fmt.Errorf("set vm %q: memory %s: %w: %s", name, units.FormatSize(mem), errdefs.ErrLimit, why)
 		}
 	}
 	if mem > r.Memory && (in != nil || holdsMemory(r.State)) {
@@ -81,14 +82,14 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 			return api.VM{}, err
 		}
 	}
-	var balloonErr error
+	var resizeErr error
 	if in != nil && mem != r.Memory {
 		var moved bool
-		if moved, balloonErr = s.balloon(ctx, in, r.Memory, mem); balloonErr != nil && !moved {
-			return api.VM{}, balloonErr
+		if moved, resizeErr = s.resize(ctx, in, r, mem); resizeErr != nil && !moved {
+			return api.VM{}, resizeErr
 		}
 	}
-	// A balloon that moved but has not arrived keeps its new target: the
+	// A guest that moved but has not arrived keeps its new target: the
 	// record says where the guest is going, and the error how far it got.
 	if _, err := s.update(ctx, name, func(x *record) error {
 		x.Memory, x.MaxMemory, x.CPUs = mem, maxMem, cpus
@@ -96,8 +97,8 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 	}); err != nil {
 		return api.VM{}, err
 	}
-	if balloonErr != nil {
-		return api.VM{}, balloonErr
+	if resizeErr != nil {
+		return api.VM{}, resizeErr
 	}
 	s.publish(name, "vm-set", "", fmt.Sprintf("memory %s, max %s, cpus %d", units.FormatSize(mem), units.FormatSize(maxMem), cpus))
 	return s.Get(ctx, name)
@@ -114,47 +115,119 @@ func (s *Service) admitGrowth(ctx context.Context, r record, more int64) error {
 		units.FormatSize(limit), units.FormatSize(allocated), units.FormatSize(more))
 }
 
-// balloon moves a running guest's memory to target and waits until the
-// guest is there. A balloon that never moves means a guest without the
-// driver: the target is put back and the error says so. moved reports
-// whether the guest's memory changed at all.
-func (s *Service) balloon(ctx context.Context, in *instance, from, target int64) (moved bool, err error) {
-	start, err := qmp.QueryBalloon(ctx, in.mon)
+// bootSizes are the memory a running VM's QEMU booted with and the most
+// it can reach by hot-plug (equal when it has no virtio-mem device).
+func (r record) bootSizes() (boot, ceiling int64) {
+	boot = r.BootMemory
+	if boot == 0 {
+		boot = r.Memory
+	}
+	return boot, max(r.BootMaxMemory, boot)
+}
+
+// resize moves a running guest's memory to target: virtio-mem plugs or
+// unplugs what lies above the boot memory, then the balloon takes or
+// gives back what lies below it. Unplugging goes first, so that the
+// balloon never holds memory that is about to go anyway. A guest may
+// fail to unplug some blocks (kernel data landed in them); the balloon
+// then takes that much more from the boot memory.
+func (s *Service) resize(ctx context.Context, in *instance, r record, target int64) (moved bool, err error) {
+	boot, ceiling := r.bootSizes()
+	var plugged int64
+	if ceiling > boot {
+		want := int64(0)
+		if target > boot {
+			want = (target - boot + qemu.HotplugBlock - 1) &^ (qemu.HotplugBlock - 1)
+		}
+		g := virtioMem(in, boot)
+		before, err := g.get(ctx)
+		if err != nil {
+			return false, fmt.Errorf("set vm %q: memory: %w", in.name, err)
+		}
+		var plugErr error
+		if moved, plugErr = s.approach(ctx, in, g, want); plugErr != nil && (!moved || want > before) {
+			return moved, plugErr
+		}
+		if plugged, err = g.get(ctx); err != nil {
+			return moved, fmt.Errorf("set vm %q: memory: %w", in.name, err)
+		}
+		if plugErr != nil {
+			if target-plugged < MinMemory {
+				return moved, plugErr
+			}
+			s.log.Warn("guest could not unplug all its hot-plugged memory; the balloon takes the rest", "vm", in.name, "plugged", plugged, "err", plugErr)
+		}
+	}
+	// QEMU measures the balloon against the boot memory alone.
+	bmoved, err := s.approach(ctx, in, balloon(in), min(target-plugged, boot))
+	return moved || bmoved, err
+}
+
+// A gauge is a quantity in the guest that a driver there moves toward a
+// target the host sets: the balloon, or the memory virtio-mem has plugged.
+type gauge struct {
+	device, driver string
+	set            func(context.Context, int64) error
+	get            func(context.Context) (int64, error)
+	// base is added to the gauge's reading to tell the guest's memory.
+	base int64
+}
+
+func balloon(in *instance) gauge {
+	return gauge{device: "balloon", driver: "virtio_balloon",
+		set: func(ctx context.Context, v int64) error { return qmp.Balloon(ctx, in.mon, v) },
+		get: func(ctx context.Context) (int64, error) { return qmp.QueryBalloon(ctx, in.mon) }}
+}
+
+func virtioMem(in *instance, boot int64) gauge {
+	return gauge{device: "virtio-mem device", driver: "virtio_mem", base: boot,
+		set: func(ctx context.Context, v int64) error {
+			return qmp.SetVirtioMemRequested(ctx, in.mon, qemu.HotplugDevice, v)
+		},
+		get: func(ctx context.Context) (int64, error) { return qmp.VirtioMemSize(ctx, in.mon, qemu.HotplugDevice) }}
+}
+
+// approach sets a gauge to target and waits until the guest is there. A
+// gauge that never moves means a guest without the driver: the setting
+// is put back where the gauge stands and the error says so. moved
+// reports whether the guest's memory changed at all.
+func (s *Service) approach(ctx context.Context, in *instance, g gauge, target int64) (moved bool, err error) {
+	start, err := g.get(ctx)
 	if err != nil {
 		return false, fmt.Errorf("set vm %q: memory: %w", in.name, err)
 	}
-	if err := qmp.Balloon(ctx, in.mon, target); err != nil {
+	if err := g.set(ctx, target); err != nil {
 		return false, fmt.Errorf("set vm %q: memory: %w", in.name, err)
 	}
 	began := time.Now()
 	last, lastMove := start, began
 	deadline := began.Add(balloonTimeout)
 	for {
-		actual, err := qmp.QueryBalloon(ctx, in.mon)
+		now, err := g.get(ctx)
 		if err != nil {
 			return last != start, fmt.Errorf("set vm %q: memory: %w", in.name, err)
 		}
-		if abs(actual-target) <= balloonSlack {
-			s.log.Info("balloon reached target", "vm", in.name, "target", target, "actual", actual, "took", time.Since(began))
-			return true, nil
+		if abs(now-target) <= balloonSlack {
+			s.log.Info("memory reached target", "vm", in.name, "device", g.device, "target", target+g.base, "actual", now+g.base, "took", time.Since(began))
+			return now != start, nil
 		}
-		if actual != last {
-			last, lastMove = actual, time.Now()
+		if now != last {
+			last, lastMove = now, time.Now()
 		}
 		stalled := time.Since(lastMove) > balloonStall
 		if stalled || time.Now().After(deadline) || ctx.Err() != nil {
 			bg := context.WithoutCancel(ctx)
-			why := fmt.Sprintf("the guest got to %s of %s in %s and goes on", units.FormatSize(actual), units.FormatSize(target), time.Since(began).Round(time.Second))
-			if actual == start {
-				// Nothing moved at all: put the target back, so that
-				// nothing is left half-set.
-				_ = qmp.Balloon(bg, in.mon, from)
-				why = fmt.Sprintf("the guest's balloon did not move in %s (no virtio_balloon driver?); memory stays %s", balloonStall, units.FormatSize(from))
+			why := fmt.Sprintf("the guest got to %s of %s in %s and goes on", units.FormatSize(now+g.base), units.FormatSize(target+g.base), time.Since(began).Round(time.Second))
+			if now == start {
+				// Nothing moved at all: put the old setting back, so
+				// that nothing is left half-set.
+				_ = g.set(bg, start)
+				why = fmt.Sprintf("the guest's %s did not move in %s (no %s driver?); memory stays %s", g.device, balloonStall, g.driver, units.FormatSize(start+g.base))
 			}
 			if ctx.Err() != nil {
-				return actual != start, fmt.Errorf("set vm %q: memory: %s: %w", in.name, why, ctx.Err())
+				return now != start, fmt.Errorf("set vm %q: memory: %s: %w", in.name, why, ctx.Err())
 			}
-			return actual != start, fmt.Errorf("set vm %q: memory: %w: %s", in.name, errdefs.ErrState, why)
+			return now != start, fmt.Errorf("set vm %q: memory: %w: %s", in.name, errdefs.ErrState, why)
 		}
 		select {
 		case <-ctx.Done():

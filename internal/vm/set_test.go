@@ -16,11 +16,22 @@ import (
 
 // fakeBalloon models a guest's balloon: with a driver it moves toward
 // the target in steps; without, it never moves.
+// Its virtio-mem device plugs toward the requested size, but cannot
+// unplug below floor.
 type fakeBalloon struct {
-	mu             sync.Mutex
-	actual, target int64
-	driver         bool
-	targets        []int64
+	mu                 sync.Mutex
+	actual, target     int64
+	driver             bool
+	targets            []int64
+	plugged, requested int64
+	floor              int64
+}
+
+// qomArgs are the arguments of qom-get and qom-set.
+type qomArgs struct {
+	Path     string `json:"path"`
+	Property string `json:"property"`
+	Value    int64  `json:"value"`
 }
 
 func (b *fakeBalloon) install(vm *qemutest.VM) {
@@ -35,10 +46,26 @@ func (b *fakeBalloon) install(vm *qemutest.VM) {
 		b.mu.Unlock()
 		return nil, nil
 	})
-	vm.Mon.Handle("qom-set", func(json.RawMessage) (any, error) { return nil, nil })
-	vm.Mon.Handle("qom-get", func(json.RawMessage) (any, error) {
+	vm.Mon.Handle("qom-set", func(raw json.RawMessage) (any, error) {
+		var a qomArgs
+		_ = json.Unmarshal(raw, &a)
+		if a.Property == "requested-size" {
+			b.mu.Lock()
+			b.requested = a.Value
+			b.mu.Unlock()
+		}
+		return nil, nil
+	})
+	vm.Mon.Handle("qom-get", func(raw json.RawMessage) (any, error) {
+		var a qomArgs
+		_ = json.Unmarshal(raw, &a)
 		b.mu.Lock()
 		defer b.mu.Unlock()
+		if a.Property == "size" {
+			want := max(b.requested, min(b.floor, b.plugged))
+			b.plugged += max(min(want-b.plugged, 64<<20), -64<<20)
+			return b.plugged, nil
+		}
 		return map[string]any{"last-update": 1, "stats": map[string]int64{
 			"stat-total-memory": b.actual, "stat-free-memory": b.actual / 2, "stat-available-memory": b.actual - 40<<20}}, nil
 	})
@@ -138,5 +165,53 @@ func TestSetWhileStopped(t *testing.T) {
 	}
 	if _, err := f.svc.Set(ctx, "db", api.SetVM{MaxMemory: 512 << 20}); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("max_memory below memory: %v", err)
+	}
+}
+
+// Memory above the boot size is plugged through virtio-mem; going back
+// below it unplugs first, and what the guest cannot unplug the balloon
+// takes from the boot memory instead.
+func TestSetMemoryHotplug(t *testing.T) {
+	balloonStall = 300 * time.Millisecond
+	defer func() { balloonStall = 10 * time.Second }()
+	f := newFixture(t)
+	ctx := context.Background()
+	if _, err := f.svc.Create(ctx, api.CreateVM{Name: "web", Image: "tiny", Memory: 256 << 20, MaxMemory: 4 << 30}); err != nil {
+		t.Fatal(err)
+	}
+	b := &fakeBalloon{actual: 256 << 20, target: 256 << 20, driver: true, floor: 8 << 20}
+	var args []string
+	f.drv.OnLaunch = func(vm *qemutest.VM) {
+		b.install(vm)
+		args, _ = vm.Machine.Args()
+	}
+	if _, err := f.svc.Start(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	if joined := strings.Join(args, " "); !strings.Contains(joined, "maxmem=4096M") || !strings.Contains(joined, "virtio-mem-pci") {
+		t.Fatalf("a VM with max_memory above memory boots without room for hot-plug:\n%s", joined)
+	}
+	v, err := f.svc.Set(ctx, "web", api.SetVM{Memory: 768 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.MemoryPlugged != 512<<20 || v.MemoryActual != 768<<20 {
+		t.Fatalf("after growing to 768 MiB: plugged %d, actual %d", v.MemoryPlugged, v.MemoryActual)
+	}
+	if v, err = f.svc.Set(ctx, "web", api.SetVM{Memory: 128 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	b.mu.Lock()
+	plugged, target := b.plugged, b.target
+	b.mu.Unlock()
+	if plugged != 8<<20 || target != 120<<20 || v.MemoryActual != 128<<20 {
+		t.Fatalf("after shrinking to 128 MiB: plugged %d, balloon target %d, actual %d; want 8 MiB stuck and the balloon at 120 MiB", plugged, target, v.MemoryActual)
+	}
+	if _, err := f.svc.Set(ctx, "web", api.SetVM{Memory: 5 << 30}); !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("growing past max_memory: %v", err)
+	}
+	// The host limit is 2 GiB.
+	if _, err := f.svc.Set(ctx, "web", api.SetVM{Memory: 3 << 30}); !errors.Is(err, errdefs.ErrLimit) || !strings.Contains(err.Error(), "memory limit 2G, allocated 128M, requested 2.9G more") {
+		t.Fatalf("growing past the host limit: %v", err)
 	}
 }

@@ -46,11 +46,15 @@ type snapRecord struct {
 	// Disks are the VM's disks as they were: each Path is a frozen layer.
 	Disks []api.Disk `json:"disks"`
 	CPUs  int        `json:"cpus"`
-	// MemorySize is the QEMU's memory (-m) when taken, Target the
-	// balloon's target then.
-	MemorySize int64  `json:"memory_size"`
-	Target     int64  `json:"target,omitempty"`
-	MemFile    string `json:"mem_file,omitempty"`
+	// MemorySize is the QEMU's memory (-m) when taken, MaxMemorySize its
+	// hot-plug ceiling (-m maxmem), which a memory state needs again, and
+	// Target the guest's memory target then.
+	MemorySize    int64 `json:"memory_size"`
+	MaxMemorySize int64 `json:"max_memory_size,omitempty"`
+	Target        int64 `json:"target,omitempty"`
+	// MaxMemory is the VM's max_memory setting then.
+	MaxMemory int64  `json:"max_memory,omitempty"`
+	MemFile   string `json:"mem_file,omitempty"`
 	// Paused records a guest that was paused when taken; revert leaves it
 	// paused.
 	Paused bool   `json:"paused,omitempty"`
@@ -125,13 +129,12 @@ func (s *Service) CreateSnapshot(ctx context.Context, vm string, req api.CreateS
 			Memory: withMemory, Description: req.Description,
 		},
 		Disks: append([]api.Disk(nil), r.Disks...), CPUs: r.CPUs, MemorySize: r.Memory, Target: r.Memory,
-		Paused: r.State == api.StatePaused, State: snapCreating,
+		MaxMemory: r.MaxMemory,
+		Paused:    r.State == api.StatePaused, State: snapCreating,
 	}
 	if withMemory {
 		sr.MemFile = filepath.Join(s.snapDir(vm), req.Name+".mem")
-		if r.BootMemory > 0 {
-			sr.MemorySize = r.BootMemory
-		}
+		sr.MemorySize, sr.MaxMemorySize = r.bootSizes()
 	}
 	err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
 		var cur record
@@ -394,6 +397,9 @@ func (s *Service) RevertSnapshot(ctx context.Context, vm, snap string, req api.R
 		cur.CPUs, cur.Memory = sr.CPUs, sr.MemorySize
 		if sr.Target > 0 {
 			cur.Memory = sr.Target
+		}
+		if sr.MaxMemory > 0 {
+			cur.MaxMemory = sr.MaxMemory
 		}
 		cur.CurrentSnapshot = snap
 		cur.Intent, cur.NextDisks = "", nil

@@ -50,6 +50,9 @@ type record struct {
 	// BootMemory is the memory the running QEMU was started with (-m):
 	// the balloon moves Memory below it.
 	BootMemory int64 `json:"boot_memory,omitempty"`
+	// BootMaxMemory is the most the running QEMU can reach by hot-plug
+	// (its -m maxmem), BootMemory when it has no virtio-mem device.
+	BootMaxMemory int64 `json:"boot_max_memory,omitempty"`
 	// Wanted is the desired power state; State is what was last observed.
 	Wanted string `json:"wanted"`
 }
@@ -255,6 +258,12 @@ func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
 		bctx, cancel := context.WithTimeout(ctx, time.Second)
 		if actual, err := qmp.QueryBalloon(bctx, in.mon); err == nil {
 			v.MemoryActual = actual
+		}
+		if boot, ceiling := r.bootSizes(); ceiling > boot {
+			if plugged, err := qmp.VirtioMemSize(bctx, in.mon, qemu.HotplugDevice); err == nil {
+				v.MemoryPlugged = plugged
+				v.MemoryActual += plugged
+			}
 		}
 		if st, err := qmp.QueryBalloonStats(bctx, in.mon); err == nil && st.LastUpdate > 0 && st.Stats.Total > 0 {
 			// Available counts what the guest could free (page cache);

@@ -73,6 +73,52 @@ func TestMemoryBalloon(t *testing.T) {
 	}
 }
 
+// TestMemoryHotplug grows a running guest past its boot memory through
+// virtio-mem, seen in its MemTotal, shrinks it below the boot memory
+// again, and brings plugged memory back with a memory snapshot.
+func TestMemoryHotplug(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.vm("hot", "--max-memory", "768M") // boots with 256M
+	boot := h.memTotal("hot")
+
+	h.must("set", "hot", "memory=768M")
+	if got := h.memTotal("hot"); got-boot < 500<<10 {
+		t.Fatalf("guest MemTotal went from %d to %d KiB after plugging 512 MiB", boot, got)
+	}
+	v := h.show("hot")
+	if v.MemoryPlugged != 512<<20 || v.MemoryActual != 768<<20 {
+		t.Fatalf("show after memory=768M: plugged %d, actual %d", v.MemoryPlugged, v.MemoryActual)
+	}
+	// Memory that was plugged stays usable: fill 400 MiB of it.
+	h.exec("hot", "sh", "-c", "mount -o remount,size=600M /dev/shm && dd if=/dev/zero of=/dev/shm/fill bs=1M count=400 2>/dev/null")
+	h.must("snapshot", "create", "hot", "big")
+	h.exec("hot", "rm", "/dev/shm/fill")
+
+	h.must("set", "hot", "memory=192M")
+	if got := h.memTotal("hot"); got > boot-56<<10 {
+		t.Fatalf("guest MemTotal %d KiB after memory=192M; it booted with %d", got, boot)
+	}
+	if v := h.show("hot"); v.MemoryPlugged != 0 || v.MemoryActual < 188<<20 || v.MemoryActual > 196<<20 {
+		t.Fatalf("show after memory=192M: plugged %d, actual %d", v.MemoryPlugged, v.MemoryActual)
+	}
+
+	h.must("snapshot", "revert", "hot", "big")
+	if got := h.memTotal("hot"); got-boot < 500<<10 {
+		t.Fatalf("guest MemTotal %d KiB after reverting to a snapshot taken with 512 MiB plugged", got)
+	}
+	if out := h.exec("hot", "sh", "-c", "wc -c </dev/shm/fill"); strings.TrimSpace(out) != strconv.Itoa(400<<20) {
+		t.Fatalf("file in plugged memory after revert: %q bytes", out)
+	}
+	if v := h.show("hot"); v.Memory != 768<<20 || v.MemoryPlugged != 512<<20 {
+		t.Fatalf("show after revert: memory %d, plugged %d", v.Memory, v.MemoryPlugged)
+	}
+	_, errOut, code := h.lodge("set", "hot", "memory=1G")
+	if code != 1 || !strings.Contains(errOut, "above its max_memory 768M") {
+		t.Fatalf("growing past max_memory: exit %d, %q", code, errOut)
+	}
+}
+
 // TestHostLimits: starting or growing VMs past the host's memory limit is
 // refused with the numbers; giving memory back through the balloon makes
 // room; the limit set with `host set` survives a daemon crash.
