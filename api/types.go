@@ -47,6 +47,12 @@ type VM struct {
 	MemoryActual int64 `json:"memory_actual,omitempty"`
 	// MemoryPlugged is the part of MemoryActual plugged in by virtio-mem.
 	MemoryPlugged int64 `json:"memory_plugged,omitempty"`
+	// MinMemory is the floor the host's auto-balloon may take the VM
+	// down to; 0 keeps the VM out of auto-ballooning.
+	MinMemory int64 `json:"min_memory,omitempty"`
+	// Ballooned is the target the auto-balloon holds the VM at, below
+	// Memory, while the host is short of memory; 0 when it does not.
+	Ballooned int64 `json:"ballooned,omitempty"`
 	// MemoryUsed is what the guest itself uses (its total less what it
 	// reports available), from its balloon driver's last report.
 	MemoryUsed int64      `json:"memory_used,omitempty"`
@@ -76,6 +82,7 @@ type CreateVM struct {
 	CPUs      int    `json:"cpus,omitempty"`
 	Memory    int64  `json:"memory,omitempty"`
 	MaxMemory int64  `json:"max_memory,omitempty"`
+	MinMemory int64  `json:"min_memory,omitempty"`
 	DiskSize  int64  `json:"disk_size,omitempty"`
 	DiskBus   string `json:"disk_bus,omitempty"`
 	Pool      string `json:"pool,omitempty"`
@@ -145,7 +152,10 @@ type PublishImage struct {
 type SetVM struct {
 	Memory    int64 `json:"memory,omitempty"`
 	MaxMemory int64 `json:"max_memory,omitempty"`
-	CPUs      int   `json:"cpus,omitempty"`
+	// MinMemory, when present, replaces the auto-balloon floor; 0 takes
+	// the VM out of auto-ballooning.
+	MinMemory *int64 `json:"min_memory,omitempty"`
+	CPUs      int    `json:"cpus,omitempty"`
 }
 
 // StopVM is the body of POST /v1/vms/{name}/stop.
@@ -227,18 +237,27 @@ type HostInfo struct {
 	MemoryLimit     int64   `json:"memory_limit"`
 	MemoryFree      int64   `json:"memory_free"`
 	Overcommit      float64 `json:"overcommit"`
-	QEMUVersion     string  `json:"qemu_version"`
-	Home            string  `json:"home"`
-	Pools           []Pool  `json:"pools"`
-	VMs             int     `json:"vms"`
-	Running         int     `json:"running"`
-	DaemonPID       int     `json:"daemon_pid"`
+	// MemoryAvailable is the host's available memory (MemAvailable), which
+	// the auto-balloon watches.
+	MemoryAvailable int64 `json:"memory_available"`
+	AutoBalloon     bool  `json:"auto_balloon"`
+	// AutoBalloonThreshold is the available memory below which idle VMs
+	// give memory back.
+	AutoBalloonThreshold int64  `json:"auto_balloon_threshold"`
+	QEMUVersion          string `json:"qemu_version"`
+	Home                 string `json:"home"`
+	Pools                []Pool `json:"pools"`
+	VMs                  int    `json:"vms"`
+	Running              int    `json:"running"`
+	DaemonPID            int    `json:"daemon_pid"`
 }
 
 // SetHost is the body of PATCH /v1/host: limits to change; 0 keeps one.
 type SetHost struct {
-	MemoryLimit int64   `json:"memory_limit,omitempty"`
-	Overcommit  float64 `json:"overcommit,omitempty"`
+	MemoryLimit          int64   `json:"memory_limit,omitempty"`
+	Overcommit           float64 `json:"overcommit,omitempty"`
+	AutoBalloon          *bool   `json:"auto_balloon,omitempty"`
+	AutoBalloonThreshold int64   `json:"auto_balloon_threshold,omitempty"`
 }
 
 // Operation states.

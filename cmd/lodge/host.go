@@ -34,14 +34,19 @@ func hostCmd(g *globals) *cobra.Command {
 		},
 	}, &cobra.Command{
 		Use:   "set KEY=VALUE...",
-		Short: "Set the host's limits: memory_limit=SIZE, overcommit=RATIO",
+		Short: "Set the host's limits: memory_limit, overcommit, auto_balloon",
 		Long: `Set the host's limits; they are kept across restarts and win over the
 config file.
 
-  memory_limit=SIZE  the total memory VMs may be given (default: host RAM
-                     less memory_reserve)
-  overcommit=RATIO   how far past memory_limit VMs may be given memory
-                     (default 1.0: never)`,
+  memory_limit=SIZE             the total memory VMs may be given
+                                (default: host RAM less memory_reserve)
+  overcommit=RATIO              how far past memory_limit VMs may be
+                                given memory (default 1.0: never)
+  auto_balloon=on|off           take memory back from idle VMs, down to
+                                their min_memory, while the host is short
+                                of it (default off)
+  auto_balloon_threshold=SIZE   the available host memory below which it
+                                does (default: a tenth of the host's RAM)`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var req api.SetHost
@@ -56,8 +61,16 @@ config file.
 					req.MemoryLimit, err = units.ParseSize(val)
 				case "overcommit":
 					req.Overcommit, err = strconv.ParseFloat(val, 64)
+				case "auto_balloon", "auto-balloon":
+					on, ok := onOff[val]
+					if !ok {
+						return usagef("host set: %s: want on or off", w)
+					}
+					req.AutoBalloon = &on
+				case "auto_balloon_threshold", "auto-balloon-threshold":
+					req.AutoBalloonThreshold, err = units.ParseSize(val)
 				default:
-					return usagef("host set: unknown setting %q (memory_limit, overcommit)", key)
+					return usagef("host set: unknown setting %q (memory_limit, overcommit, auto_balloon, auto_balloon_threshold)", key)
 				}
 				if err != nil {
 					return usagef("host set: %s: %v", w, err)
@@ -73,6 +86,8 @@ config file.
 	return host
 }
 
+var onOff = map[string]bool{"on": true, "true": true, "yes": true, "off": false, "false": false, "no": false}
+
 func (g *globals) emitHost(cmd *cobra.Command, h api.HostInfo) error {
 	return g.emit(cmd.OutOrStdout(), h, func(tw *tabwriter.Writer) {
 		fmt.Fprintf(tw, "Accelerator:\t%s (%s)\n", h.Accel, h.AccelReason)
@@ -80,6 +95,11 @@ func (g *globals) emitHost(cmd *cobra.Command, h api.HostInfo) error {
 		fmt.Fprintf(tw, "Memory:\t%s total, %s limit (overcommit %.1f), %s allocated, %s free\n",
 			units.FormatSize(h.MemoryTotal), units.FormatSize(h.MemoryLimit), h.Overcommit,
 			units.FormatSize(h.MemoryAllocated), units.FormatSize(h.MemoryFree))
+		auto := "off"
+		if h.AutoBalloon {
+			auto = "on, below " + units.FormatSize(h.AutoBalloonThreshold) + " available"
+		}
+		fmt.Fprintf(tw, "Available:\t%s (auto-balloon %s)\n", units.FormatSize(h.MemoryAvailable), auto)
 		fmt.Fprintf(tw, "VMs:\t%d (%d running)\nHome:\t%s\n", h.VMs, h.Running, h.Home)
 		for _, p := range h.Pools {
 			fmt.Fprintf(tw, "Pool %s:\t%s (%s free of %s)\n", p.Name, p.Path, sizeOrDash(p.Free), sizeOrDash(p.Total))

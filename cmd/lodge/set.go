@@ -13,13 +13,17 @@ import (
 func setCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "set VM KEY=VALUE...",
-		Short: "Change a VM's memory (also while it runs), max_memory or cpus",
+		Short: "Change a VM's memory (also while it runs), max_memory, min_memory or cpus",
 		Long: `Change a VM's settings:
 
-  memory=SIZE      while it runs too: the balloon gives memory back and
-                   takes it again, up to what the VM booted with; the
-                   command returns once the guest has got there
+  memory=SIZE      while it runs too: the balloon takes memory back and
+                   gives it again, up to what the VM booted with, and
+                   virtio-mem plugs more, up to max_memory; the command
+                   returns once the guest has got there
   max_memory=SIZE  while it is stopped
+  min_memory=SIZE  the floor the host's auto-balloon may take the VM down
+                   to while the host is short of memory; 0 or off keeps
+                   the VM out of it
   cpus=N           while it is stopped
 
 Sizes take 512M, 2G or 2GiB.`,
@@ -50,13 +54,19 @@ func parseSettings(words []string) (api.SetVM, error) {
 			req.Memory, err = units.ParseSize(val)
 		case "max_memory", "max-memory":
 			req.MaxMemory, err = units.ParseSize(val)
+		case "min_memory", "min-memory":
+			var n int64
+			if val != "0" && val != "off" {
+				n, err = units.ParseSize(val)
+			}
+			req.MinMemory = &n
 		case "cpus":
 			req.CPUs, err = strconv.Atoi(val)
 			if err == nil && req.CPUs < 1 {
 				return req, usagef("set: cpus=%s: must be at least 1", val)
 			}
 		default:
-			return req, usagef("set: unknown setting %q (memory, max_memory, cpus)", key)
+			return req, usagef("set: unknown setting %q (memory, max_memory, min_memory, cpus)", key)
 		}
 		if err != nil {
 			return req, usagef("set: %s: %v", w, err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"reflect"
 	"testing"
 
 	"github.com/lodge-vm/lodge/api"
@@ -21,6 +22,10 @@ func TestParseSettings(t *testing.T) {
 		{[]string{"cpus=0"}, api.SetVM{}, true},
 		{[]string{"cpus=two"}, api.SetVM{}, true},
 		{[]string{"colour=red"}, api.SetVM{}, true},
+		{[]string{"min_memory=128M"}, api.SetVM{MinMemory: ptr(int64(128 << 20))}, false},
+		{[]string{"min_memory=off"}, api.SetVM{MinMemory: ptr(int64(0))}, false},
+		{[]string{"min_memory=0"}, api.SetVM{MinMemory: ptr(int64(0))}, false},
+		{[]string{"min_memory=some"}, api.SetVM{}, true},
 	}
 	for _, tt := range tests {
 		got, err := parseSettings(tt.words)
@@ -31,8 +36,10 @@ func TestParseSettings(t *testing.T) {
 			}
 			continue
 		}
-		if err != nil || got != tt.want {
+		if err != nil || !reflect.DeepEqual(got, tt.want) {
 			t.Errorf("parseSettings(%q) = %+v, %v; want %+v", tt.words, got, err, tt.want)
 		}
 	}
 }
+
+func ptr[T any](v T) *T { return &v }

@@ -18,9 +18,9 @@ import (
 
 func createCmd(g *globals) *cobra.Command {
 	var (
-		image, memory, maxMemory, disk, bus, pool, network, cloudInit string
-		cpus                                                          int
-		start                                                         bool
+		image, memory, maxMemory, minMemory, disk, bus, pool, network, cloudInit string
+		cpus                                                                     int
+		start                                                                    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "create NAME --image IMG",
@@ -36,6 +36,9 @@ func createCmd(g *globals) *cobra.Command {
 				return err
 			}
 			if req.MaxMemory, err = parseSizeFlag("max-memory", maxMemory); err != nil {
+				return err
+			}
+			if req.MinMemory, err = parseSizeFlag("min-memory", minMemory); err != nil {
 				return err
 			}
 			if req.DiskSize, err = parseSizeFlag("disk", disk); err != nil {
@@ -57,7 +60,8 @@ func createCmd(g *globals) *cobra.Command {
 	f.StringVar(&image, "image", "", "image to create the VM from")
 	f.IntVar(&cpus, "cpus", 0, "virtual CPUs (default 1)")
 	f.StringVar(&memory, "memory", "", "memory, e.g. 512M or 2G (default 512M)")
-	f.StringVar(&maxMemory, "max-memory", "", "memory ceiling for later growth (default: --memory)")
+	f.StringVar(&maxMemory, "max-memory", "", "memory ceiling for growth while running, by hot-plug (default: --memory)")
+	f.StringVar(&minMemory, "min-memory", "", "floor the host's auto-balloon may take the VM down to (default: none, the VM keeps its memory)")
 	f.StringVar(&disk, "disk", "", "root disk size (default 8G or the image's size)")
 	f.StringVar(&bus, "disk-bus", "virtio", "disk bus: virtio, scsi, ide or nvme")
 	f.StringVar(&pool, "pool", "default", "storage pool for the disk")
@@ -260,6 +264,12 @@ func (g *globals) emitVM(cmd *cobra.Command, v api.VM) error {
 		}
 		if v.MemoryPlugged > 0 {
 			mem += ", " + units.FormatSize(v.MemoryPlugged) + " of it hot-plugged"
+		}
+		if v.MinMemory > 0 {
+			mem += ", min " + units.FormatSize(v.MinMemory)
+		}
+		if v.Ballooned > 0 {
+			mem += ", held at " + units.FormatSize(v.Ballooned) + " by the auto-balloon"
 		}
 		if v.MemoryUsed > 0 {
 			mem += ", uses " + units.FormatSize(v.MemoryUsed)

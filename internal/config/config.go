@@ -57,6 +57,20 @@ type Config struct {
 	// IdentityGrace is how long a clone's guest may take to adopt its new
 	// identity from the seed before Lodge applies it through the agent.
 	IdentityGrace time.Duration `yaml:"identity_grace"`
+	AutoBalloon   AutoBalloon   `yaml:"auto_balloon"`
+}
+
+// AutoBalloon takes memory back from idle VMs while the host is short of
+// it, down to each VM's min_memory, and gives it back afterwards.
+type AutoBalloon struct {
+	Enabled bool `yaml:"enabled"`
+	// Threshold is the host's available memory below which VMs give
+	// memory back; 0 means a tenth of the host's RAM.
+	Threshold Size `yaml:"threshold"`
+	// Interval is how often the host's memory is looked at.
+	Interval time.Duration `yaml:"interval"`
+	// MemInfo is the file the host's MemAvailable is read from.
+	MemInfo string `yaml:"meminfo"`
 }
 
 // DefaultHome is /var/lib/lodge for root and ~/.local/share/lodge otherwise.
@@ -145,6 +159,12 @@ func (c *Config) Default() {
 	if c.IdentityGrace == 0 {
 		c.IdentityGrace = 60 * time.Second
 	}
+	if c.AutoBalloon.Interval == 0 {
+		c.AutoBalloon.Interval = 5 * time.Second
+	}
+	if c.AutoBalloon.MemInfo == "" {
+		c.AutoBalloon.MemInfo = "/proc/meminfo"
+	}
 }
 
 // Validate refuses settings that cannot work.
@@ -165,6 +185,12 @@ func (c *Config) Validate() error {
 	}
 	if c.IdentityGrace < time.Second {
 		return fmt.Errorf("config identity_grace %v: must be at least 1s", c.IdentityGrace)
+	}
+	if c.AutoBalloon.Interval < 100*time.Millisecond {
+		return fmt.Errorf("config auto_balloon.interval %v: must be at least 100ms", c.AutoBalloon.Interval)
+	}
+	if c.AutoBalloon.Threshold < 0 {
+		return fmt.Errorf("config auto_balloon.threshold %d: must not be negative", c.AutoBalloon.Threshold)
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

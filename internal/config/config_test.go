@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestLoadDefaultValidate(t *testing.T) {
@@ -12,7 +13,7 @@ func TestLoadDefaultValidate(t *testing.T) {
 	t.Setenv("LODGE_ACCEL", "")
 	t.Setenv("LODGE_SOCKET", "")
 	t.Setenv("LODGE_OVERCOMMIT", "")
-	if err := os.WriteFile(filepath.Join(home, "config.yaml"), []byte("memory_limit: 4G\naccel: tcg\nstop_timeout: 5s\n"), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(home, "config.yaml"), []byte("memory_limit: 4G\naccel: tcg\nstop_timeout: 5s\nauto_balloon:\n  enabled: true\n  threshold: 2G\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	c, err := Load(home)
@@ -26,6 +27,9 @@ func TestLoadDefaultValidate(t *testing.T) {
 	if c.MemoryLimit != 4<<30 || c.Accel != "tcg" || c.Socket != filepath.Join(home, "lodge.sock") || c.Overcommit != 1 {
 		t.Fatalf("config = %+v", c)
 	}
+	if ab := c.AutoBalloon; !ab.Enabled || ab.Threshold != 2<<30 || ab.Interval != 5*time.Second || ab.MemInfo != "/proc/meminfo" {
+		t.Fatalf("auto_balloon = %+v", ab)
+	}
 }
 
 func TestValidateRejects(t *testing.T) {
@@ -38,6 +42,8 @@ func TestValidateRejects(t *testing.T) {
 		{"overcommit", func(c *Config) { c.Overcommit = 0.5 }, "overcommit"},
 		{"relative home", func(c *Config) { c.Home = "rel" }, "absolute"},
 		{"log level", func(c *Config) { c.LogLevel = "loud" }, "log_level"},
+		{"auto-balloon interval", func(c *Config) { c.AutoBalloon.Interval = time.Millisecond }, "auto_balloon.interval"},
+		{"auto-balloon threshold", func(c *Config) { c.AutoBalloon.Threshold = -1 }, "auto_balloon.threshold"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

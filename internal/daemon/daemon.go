@@ -110,6 +110,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, err
 func (d *Daemon) Run(ctx context.Context) error {
 	d.ops = newOperations(ctx, d.events)
 	d.initAccel(ctx)
+	go d.autoBalloonLoop(ctx)
 	ln, err := listen(d.cfg.Socket)
 	if err != nil {
 		return err
@@ -164,17 +165,23 @@ func listen(path string) (net.Listener, error) {
 }
 
 func memTotal() int64 {
-	raw, err := os.ReadFile("/proc/meminfo")
+	n, _ := meminfo("/proc/meminfo", "MemTotal")
+	return n
+}
+
+// meminfo reads one field of a /proc/meminfo-style file, in bytes.
+func meminfo(path, field string) (int64, error) {
+	raw, err := os.ReadFile(path)
 	if err != nil {
-		return 0
+		return 0, fmt.Errorf("read %s: %w", path, err)
 	}
 	for _, line := range strings.Split(string(raw), "\n") {
 		var kb int64
-		if n, _ := fmt.Sscanf(line, "MemTotal: %d kB", &kb); n == 1 {
-			return kb << 10
+		if n, _ := fmt.Sscanf(line, field+": %d kB", &kb); n == 1 {
+			return kb << 10, nil
 		}
 	}
-	return 0
+	return 0, fmt.Errorf("read %s: no %s line", path, field)
 }
 
 // hasVhostVsock reports whether VMs can have a vsock device here.

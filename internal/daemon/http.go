@@ -122,6 +122,10 @@ func (d *Daemon) hostInfo(w http.ResponseWriter, r *http.Request) {
 		Overcommit: h.Overcommit, QEMUVersion: d.qemuVer, Home: d.cfg.Home, VMs: total, Running: running,
 		DaemonPID: os.Getpid(), Pools: []api.Pool{},
 	}
+	info.AutoBalloon, info.AutoBalloonThreshold = d.autoBalloonSettings()
+	if avail, err := meminfo(d.cfg.AutoBalloon.MemInfo, "MemAvailable"); err == nil {
+		info.MemoryAvailable = avail
+	}
 	pools, err := d.pools.List(ctx)
 	if err != nil {
 		writeErr(w, err)

@@ -27,8 +27,10 @@ const (
 )
 
 type hostLimits struct {
-	MemoryLimit int64   `json:"memory_limit,omitempty"`
-	Overcommit  float64 `json:"overcommit,omitempty"`
+	MemoryLimit          int64   `json:"memory_limit,omitempty"`
+	Overcommit           float64 `json:"overcommit,omitempty"`
+	AutoBalloon          *bool   `json:"auto_balloon,omitempty"`
+	AutoBalloonThreshold int64   `json:"auto_balloon_threshold,omitempty"`
 }
 
 func (d *Daemon) loadLimits(ctx context.Context) error {
@@ -73,6 +75,10 @@ func (d *Daemon) validateLimits(req api.SetHost) error {
 		return fmt.Errorf("host memory_limit %s: %w: the host has %s (use overcommit to promise more)", units.FormatSize(req.MemoryLimit), errdefs.ErrLimit, units.FormatSize(d.memTot))
 	case req.Overcommit != 0 && (req.Overcommit < minOvercommit || req.Overcommit > maxOvercommit):
 		return fmt.Errorf("host overcommit %g: %w: must be between %g and %g", req.Overcommit, errdefs.ErrInvalid, float64(minOvercommit), float64(maxOvercommit))
+	case req.AutoBalloonThreshold < 0:
+		return fmt.Errorf("host auto_balloon_threshold %d: %w: must be positive", req.AutoBalloonThreshold, errdefs.ErrInvalid)
+	case d.memTot > 0 && req.AutoBalloonThreshold >= d.memTot:
+		return fmt.Errorf("host auto_balloon_threshold %s: %w: the host has only %s", units.FormatSize(req.AutoBalloonThreshold), errdefs.ErrInvalid, units.FormatSize(d.memTot))
 	case req == api.SetHost{}:
 		return fmt.Errorf("host set: %w: nothing to change", errdefs.ErrInvalid)
 	}
@@ -96,6 +102,12 @@ func (d *Daemon) setHost(w http.ResponseWriter, r *http.Request) {
 	if req.Overcommit > 0 {
 		l.Overcommit = req.Overcommit
 	}
+	if req.AutoBalloon != nil {
+		l.AutoBalloon = req.AutoBalloon
+	}
+	if req.AutoBalloonThreshold > 0 {
+		l.AutoBalloonThreshold = req.AutoBalloonThreshold
+	}
 	err := d.store.Update(r.Context(), func(tx store.Tx) error { return store.PutJSON(tx, settingsBucket, limitsKey, l) })
 	if err == nil {
 		d.limits = l
@@ -105,6 +117,7 @@ func (d *Daemon) setHost(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, fmt.Errorf("host set: %w", err))
 		return
 	}
-	d.log.Info("host limits set", "memory_limit", l.MemoryLimit, "overcommit", l.Overcommit)
+	on, threshold := d.autoBalloonSettings()
+	d.log.Info("host limits set", "memory_limit", l.MemoryLimit, "overcommit", l.Overcommit, "auto_balloon", on, "auto_balloon_threshold", threshold)
 	d.hostInfo(w, r)
 }

@@ -2,6 +2,8 @@ package daemon
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/lodge-vm/lodge/api"
@@ -24,6 +26,10 @@ func TestValidateLimits(t *testing.T) {
 		{api.SetHost{MemoryLimit: 9 << 30}, errdefs.ErrLimit},
 		{api.SetHost{Overcommit: 0.5}, errdefs.ErrInvalid},
 		{api.SetHost{Overcommit: 101}, errdefs.ErrInvalid},
+		{api.SetHost{AutoBalloon: new(bool)}, nil},
+		{api.SetHost{AutoBalloonThreshold: 2 << 30}, nil},
+		{api.SetHost{AutoBalloonThreshold: -1}, errdefs.ErrInvalid},
+		{api.SetHost{AutoBalloonThreshold: 8 << 30}, errdefs.ErrInvalid},
 	}
 	for _, tt := range tests {
 		err := d.validateLimits(tt.req)
@@ -46,5 +52,42 @@ func TestHostLimitsOverrideConfig(t *testing.T) {
 	d.limits.Overcommit = 1.5
 	if h := d.host(); h.Overcommit != 1.5 {
 		t.Fatalf("with a set overcommit: %+v", h)
+	}
+}
+
+// The auto-balloon's settings: the config, overridden by host set, with
+// the threshold a tenth of the host's RAM unless given.
+func TestAutoBalloonSettings(t *testing.T) {
+	d := &Daemon{memTot: 8 << 30}
+	if on, th := d.autoBalloonSettings(); on || th != 8<<30/10 {
+		t.Fatalf("default: on %v, threshold %d", on, th)
+	}
+	d.cfg.AutoBalloon = config.AutoBalloon{Enabled: true, Threshold: 1 << 30}
+	if on, th := d.autoBalloonSettings(); !on || th != 1<<30 {
+		t.Fatalf("from the config: on %v, threshold %d", on, th)
+	}
+	off := false
+	d.limits = hostLimits{AutoBalloon: &off, AutoBalloonThreshold: 3 << 30}
+	if on, th := d.autoBalloonSettings(); on || th != 3<<30 {
+		t.Fatalf("set with host set: on %v, threshold %d", on, th)
+	}
+	if p := pressure(1<<30, 2<<30); p.Low != 2<<30 || p.High != 5<<29 {
+		t.Fatalf("pressure marks %+v: want low at the threshold and high a quarter above", p)
+	}
+}
+
+func TestMeminfo(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "meminfo")
+	if err := os.WriteFile(path, []byte("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:    1048576 kB\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := meminfo(path, "MemAvailable"); err != nil || n != 1<<30 {
+		t.Fatalf("MemAvailable = %d, %v; want 1 GiB", n, err)
+	}
+	if _, err := meminfo(path, "SwapTotal"); err == nil {
+		t.Fatal("a missing field reads without an error")
+	}
+	if _, err := meminfo(filepath.Join(t.TempDir(), "none"), "MemTotal"); err == nil {
+		t.Fatal("a missing file reads without an error")
 	}
 }

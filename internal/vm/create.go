@@ -61,6 +61,9 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 	if req.MaxMemory < req.Memory {
 		return api.Image{}, fmt.Errorf("vm %q: max memory %s is below memory %s: %w", req.Name, units.FormatSize(req.MaxMemory), units.FormatSize(req.Memory), errdefs.ErrInvalid)
 	}
+	if req.MinMemory < 0 || req.MinMemory > req.Memory || (req.MinMemory != 0 && req.MinMemory < MinMemory) {
+		return api.Image{}, fmt.Errorf("vm %q: min memory %s: %w: must be between %s and its memory %s", req.Name, units.FormatSize(req.MinMemory), errdefs.ErrInvalid, units.FormatSize(MinMemory), units.FormatSize(req.Memory))
+	}
 	if total := s.hostMemory(); total > 0 && req.MaxMemory > total {
 		return api.Image{}, fmt.Errorf("vm %q: memory %s is more than the host has (%s): %w", req.Name, units.FormatSize(req.MaxMemory), units.FormatSize(total), errdefs.ErrLimit)
 	}
@@ -172,7 +175,7 @@ func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) 
 
 	r := record{
 		VM: api.VM{
-			Name: req.Name, Image: img.Name, CPUs: req.CPUs, Memory: req.Memory, MaxMemory: req.MaxMemory,
+			Name: req.Name, Image: img.Name, CPUs: req.CPUs, Memory: req.Memory, MaxMemory: req.MaxMemory, MinMemory: req.MinMemory,
 			Hostname: req.Name, State: api.StateStopped, CreatedAt: time.Now().UTC(),
 			Disks: []api.Disk{{
 				Name: "root", Bus: req.DiskBus, Size: req.DiskSize, Pool: pool.Name,

@@ -61,6 +61,7 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.
 	if _, err := s.update(ctx, name, func(x *record) error {
 		x.State, x.StateReason, x.Wanted, x.StartedAt = api.StateStarting, "", api.StateRunning, nil
 		x.BootMemory, x.BootMaxMemory = m.Memory, m.Memory+m.HotplugSize()
+		x.Ballooned = 0
 		return nil
 	}); err != nil {
 		return api.VM{}, err

@@ -38,7 +38,10 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 		return api.VM{}, err
 	}
 	in := s.instance(name)
-	mem, maxMem, cpus := r.Memory, r.MaxMemory, r.CPUs
+	mem, maxMem, minMem, cpus := r.Memory, r.MaxMemory, r.MinMemory, r.CPUs
+	if req.MinMemory != nil {
+		minMem = *req.MinMemory
+	}
 	if req.Memory != 0 {
 		mem = req.Memory
 	}
@@ -49,8 +52,12 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 		cpus = req.CPUs
 	}
 	switch {
-	case req.Memory < 0 || req.MaxMemory < 0:
+	case req.Memory < 0 || req.MaxMemory < 0 || minMem < 0:
 		return api.VM{}, fmt.Errorf("set vm %q: %w: sizes must be positive", name, errdefs.ErrInvalid)
+	case minMem > mem:
+		return api.VM{}, fmt.Errorf("set vm %q: min_memory %s: %w: above its memory %s", name, units.FormatSize(minMem), errdefs.ErrInvalid, units.FormatSize(mem))
+	case minMem != 0 && minMem < MinMemory:
+		return api.VM{}, fmt.Errorf("set vm %q: min_memory %s: %w: must be at least %s, or 0 to keep the VM out of auto-ballooning", name, units.FormatSize(minMem), errdefs.ErrInvalid, units.FormatSize(MinMemory))
 	case mem < MinMemory:
 		return api.VM{}, fmt.Errorf("set vm %q: memory %s: %w: must be at least %s", name, units.FormatSize(mem), errdefs.ErrInvalid, units.FormatSize(MinMemory))
 	case mem > maxMem:
@@ -83,7 +90,8 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 		}
 	}
 	var resizeErr error
-	if in != nil && mem != r.Memory {
+	// A set memory wins over what the auto-balloon held the VM at.
+	if in != nil && (mem != r.Memory || r.Ballooned > 0) {
 		var moved bool
 		if moved, resizeErr = s.resize(ctx, in, r, mem); resizeErr != nil && !moved {
 			return api.VM{}, resizeErr
@@ -92,7 +100,8 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 	// A guest that moved but has not arrived keeps its new target: the
 	// record says where the guest is going, and the error how far it got.
 	if _, err := s.update(ctx, name, func(x *record) error {
-		x.Memory, x.MaxMemory, x.CPUs = mem, maxMem, cpus
+		x.Memory, x.MaxMemory, x.MinMemory, x.CPUs = mem, maxMem, minMem, cpus
+		x.Ballooned = 0
 		return nil
 	}); err != nil {
 		return api.VM{}, err
@@ -100,7 +109,7 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 	if resizeErr != nil {
 		return api.VM{}, resizeErr
 	}
-	s.publish(name, "vm-set", "", fmt.Sprintf("memory %s, max %s, cpus %d", units.FormatSize(mem), units.FormatSize(maxMem), cpus))
+	s.publish(name, "vm-set", "", fmt.Sprintf("memory %s, max %s, min %s, cpus %d", units.FormatSize(mem), units.FormatSize(maxMem), units.FormatSize(minMem), cpus))
 	return s.Get(ctx, name)
 }
 

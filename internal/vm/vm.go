@@ -265,16 +265,8 @@ func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
 				v.MemoryActual += plugged
 			}
 		}
-		if st, err := qmp.QueryBalloonStats(bctx, in.mon); err == nil && st.LastUpdate > 0 && st.Stats.Total > 0 {
-			// Available counts what the guest could free (page cache);
-			// older kernels report only free.
-			spare := st.Stats.Available
-			if spare < 0 {
-				spare = st.Stats.Free
-			}
-			if spare >= 0 {
-				v.MemoryUsed = st.Stats.Total - spare
-			}
+		if used, ok := guestUsed(bctx, in.mon); ok {
+			v.MemoryUsed = used
 		}
 		cancel()
 	}

@@ -1,8 +1,13 @@
 package integration
 
 import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -116,6 +121,98 @@ func TestMemoryHotplug(t *testing.T) {
 	_, errOut, code := h.lodge("set", "hot", "memory=1G")
 	if code != 1 || !strings.Contains(errOut, "above its max_memory 768M") {
 		t.Fatalf("growing past max_memory: exit %d, %q", code, errOut)
+	}
+}
+
+// TestAutoBalloon fakes the host's available memory (the daemon reads it
+// from a file its config names): under pressure an idle guest gives its
+// memory back down to its min_memory, each change an event; when the
+// pressure passes, it gets the memory back. The guest side is real.
+func TestAutoBalloon(t *testing.T) {
+	t.Parallel()
+	h := newHostNoDaemon(t)
+	meminfo := filepath.Join(h.home, "meminfo")
+	setAvailable := func(size int64) {
+		t.Helper()
+		if err := os.WriteFile(meminfo, []byte(fmt.Sprintf("MemTotal: 25165824 kB\nMemAvailable: %d kB\n", size>>10)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setAvailable(8 << 30)
+	conf := fmt.Sprintf("auto_balloon:\n  enabled: true\n  threshold: 1G\n  interval: 300ms\n  meminfo: %s\n", meminfo)
+	if err := os.WriteFile(filepath.Join(h.home, "config.yaml"), []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	waitProbe(t)
+	h.startDaemon()
+	t.Cleanup(h.cleanup)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var mu sync.Mutex
+	var changes []string
+	go func() {
+		_ = h.c.Events(ctx, func(ev api.Event) {
+			if ev.Kind == "vm-balloon" {
+				mu.Lock()
+				changes = append(changes, ev.Message)
+				mu.Unlock()
+			}
+		})
+	}()
+
+	h.vm("idle", "--memory", "512M", "--min-memory", "192M")
+	full := h.memTotal("idle")
+	eventually(t, 30*time.Second, "a memory report from the guest", func() bool { return h.show("idle").MemoryUsed > 0 })
+
+	setAvailable(512 << 20)
+	eventually(t, 60*time.Second, "the guest to give memory back down to its floor", func() bool {
+		v := h.show("idle")
+		return v.Ballooned == 192<<20 && v.MemoryActual <= 196<<20
+	})
+	if small := h.memTotal("idle"); full-small < 300<<10 {
+		t.Fatalf("guest MemTotal %d KiB under pressure, %d before", small, full)
+	}
+	if v := h.show("idle"); v.Memory != 512<<20 {
+		t.Fatalf("the auto-balloon changed the memory setting to %d", v.Memory)
+	}
+
+	setAvailable(4 << 30)
+	eventually(t, 60*time.Second, "the guest to get its memory back", func() bool {
+		v := h.show("idle")
+		return v.Ballooned == 0 && v.MemoryActual >= 508<<20
+	})
+	if back := h.memTotal("idle"); back < full-16<<10 {
+		t.Fatalf("guest MemTotal %d KiB after the pressure passed, %d before", back, full)
+	}
+	mu.Lock()
+	got := append([]string(nil), changes...)
+	mu.Unlock()
+	if len(got) < 2 || !strings.Contains(got[0], "512M -> 192M") || !strings.Contains(got[len(got)-1], "-> 512M") {
+		t.Fatalf("vm-balloon events %q: want 512M -> 192M and back", got)
+	}
+	var info api.HostInfo
+	mustJSON(t, h.must("host", "info", "-o", "json"), &info)
+	if !info.AutoBalloon || info.AutoBalloonThreshold != 1<<30 || info.MemoryAvailable != 4<<30 {
+		t.Fatalf("host info: auto-balloon %v, threshold %d, available %d", info.AutoBalloon, info.AutoBalloonThreshold, info.MemoryAvailable)
+	}
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"set", "idle", "min_memory=1G"}, 1, "above its memory 512M"},
+		{[]string{"set", "idle", "min_memory=lots"}, 2, "not a size"},
+		{[]string{"host", "set", "auto_balloon=maybe"}, 2, "want on or off"},
+		{[]string{"host", "set", "auto_balloon_threshold=100T"}, 1, "the host has only"},
+	} {
+		_, errOut, code := h.lodge(c.args...)
+		if code != c.code || !strings.Contains(errOut, c.want) {
+			t.Errorf("lodge %v: exit %d, %q; want exit %d with %q", c.args, code, errOut, c.code, c.want)
+		}
+	}
+	if v := h.show("idle"); v.MinMemory != 192<<20 {
+		t.Errorf("refused changes left min_memory at %d", v.MinMemory)
 	}
 }
 
