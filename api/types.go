@@ -35,6 +35,7 @@ type Disk struct {
 // VM is a virtual machine as `lodge show -o json` prints it.
 type VM struct {
 	Name        string `json:"name"`
+	Project     string `json:"project"`
 	UUID        string `json:"uuid"`
 	State       string `json:"state"`
 	StateReason string `json:"state_reason,omitempty"`
@@ -84,6 +85,8 @@ type CreateVM struct {
 	MaxMemory int64  `json:"max_memory,omitempty"`
 	MinMemory int64  `json:"min_memory,omitempty"`
 	DiskSize  int64  `json:"disk_size,omitempty"`
+	// Project is the project the VM counts against; default "default".
+	Project   string `json:"project,omitempty"`
 	DiskBus   string `json:"disk_bus,omitempty"`
 	Pool      string `json:"pool,omitempty"`
 	Network   string `json:"network,omitempty"`
@@ -101,6 +104,8 @@ type CloneVM struct {
 	KeepIdentity bool   `json:"keep_identity,omitempty"`
 	Pool         string `json:"pool,omitempty"`
 	Start        bool   `json:"start,omitempty"`
+	// Project is the clone's project; by default the source's.
+	Project string `json:"project,omitempty"`
 }
 
 // Snapshot is one point in a VM's snapshot tree.
@@ -156,6 +161,8 @@ type SetVM struct {
 	// the VM out of auto-ballooning.
 	MinMemory *int64 `json:"min_memory,omitempty"`
 	CPUs      int    `json:"cpus,omitempty"`
+	// Project moves the VM to another project, if it fits there.
+	Project string `json:"project,omitempty"`
 }
 
 // StopVM is the body of POST /v1/vms/{name}/stop.
@@ -300,4 +307,35 @@ type Error struct {
 	// Code is a stable word callers can branch on: not_found, conflict,
 	// bad_request, busy, internal.
 	Code string `json:"code"`
+}
+
+// ProjectLimits caps what the VMs of a project may take together: the sum
+// of their memory settings, CPUs and disk sizes, and their number. 0 is
+// no limit.
+type ProjectLimits struct {
+	Memory int64 `json:"memory,omitempty"`
+	CPUs   int64 `json:"cpus,omitempty"`
+	Disk   int64 `json:"disk,omitempty"`
+	VMs    int64 `json:"vms,omitempty"`
+}
+
+// Project groups VMs under common limits. Every VM is in one; "default"
+// always exists.
+type Project struct {
+	Name        string        `json:"name"`
+	Description string        `json:"description,omitempty"`
+	Limits      ProjectLimits `json:"limits"`
+	// Usage is what the project's VMs take now, counted as Limits are.
+	Usage     ProjectLimits `json:"usage"`
+	CreatedAt time.Time     `json:"created_at"`
+}
+
+// SetProject is the body of PATCH /v1/projects/{name}: the limits given
+// replace the old ones (0 lifts one).
+type SetProject struct {
+	Description *string `json:"description,omitempty"`
+	Memory      *int64  `json:"memory,omitempty"`
+	CPUs        *int64  `json:"cpus,omitempty"`
+	Disk        *int64  `json:"disk,omitempty"`
+	VMs         *int64  `json:"vms,omitempty"`
 }

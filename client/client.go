@@ -306,6 +306,35 @@ func (c *Client) DeletePool(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/pools/"+url.PathEscape(name), nil, nil)
 }
 
+// ListProjects returns the projects with their limits and usage.
+func (c *Client) ListProjects(ctx context.Context) ([]api.Project, error) {
+	var ps []api.Project
+	return ps, c.do(ctx, http.MethodGet, "/v1/projects", nil, &ps)
+}
+
+// CreateProject adds a project with its limits.
+func (c *Client) CreateProject(ctx context.Context, p api.Project) (api.Project, error) {
+	var out api.Project
+	return out, c.do(ctx, http.MethodPost, "/v1/projects", p, &out)
+}
+
+// Project returns one project with its usage.
+func (c *Client) Project(ctx context.Context, name string) (api.Project, error) {
+	var out api.Project
+	return out, c.do(ctx, http.MethodGet, "/v1/projects/"+url.PathEscape(name), nil, &out)
+}
+
+// SetProject changes a project's limits.
+func (c *Client) SetProject(ctx context.Context, name string, req api.SetProject) (api.Project, error) {
+	var out api.Project
+	return out, c.do(ctx, http.MethodPatch, "/v1/projects/"+url.PathEscape(name), req, &out)
+}
+
+// DeleteProject removes a project that holds no VMs.
+func (c *Client) DeleteProject(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/projects/"+url.PathEscape(name), nil, nil)
+}
+
 // Operations lists running and recent operations.
 func (c *Client) Operations(ctx context.Context) ([]api.Operation, error) {
 	var ops []api.Operation

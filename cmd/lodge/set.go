@@ -25,6 +25,7 @@ func setCmd(g *globals) *cobra.Command {
                    to while the host is short of memory; 0 or off keeps
                    the VM out of it
   cpus=N           while it is stopped
+  project=NAME     moves the VM to another project, if it fits there
 
 Sizes take 512M, 2G or 2GiB.`,
 		Args: cobra.MinimumNArgs(2),
@@ -60,13 +61,15 @@ func parseSettings(words []string) (api.SetVM, error) {
 				n, err = units.ParseSize(val)
 			}
 			req.MinMemory = &n
+		case "project":
+			req.Project = val
 		case "cpus":
 			req.CPUs, err = strconv.Atoi(val)
 			if err == nil && req.CPUs < 1 {
 				return req, usagef("set: cpus=%s: must be at least 1", val)
 			}
 		default:
-			return req, usagef("set: unknown setting %q (memory, max_memory, min_memory, cpus)", key)
+			return req, usagef("set: unknown setting %q (memory, max_memory, min_memory, cpus, project)", key)
 		}
 		if err != nil {
 			return req, usagef("set: %s: %v", w, err)

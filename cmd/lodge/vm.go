@@ -18,16 +18,16 @@ import (
 
 func createCmd(g *globals) *cobra.Command {
 	var (
-		image, memory, maxMemory, minMemory, disk, bus, pool, network, cloudInit string
-		cpus                                                                     int
-		start                                                                    bool
+		image, memory, maxMemory, minMemory, disk, bus, pool, network, cloudInit, proj string
+		cpus                                                                           int
+		start                                                                          bool
 	)
 	cmd := &cobra.Command{
 		Use:   "create NAME --image IMG",
 		Short: "Create a VM from an image (a thin overlay: nothing is copied)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := api.CreateVM{Name: args[0], Image: image, CPUs: cpus, DiskBus: bus, Pool: pool, Network: network, Start: start}
+			req := api.CreateVM{Name: args[0], Image: image, CPUs: cpus, DiskBus: bus, Pool: pool, Network: network, Start: start, Project: proj}
 			if cmd.Flags().Changed("cpus") && cpus < 1 {
 				return usagef("--cpus %d: must be at least 1", cpus)
 			}
@@ -58,6 +58,7 @@ func createCmd(g *globals) *cobra.Command {
 	}
 	f := cmd.Flags()
 	f.StringVar(&image, "image", "", "image to create the VM from")
+	f.StringVar(&proj, "project", "", "project the VM counts against (default \"default\")")
 	f.IntVar(&cpus, "cpus", 0, "virtual CPUs (default 1)")
 	f.StringVar(&memory, "memory", "", "memory, e.g. 512M or 2G (default 512M)")
 	f.StringVar(&maxMemory, "max-memory", "", "memory ceiling for growth while running, by hot-plug (default: --memory)")
@@ -113,6 +114,7 @@ time as SRC.`,
 	f := cmd.Flags()
 	f.BoolVar(&req.Full, "full", false, "make an independent copy instead of a linked clone")
 	f.BoolVar(&req.KeepIdentity, "keep-identity", false, "keep SRC's UUID, MACs, CID, hostname and instance-id")
+	f.StringVar(&req.Project, "project", "", "the clone's project (default: SRC's)")
 	f.StringVar(&req.Pool, "pool", "", "storage pool for the clone's disks (default: SRC's)")
 	f.BoolVar(&req.Start, "start", false, "start the clone once made")
 	return cmd
@@ -274,8 +276,8 @@ func (g *globals) emitVM(cmd *cobra.Command, v api.VM) error {
 		if v.MemoryUsed > 0 {
 			mem += ", uses " + units.FormatSize(v.MemoryUsed)
 		}
-		fmt.Fprintf(tw, "Name:\t%s\nState:\t%s\nUUID:\t%s\nImage:\t%s\nCPUs:\t%d\nMemory:\t%s)\nHostname:\t%s\n",
-			v.Name, state, v.UUID, v.Image, v.CPUs, mem, v.Hostname)
+		fmt.Fprintf(tw, "Name:\t%s\nProject:\t%s\nState:\t%s\nUUID:\t%s\nImage:\t%s\nCPUs:\t%d\nMemory:\t%s)\nHostname:\t%s\n",
+			v.Name, v.Project, state, v.UUID, v.Image, v.CPUs, mem, v.Hostname)
 		agent := "not connected"
 		if v.Agent {
 			agent = "connected"

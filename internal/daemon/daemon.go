@@ -20,6 +20,7 @@ import (
 	"github.com/lodge-vm/lodge/internal/identity"
 	"github.com/lodge-vm/lodge/internal/image"
 	"github.com/lodge-vm/lodge/internal/pool"
+	"github.com/lodge-vm/lodge/internal/project"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/storage"
 	"github.com/lodge-vm/lodge/internal/store"
@@ -28,17 +29,18 @@ import (
 
 // Daemon is one running host daemon.
 type Daemon struct {
-	cfg     config.Config
-	log     *slog.Logger
-	store   store.Store
-	driver  *qemu.QEMU
-	vms     *vm.Service
-	images  *image.Library
-	pools   *pool.Registry
-	ops     *operations
-	events  *bus
-	qemuVer string
-	memTot  int64
+	cfg      config.Config
+	log      *slog.Logger
+	store    store.Store
+	driver   *qemu.QEMU
+	vms      *vm.Service
+	images   *image.Library
+	pools    *pool.Registry
+	projects *project.Registry
+	ops      *operations
+	events   *bus
+	qemuVer  string
+	memTot   int64
 
 	limitsMu sync.Mutex
 	limits   hostLimits
@@ -85,6 +87,8 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, err
 	})
 	d.images.Users = d.vms.UsersOfImage
 	d.pools.Users = d.vms.UsersOfPool
+	d.projects = project.New(st)
+	d.projects.Usage, d.projects.Members = d.vms.ProjectUsage, vm.ProjectMembersTx
 	if v, err := d.driver.Version(ctx); err == nil {
 		d.qemuVer = strings.TrimPrefix(v, "QEMU emulator version ")
 	} else {

@@ -48,6 +48,11 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("GET /v1/pools", d.listPools)
 	mux.HandleFunc("POST /v1/pools", d.createPool)
 	mux.HandleFunc("DELETE /v1/pools/{name}", d.deletePool)
+	mux.HandleFunc("GET /v1/projects", d.listProjects)
+	mux.HandleFunc("POST /v1/projects", d.createProject)
+	mux.HandleFunc("GET /v1/projects/{name}", d.getProject)
+	mux.HandleFunc("PATCH /v1/projects/{name}", d.setProject)
+	mux.HandleFunc("DELETE /v1/projects/{name}", d.deleteProject)
 	mux.HandleFunc("GET /v1/operations", d.listOps)
 	mux.HandleFunc("GET /v1/operations/{id}", d.getOp)
 	mux.HandleFunc("GET /v1/operations/{id}/wait", d.waitOp)
@@ -74,6 +79,8 @@ func codeOf(err error) string {
 		return "conflict"
 	case errors.Is(err, errdefs.ErrLimit):
 		return "limit"
+	case errors.Is(err, errdefs.ErrQuota):
+		return "quota"
 	case errors.Is(err, errdefs.ErrInvalid), errors.Is(err, storage.ErrUnsafeImage):
 		return "bad_request"
 	case errors.Is(err, errdefs.ErrNoAgent):
@@ -86,7 +93,7 @@ func codeOf(err error) string {
 
 var statusOf = map[string]int{
 	"not_found": http.StatusNotFound, "busy": http.StatusConflict, "conflict": http.StatusConflict,
-	"limit": http.StatusConflict, "bad_request": http.StatusBadRequest, "no_agent": http.StatusServiceUnavailable,
+	"limit": http.StatusConflict, "quota": http.StatusForbidden, "bad_request": http.StatusBadRequest, "no_agent": http.StatusServiceUnavailable,
 	"no_space": http.StatusInsufficientStorage,
 	"internal": http.StatusInternalServerError,
 }

@@ -72,6 +72,7 @@ func TestCodeOf(t *testing.T) {
 		{errdefs.ErrState, "conflict"},
 		{errdefs.ErrInUse, "conflict"},
 		{errdefs.ErrLimit, "limit"},
+		{errdefs.ErrQuota, "quota"},
 		{errdefs.ErrInvalid, "bad_request"},
 		{storage.ErrUnsafeImage, "bad_request"},
 		{errdefs.ErrNoAgent, "no_agent"},

@@ -15,6 +15,7 @@ var (
 	ErrState    = errors.New("wrong state")
 	ErrConflict = errors.New("conflict")
 	ErrLimit    = errors.New("over the host limit")
+	ErrQuota    = errors.New("over the project quota")
 	ErrNoAgent  = errors.New("guest agent not answering")
 	ErrNoSpace  = errors.New("not enough space")
 )

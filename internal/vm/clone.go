@@ -82,6 +82,10 @@ func (s *Service) Clone(ctx context.Context, src string, req api.CloneVM, progre
 	}
 	dst.State, dst.StateReason, dst.Wanted, dst.StartedAt, dst.PID = api.StateStopped, "", api.StateStopped, nil, 0
 	dst.CreatedAt, dst.Intent, dst.NextDisks = time.Now().UTC(), intentCreating, nil
+	dst.Ballooned = 0
+	if req.Project != "" {
+		dst.Project = req.Project
+	}
 	dst.Disks = make([]api.Disk, len(r.Disks))
 	dst.NICs = append([]api.NIC(nil), r.NICs...)
 	var copyTotal int64

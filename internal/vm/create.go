@@ -12,6 +12,7 @@ import (
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/identity"
+	"github.com/lodge-vm/lodge/internal/project"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/store"
 	"github.com/lodge-vm/lodge/internal/units"
@@ -139,6 +140,9 @@ func (s *Service) insert(ctx context.Context, r *record, fresh bool, also func(t
 					r.CID++
 				}
 			}
+			if err := checkQuota(tx, record{}, *r); err != nil {
+				return err
+			}
 			if also != nil {
 				if err := also(tx); err != nil {
 					return err
@@ -185,6 +189,7 @@ func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) 
 		Pool: pool.Name, ImagePath: img.Path, CloudInit: req.CloudInit,
 		Intent: intentCreating, Wanted: api.StateStopped,
 	}
+	r.Project = project.Name(req.Project)
 	r.NICs = []api.NIC{{Network: req.Network}}
 	if err := s.insert(ctx, &r, true, nil); err != nil {
 		return api.VM{}, err

@@ -9,6 +9,7 @@ import (
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qmp"
+	"github.com/lodge-vm/lodge/internal/store"
 	"github.com/lodge-vm/lodge/internal/units"
 )
 
@@ -89,6 +90,16 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 			return api.VM{}, err
 		}
 	}
+	next := r
+	next.Memory, next.MaxMemory, next.MinMemory, next.CPUs, next.Ballooned = mem, maxMem, minMem, cpus, 0
+	if req.Project != "" {
+		next.Project = req.Project
+	}
+	// Checked here before the guest is touched, and again where the
+	// change is stored, in case another VM took the room meanwhile.
+	if err := s.cfg.Store.View(ctx, func(tx store.Tx) error { return checkQuota(tx, r, next) }); err != nil {
+		return api.VM{}, fmt.Errorf("set vm %q: %w", name, err)
+	}
 	var resizeErr error
 	// A set memory wins over what the auto-balloon held the VM at.
 	if in != nil && (mem != r.Memory || r.Ballooned > 0) {
@@ -99,12 +110,19 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 	}
 	// A guest that moved but has not arrived keeps its new target: the
 	// record says where the guest is going, and the error how far it got.
-	if _, err := s.update(ctx, name, func(x *record) error {
-		x.Memory, x.MaxMemory, x.MinMemory, x.CPUs = mem, maxMem, minMem, cpus
-		x.Ballooned = 0
+	if _, err := s.updateTx(ctx, name, func(tx store.Tx, x *record) error {
+		if err := checkQuota(tx, *x, next); err != nil {
+			return err
+		}
+		x.Memory, x.MaxMemory, x.MinMemory, x.CPUs, x.Ballooned, x.Project = mem, maxMem, minMem, cpus, 0, next.Project
 		return nil
 	}); err != nil {
-		return api.VM{}, err
+		if in != nil && mem != r.Memory {
+			// Lost the room to another VM while the guest moved: put
+			// the guest back where the record says it is.
+			_, _ = s.resize(context.WithoutCancel(ctx), in, r, r.Memory)
+		}
+		return api.VM{}, fmt.Errorf("set vm %q: %w", name, err)
 	}
 	if resizeErr != nil {
 		return api.VM{}, resizeErr

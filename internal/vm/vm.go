@@ -20,6 +20,7 @@ import (
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/image"
+	"github.com/lodge-vm/lodge/internal/project"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qga"
 	"github.com/lodge-vm/lodge/internal/qmp"
@@ -188,6 +189,11 @@ func (s *Service) load(ctx context.Context, name string) (record, error) {
 
 // update changes a stored record in one transaction.
 func (s *Service) update(ctx context.Context, name string, fn func(*record) error) (record, error) {
+	return s.updateTx(ctx, name, func(_ store.Tx, r *record) error { return fn(r) })
+}
+
+// updateTx is update for changes that read more of the store.
+func (s *Service) updateTx(ctx context.Context, name string, fn func(store.Tx, *record) error) (record, error) {
 	var out record
 	err := s.cfg.Store.Update(ctx, func(tx store.Tx) error {
 		if err := store.GetJSON(tx, bucket, name, &out); err != nil {
@@ -196,7 +202,7 @@ func (s *Service) update(ctx context.Context, name string, fn func(*record) erro
 			}
 			return err
 		}
-		if err := fn(&out); err != nil {
+		if err := fn(tx, &out); err != nil {
 			return err
 		}
 		return store.PutJSON(tx, bucket, name, out)
@@ -330,6 +336,7 @@ func (s *Service) List(ctx context.Context) ([]api.VM, error) {
 
 func (s *Service) view(r record) api.VM {
 	v := r.VM
+	v.Project = project.Name(v.Project)
 	s.mu.Lock()
 	in := s.instances[r.Name]
 	s.mu.Unlock()
