@@ -42,7 +42,10 @@ func TestProjectQuota(t *testing.T) {
 			return err
 		}, "memory quota 1G"},
 		{"set past cpus", func() error { _, err := f.svc.Set(ctx, "a", api.SetVM{CPUs: 2}); return err }, "cpus quota 3, used 3, requested 1 more"},
-		{"set past memory", func() error { _, err := f.svc.Set(ctx, "b", api.SetVM{Memory: 768 << 20, MaxMemory: 768 << 20}); return err }, "memory quota 1G, used 768M, requested 512M more"},
+		{"set past memory", func() error {
+			_, err := f.svc.Set(ctx, "b", api.SetVM{Memory: 768 << 20, MaxMemory: 768 << 20})
+			return err
+		}, "memory quota 1G, used 768M, requested 512M more"},
 		{"move in past memory", func() error {
 			if _, err := f.svc.Create(ctx, api.CreateVM{Name: "big", Image: "tiny", Memory: 512 << 20}); err != nil {
 				return err
