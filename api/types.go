@@ -235,15 +235,18 @@ type Pool struct {
 
 // HostInfo is `lodge host info -o json`.
 type HostInfo struct {
-	Accel           string  `json:"accel"`
-	AccelReason     string  `json:"accel_reason"`
-	AccelVerified   bool    `json:"accel_verified"`
-	CPUs            int     `json:"cpus"`
-	MemoryTotal     int64   `json:"memory_total"`
-	MemoryAllocated int64   `json:"memory_allocated"`
-	MemoryLimit     int64   `json:"memory_limit"`
-	MemoryFree      int64   `json:"memory_free"`
-	Overcommit      float64 `json:"overcommit"`
+	Accel           string `json:"accel"`
+	AccelReason     string `json:"accel_reason"`
+	AccelVerified   bool   `json:"accel_verified"`
+	CPUs            int    `json:"cpus"`
+	MemoryTotal     int64  `json:"memory_total"`
+	MemoryAllocated int64  `json:"memory_allocated"`
+	MemoryLimit     int64  `json:"memory_limit"`
+	MemoryFree      int64  `json:"memory_free"`
+	// VMOverhead is what each running VM counts for beyond its guest's
+	// memory (QEMU itself, and TCG's code cache); it is in MemoryAllocated.
+	VMOverhead int64   `json:"vm_overhead"`
+	Overcommit float64 `json:"overcommit"`
 	// MemoryAvailable is the host's available memory (MemAvailable), which
 	// the auto-balloon watches.
 	MemoryAvailable int64 `json:"memory_available"`

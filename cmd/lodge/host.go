@@ -92,9 +92,9 @@ func (g *globals) emitHost(cmd *cobra.Command, h api.HostInfo) error {
 	return g.emit(cmd.OutOrStdout(), h, func(tw *tabwriter.Writer) {
 		fmt.Fprintf(tw, "Accelerator:\t%s (%s)\n", h.Accel, h.AccelReason)
 		fmt.Fprintf(tw, "QEMU:\t%s\nCPUs:\t%d\n", h.QEMUVersion, h.CPUs)
-		fmt.Fprintf(tw, "Memory:\t%s total, %s limit (overcommit %.1f), %s allocated, %s free\n",
+		fmt.Fprintf(tw, "Memory:\t%s total, %s limit (overcommit %.1f), %s allocated (%s per VM for QEMU itself), %s free\n",
 			units.FormatSize(h.MemoryTotal), units.FormatSize(h.MemoryLimit), h.Overcommit,
-			units.FormatSize(h.MemoryAllocated), units.FormatSize(h.MemoryFree))
+			units.FormatSize(h.MemoryAllocated), units.FormatSize(h.VMOverhead), units.FormatSize(h.MemoryFree))
 		auto := "off"
 		if h.AutoBalloon {
 			auto = "on, below " + units.FormatSize(h.AutoBalloonThreshold) + " available"

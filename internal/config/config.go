@@ -58,6 +58,12 @@ type Config struct {
 	// identity from the seed before Lodge applies it through the agent.
 	IdentityGrace time.Duration `yaml:"identity_grace"`
 	AutoBalloon   AutoBalloon   `yaml:"auto_balloon"`
+	// TCGCache caps each TCG guest's translated-code cache, which stays
+	// resident while the VM runs (QEMU's own default is 1 GiB).
+	TCGCache Size `yaml:"tcg_cache"`
+	// VMOverhead is the host memory each running VM is counted for beyond
+	// its guest's memory; 0 means QEMUOverhead, plus TCGCache under TCG.
+	VMOverhead Size `yaml:"vm_overhead"`
 }
 
 // AutoBalloon takes memory back from idle VMs while the host is short of
@@ -72,6 +78,14 @@ type AutoBalloon struct {
 	// MemInfo is the file the host's MemAvailable is read from.
 	MemInfo string `yaml:"meminfo"`
 }
+
+// DefaultTCGCache is the translated-code cache a TCG guest gets; see
+// docs/guide.md for what it costs and saves.
+const DefaultTCGCache = 64 << 20
+
+// QEMUOverhead is what a QEMU takes beyond its guest's memory, measured
+// with the tiny guest (binary, heap, device state).
+const QEMUOverhead = 40 << 20
 
 // DefaultHome is /var/lib/lodge for root and ~/.local/share/lodge otherwise.
 func DefaultHome() string {
@@ -159,6 +173,9 @@ func (c *Config) Default() {
 	if c.IdentityGrace == 0 {
 		c.IdentityGrace = 60 * time.Second
 	}
+	if c.TCGCache == 0 {
+		c.TCGCache = DefaultTCGCache
+	}
 	if c.AutoBalloon.Interval == 0 {
 		c.AutoBalloon.Interval = 5 * time.Second
 	}
@@ -185,6 +202,12 @@ func (c *Config) Validate() error {
 	}
 	if c.IdentityGrace < time.Second {
 		return fmt.Errorf("config identity_grace %v: must be at least 1s", c.IdentityGrace)
+	}
+	if c.VMOverhead < 0 {
+		return fmt.Errorf("config vm_overhead %d: must not be negative", c.VMOverhead)
+	}
+	if c.TCGCache < 1<<20 || c.TCGCache > 2<<30 {
+		return fmt.Errorf("config tcg_cache %d: must be between 1M and 2G", c.TCGCache)
 	}
 	if c.AutoBalloon.Interval < 100*time.Millisecond {
 		return fmt.Errorf("config auto_balloon.interval %v: must be at least 100ms", c.AutoBalloon.Interval)

@@ -42,6 +42,7 @@ func TestValidateRejects(t *testing.T) {
 		{"overcommit", func(c *Config) { c.Overcommit = 0.5 }, "overcommit"},
 		{"relative home", func(c *Config) { c.Home = "rel" }, "absolute"},
 		{"log level", func(c *Config) { c.LogLevel = "loud" }, "log_level"},
+		{"tcg cache", func(c *Config) { c.TCGCache = 100 }, "tcg_cache"},
 		{"auto-balloon interval", func(c *Config) { c.AutoBalloon.Interval = time.Millisecond }, "auto_balloon.interval"},
 		{"auto-balloon threshold", func(c *Config) { c.AutoBalloon.Threshold = -1 }, "auto_balloon.threshold"},
 	}

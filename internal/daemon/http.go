@@ -126,7 +126,7 @@ func (d *Daemon) hostInfo(w http.ResponseWriter, r *http.Request) {
 	info := api.HostInfo{
 		Accel: a.Accel, AccelReason: a.Reason, AccelVerified: a.Verified, CPUs: runtime.NumCPU(),
 		MemoryTotal: h.MemoryTotal, MemoryAllocated: alloc, MemoryLimit: limit, MemoryFree: max(limit-alloc, 0),
-		Overcommit: h.Overcommit, QEMUVersion: d.qemuVer, Home: d.cfg.Home, VMs: total, Running: running,
+		Overcommit: h.Overcommit, VMOverhead: h.VMOverhead, QEMUVersion: d.qemuVer, Home: d.cfg.Home, VMs: total, Running: running,
 		DaemonPID: os.Getpid(), Pools: []api.Pool{},
 	}
 	info.AutoBalloon, info.AutoBalloonThreshold = d.autoBalloonSettings()

@@ -7,6 +7,7 @@ import (
 	"net/http"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/config"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/store"
 	"github.com/lodge-vm/lodge/internal/units"
@@ -61,7 +62,24 @@ func (d *Daemon) host() vm.Host {
 	if l.Overcommit > 0 {
 		over = l.Overcommit
 	}
-	return vm.Host{MemoryTotal: d.memTot, MemoryLimit: limit, Overcommit: over}
+	return vm.Host{MemoryTotal: d.memTot, MemoryLimit: limit, Overcommit: over, VMOverhead: d.vmOverhead()}
+}
+
+// vmOverhead is what each running VM is counted for beyond its guest's
+// memory: the config's figure, or QEMU's own plus, under TCG, its code
+// cache.
+func (d *Daemon) vmOverhead() int64 {
+	if d.cfg.VMOverhead > 0 {
+		return int64(d.cfg.VMOverhead)
+	}
+	o := int64(config.QEMUOverhead)
+	d.accelMu.Lock()
+	tcg := d.accel.Accel != "kvm"
+	d.accelMu.Unlock()
+	if tcg {
+		o += int64(d.cfg.TCGCache)
+	}
+	return o
 }
 
 // validateLimits refuses limits that make no sense on this host.

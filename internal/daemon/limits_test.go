@@ -91,3 +91,21 @@ func TestMeminfo(t *testing.T) {
 		t.Fatal("a missing file reads without an error")
 	}
 }
+
+// Each running VM counts for QEMU's own memory and, under TCG, its code
+// cache, unless the config names a figure.
+func TestVMOverhead(t *testing.T) {
+	d := &Daemon{cfg: config.Config{TCGCache: 64 << 20}}
+	d.accel.Accel = "tcg"
+	if got := d.vmOverhead(); got != config.QEMUOverhead+64<<20 {
+		t.Errorf("tcg: %d", got)
+	}
+	d.accel.Accel = "kvm"
+	if got := d.vmOverhead(); got != config.QEMUOverhead {
+		t.Errorf("kvm: %d", got)
+	}
+	d.cfg.VMOverhead = 10 << 20
+	if got := d.host().VMOverhead; got != 10<<20 {
+		t.Errorf("from the config: %d", got)
+	}
+}

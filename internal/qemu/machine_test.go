@@ -140,3 +140,27 @@ func TestArgsHotplug(t *testing.T) {
 		})
 	}
 }
+
+func TestArgsAccel(t *testing.T) {
+	tests := []struct {
+		accel string
+		cache int64
+		want  string
+	}{
+		{"kvm", 64 << 20, "-machine pc -accel kvm "},
+		{"tcg", 0, "-machine pc -accel tcg "},
+		{"tcg", 64 << 20, "-machine pc -accel tcg,tb-size=64 "},
+		{"", 32 << 20, "-machine pc -accel tcg,tb-size=32 "},
+	}
+	for _, tt := range tests {
+		m := baseMachine()
+		m.Accel, m.TCGCache = tt.accel, tt.cache
+		args, err := m.Args()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if joined := strings.Join(args, " "); !strings.Contains(joined, tt.want) {
+			t.Errorf("accel %q, cache %d: args lack %q:\n%s", tt.accel, tt.cache, tt.want, joined)
+		}
+	}
+}

@@ -101,7 +101,7 @@ func (s *Service) machine(r record, accel qemu.Accel) qemu.Machine {
 	m := qemu.Machine{
 		Name: r.Name, UUID: r.UUID, CPUs: r.CPUs, Memory: r.Memory, MaxMemory: r.MaxMemory,
 		RunDir: s.runDir(r.Name), SeedISO: s.seedPath(r.Name),
-		Accel: accel.Accel, CPUModel: accel.CPUModel,
+		Accel: accel.Accel, CPUModel: accel.CPUModel, TCGCache: s.cfg.TCGCache,
 	}
 	if accel.Accel == "tcg" {
 		// "max" gives TCG guests the newer instruction sets that current
@@ -154,11 +154,13 @@ func (s *Service) checkConflicts(ctx context.Context, r record) error {
 
 // admit refuses a start that would take the host past its memory limit.
 func (s *Service) admit(ctx context.Context, r record) error {
-	limit, allocated, ok, err := s.headroom(ctx, r.Memory)
+	overhead := s.vmOverhead()
+	limit, allocated, ok, err := s.headroom(ctx, r.Memory+overhead)
 	if err != nil || ok {
 		return err
 	}
-	return fmt.Errorf("vm %q: %w: memory limit %s, allocated %s, requested %s", r.Name, errdefs.ErrLimit, units.FormatSize(limit), units.FormatSize(allocated), units.FormatSize(r.Memory))
+	return fmt.Errorf("vm %q: %w: memory limit %s, allocated %s, requested %s (%s and %s for QEMU itself)", r.Name, errdefs.ErrLimit,
+		units.FormatSize(limit), units.FormatSize(allocated), units.FormatSize(r.Memory+overhead), units.FormatSize(r.Memory), units.FormatSize(overhead))
 }
 
 // hostMemory is the host's RAM, 0 when unknown.
@@ -167,6 +169,13 @@ func (s *Service) hostMemory() int64 {
 		return 0
 	}
 	return s.cfg.Host().MemoryTotal
+}
+
+func (s *Service) vmOverhead() int64 {
+	if s.cfg.Host == nil {
+		return 0
+	}
+	return s.cfg.Host().VMOverhead
 }
 
 // headroom reports whether VMs may be given more bytes on top of what is

@@ -215,3 +215,22 @@ func TestSetMemoryHotplug(t *testing.T) {
 		t.Fatalf("growing past the host limit: %v", err)
 	}
 }
+
+// A start is admitted with what its QEMU takes beyond the guest's memory.
+func TestAdmitCountsOverhead(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	f.svc.cfg.Host = func() Host { return Host{MemoryTotal: 8 << 30, MemoryLimit: 600 << 20, Overcommit: 1, VMOverhead: 100 << 20} }
+	f.create(t, "a")
+	f.create(t, "b")
+	if _, err := f.svc.Start(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := f.svc.Start(ctx, "b")
+	if !errors.Is(err, errdefs.ErrLimit) || !strings.Contains(err.Error(), "memory limit 600M, allocated 356M, requested 356M (256M and 100M for QEMU itself)") {
+		t.Fatalf("second start: %v", err)
+	}
+	if alloc, running, _, err := f.svc.MemoryAllocated(ctx); err != nil || alloc != 356<<20 || running != 1 {
+		t.Fatalf("allocated %d with %d running, %v", alloc, running, err)
+	}
+}

@@ -93,6 +93,10 @@ type Host struct {
 	MemoryTotal int64
 	MemoryLimit int64
 	Overcommit  float64
+	// VMOverhead is the host memory each running VM takes beyond its
+	// guest's: QEMU itself, and TCG's code cache. It counts against the
+	// limit, so that the limit holds for what VMs really take.
+	VMOverhead int64
 }
 
 // Config wires a Service.
@@ -108,6 +112,8 @@ type Config struct {
 	Host        func() Host
 	Accel       func(ctx context.Context) (qemu.Accel, error)
 	StopTimeout time.Duration
+	// TCGCache caps a TCG guest's translated-code cache.
+	TCGCache int64
 	// Vsock attaches each VM's vsock device; it needs /dev/vhost-vsock
 	// (the vhost_vsock module). The CID is allocated either way.
 	Vsock bool
@@ -356,17 +362,19 @@ func (s *Service) view(r record) api.VM {
 	return v
 }
 
-// MemoryAllocated sums the memory of VMs that hold host RAM now.
+// MemoryAllocated sums the memory of VMs that hold host RAM now, each
+// with what its QEMU takes beyond the guest's memory.
 func (s *Service) MemoryAllocated(ctx context.Context) (int64, int, int, error) {
 	recs, err := s.all(ctx)
 	if err != nil {
 		return 0, 0, 0, err
 	}
+	overhead := s.vmOverhead()
 	var total int64
 	running := 0
 	for _, r := range recs {
 		if holdsMemory(r.State) {
-			total += r.Memory
+			total += r.Memory + overhead
 			running++
 		}
 	}

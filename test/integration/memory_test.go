@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/units"
 )
 
 // memTotal is the guest's MemTotal in KiB.
@@ -223,27 +224,38 @@ func TestHostLimits(t *testing.T) {
 	t.Parallel()
 	h := newHost(t)
 	var info api.HostInfo
-	mustJSON(t, h.must("host", "set", "memory_limit=700M", "-o", "json"), &info)
-	if info.MemoryLimit != 700<<20 || info.Overcommit != 1 {
+	mustJSON(t, h.must("host", "info", "-o", "json"), &info)
+	// Each running VM also counts for what its QEMU takes beyond the
+	// guest's memory; the limit leaves room for two and a half VMs.
+	o := info.VMOverhead
+	if o < 32<<20 {
+		t.Fatalf("host info: vm_overhead %d; QEMU takes more than that", o)
+	}
+	limit := 700<<20 + 3*o
+	mustJSON(t, h.must("host", "set", "memory_limit="+strconv.FormatInt(limit>>20, 10)+"M", "-o", "json"), &info)
+	if info.MemoryLimit != limit || info.Overcommit != 1 {
 		t.Fatalf("after host set: limit %d, overcommit %g", info.MemoryLimit, info.Overcommit)
 	}
+	size := units.FormatSize
 	h.vm("la") // 256M each
 	h.vm("lb")
 	h.importGuest()
 	h.must("create", "lc", "--image", "tiny", "--memory", "256M")
 	_, errOut, code := h.lodge("start", "lc")
-	if code != 1 || !strings.Contains(errOut, "memory limit 700M, allocated 512M, requested 256M") {
-		t.Fatalf("start past the limit: exit %d, %q", code, errOut)
+	want := fmt.Sprintf("memory limit %s, allocated %s, requested %s (256M and %s for QEMU itself)", size(limit), size(512<<20+2*o), size(256<<20+o), size(o))
+	if code != 1 || !strings.Contains(errOut, want) {
+		t.Fatalf("start past the limit: exit %d, %q; want %q", code, errOut, want)
 	}
 	h.must("set", "la", "memory=128M")
 	h.must("start", "lc")
 	_, errOut, code = h.lodge("set", "la", "memory=256M")
-	if code != 1 || !strings.Contains(errOut, "memory limit 700M, allocated 640M, requested 128M more") {
-		t.Fatalf("growing past the limit: exit %d, %q", code, errOut)
+	want = fmt.Sprintf("memory limit %s, allocated %s, requested 128M more", size(limit), size(640<<20+3*o))
+	if code != 1 || !strings.Contains(errOut, want) {
+		t.Fatalf("growing past the limit: exit %d, %q; want %q", code, errOut, want)
 	}
 	mustJSON(t, h.must("host", "info", "-o", "json"), &info)
-	if info.MemoryAllocated != 640<<20 || info.MemoryFree != 60<<20 {
-		t.Fatalf("host info: allocated %d, free %d; want 640M and 60M", info.MemoryAllocated, info.MemoryFree)
+	if info.MemoryAllocated != 640<<20+3*o || info.MemoryFree != 60<<20 {
+		t.Fatalf("host info: allocated %d, free %d; want %d and 60M", info.MemoryAllocated, info.MemoryFree, 640<<20+3*o)
 	}
 	for _, c := range []struct {
 		args []string
@@ -263,7 +275,7 @@ func TestHostLimits(t *testing.T) {
 	h.killDaemon()
 	h.startDaemon()
 	mustJSON(t, h.must("host", "info", "-o", "json"), &info)
-	if info.MemoryLimit != 700<<20 {
-		t.Fatalf("limit after a daemon crash: %d, want 700M", info.MemoryLimit)
+	if info.MemoryLimit != limit {
+		t.Fatalf("limit after a daemon crash: %d, want %d", info.MemoryLimit, limit)
 	}
 }
