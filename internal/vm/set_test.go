@@ -220,7 +220,9 @@ func TestSetMemoryHotplug(t *testing.T) {
 func TestAdmitCountsOverhead(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
-	f.svc.cfg.Host = func() Host { return Host{MemoryTotal: 8 << 30, MemoryLimit: 600 << 20, Overcommit: 1, VMOverhead: 100 << 20} }
+	f.svc.cfg.Host = func() Host {
+		return Host{MemoryTotal: 8 << 30, MemoryLimit: 600 << 20, Overcommit: 1, VMOverhead: 100 << 20}
+	}
 	f.create(t, "a")
 	f.create(t, "b")
 	if _, err := f.svc.Start(ctx, "a"); err != nil {
