@@ -139,3 +139,26 @@ if [ -f "$c/memory.tsv" ]; then
   echo "| 1 GiB → 512 MiB (s) | $a | $b | $(ratio "$a" "$b") | < 5 s | $(verdict "$a < 5") |"
   echo "| 512 MiB → 1 GiB (s) | $g | $h | $(ratio "$g" "$h") | | |"
 fi
+if [ -f "$c/density.tsv" ]; then
+  f=$c/density.tsv
+  # field NAME SYSTEM: one column of one system's row
+  field() { awk -F'\t' -v s="$2" -v k="$1" 'NR==1{for(i=1;i<=NF;i++) h[$i]=i; next} $1==s{print $h[k]}' "$f"; }
+  per() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN{ if (n>0) printf "%.0f", (b-a)/n; else print "-" }'; }
+  ln=$(field running lodge); vn=$(field running libvirt)
+  ld=$(per "$(field daemon_rss_idle_kib lodge)" "$(field daemon_rss_kib lodge)" "$ln")
+  vd=$(per "$(field daemon_rss_idle_kib libvirt)" "$(field daemon_rss_kib libvirt)" "$vn")
+  lq=$(per 0 "$(field qemu_rss_kib lodge)" "$ln"); vq=$(per 0 "$(field qemu_rss_kib libvirt)" "$vn")
+  lh=$(per 0 "$(field host_used_kib lodge)" "$ln"); vh=$(per 0 "$(field host_used_kib libvirt)" "$vn")
+  echo
+  echo "## Density"
+  echo
+  echo "Tiny guests at 128 MiB, started 4 at a time, each waited on until its agent answers. Lodge ran as many as the host's memory limit admits at overcommit 1.0 ($(field admitted lodge); one more start refused: $(field next_refused lodge)); libvirt ran $vn (each define costs libvirtd about 30 s here, see the notes above). Per-VM figures, KiB."
+  echo
+  echo "| measure | Lodge | libvirt | Lodge / libvirt | target | result |"
+  echo "|---|---|---|---|---|---|"
+  echo "| VMs running at once | $ln | $vn | | | |"
+  echo "| all started and agent-ready (s) | $(field boot_all_s lodge) | $(field boot_all_s libvirt) | | | |"
+  echo "| daemon RSS per running VM | $ld | $vd | $(ratio "$ld" "$vd") | < 1024 | $(verdict "$ld < 1024") |"
+  echo "| QEMU RSS per VM | $lq | $vq | $(ratio "$lq" "$vq") | | |"
+  echo "| host memory used per VM | $lh | $vh | $(ratio "$lh" "$vh") | | |"
+fi

@@ -24,6 +24,7 @@ import (
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/storage"
 	"github.com/lodge-vm/lodge/internal/store"
+	"github.com/lodge-vm/lodge/internal/units"
 	"github.com/lodge-vm/lodge/internal/vm"
 )
 
@@ -179,13 +180,11 @@ func meminfo(path, field string) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("read %s: %w", path, err)
 	}
-	for _, line := range strings.Split(string(raw), "\n") {
-		var kb int64
-		if n, _ := fmt.Sscanf(line, field+": %d kB", &kb); n == 1 {
-			return kb << 10, nil
-		}
+	n, err := units.MeminfoField(raw, field)
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %w", path, err)
 	}
-	return 0, fmt.Errorf("read %s: no %s line", path, field)
+	return n, nil
 }
 
 // hasVhostVsock reports whether VMs can have a vsock device here.

@@ -63,3 +63,25 @@ func FormatSize(b int64) string {
 	}
 	return fmt.Sprintf("%dB", b)
 }
+
+// MeminfoField reads one field of /proc/meminfo text ("MemAvailable:
+// 123 kB"), in bytes. The text may come from a guest, so anything odd is
+// an error rather than a guess.
+func MeminfoField(data []byte, field string) (int64, error) {
+	for _, line := range strings.Split(string(data), "\n") {
+		name, rest, ok := strings.Cut(line, ":")
+		if !ok || name != field {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) != 2 || f[1] != "kB" {
+			return 0, fmt.Errorf("meminfo %s: %q: want a count of kB", field, strings.TrimSpace(rest))
+		}
+		kb, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil || kb < 0 || kb > math.MaxInt64>>10 {
+			return 0, fmt.Errorf("meminfo %s: %q: not a count of kB", field, f[0])
+		}
+		return kb << 10, nil
+	}
+	return 0, fmt.Errorf("meminfo: no %s line", field)
+}

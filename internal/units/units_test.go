@@ -61,3 +61,37 @@ func FuzzParseSize(f *testing.F) {
 		}
 	})
 }
+
+func TestMeminfoField(t *testing.T) {
+	const text = "MemTotal:        1000 kB\nMemFree:  10 kB\nMemAvailable:     512 kB\nHugePages_Total:       0\nBad: x kB\n"
+	tests := []struct {
+		field   string
+		want    int64
+		wantErr bool
+	}{
+		{"MemTotal", 1000 << 10, false},
+		{"MemAvailable", 512 << 10, false},
+		{"HugePages_Total", 0, true},
+		{"Bad", 0, true},
+		{"SwapTotal", 0, true},
+		{"Mem", 0, true},
+	}
+	for _, tt := range tests {
+		got, err := MeminfoField([]byte(text), tt.field)
+		if (err != nil) != tt.wantErr || got != tt.want {
+			t.Errorf("MeminfoField(%s) = %d, %v; want %d, error %v", tt.field, got, err, tt.want, tt.wantErr)
+		}
+	}
+}
+
+func FuzzMeminfoField(f *testing.F) {
+	f.Add([]byte("MemTotal: 1000 kB\nMemAvailable: 512 kB\n"), "MemAvailable")
+	f.Add([]byte("MemAvailable: 99999999999999999999 kB\n"), "MemAvailable")
+	f.Add([]byte("MemAvailable: -1 kB\n"), "MemAvailable")
+	f.Fuzz(func(t *testing.T, data []byte, field string) {
+		n, err := MeminfoField(data, field)
+		if err == nil && (n < 0 || n%1024 != 0) {
+			t.Fatalf("MeminfoField = %d without an error", n)
+		}
+	})
+}

@@ -158,3 +158,28 @@ func guestUsed(ctx context.Context, mon qmp.Monitor) (int64, bool) {
 	}
 	return st.Stats.Total - spare, true
 }
+
+// agentUsed is guestUsed for a guest whose balloon driver does not report:
+// its /proc/meminfo, read through the agent if the agent is free.
+func (s *Service) agentUsed(ctx context.Context, in *instance) (int64, bool) {
+	if !in.agentUp() || !in.agentMu.TryLock() {
+		return 0, false
+	}
+	defer in.agentMu.Unlock()
+	if in.agent == nil {
+		return 0, false
+	}
+	raw, err := in.agent.FileRead(ctx, "/proc/meminfo")
+	if err != nil {
+		return 0, false
+	}
+	total, err := units.MeminfoField(raw, "MemTotal")
+	if err != nil {
+		return 0, false
+	}
+	avail, err := units.MeminfoField(raw, "MemAvailable")
+	if err != nil {
+		return 0, false
+	}
+	return total - avail, true
+}

@@ -2,11 +2,13 @@ package vm
 
 import (
 	"context"
+	"encoding/json"
 	"strings"
 	"testing"
 
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/qemu/qemutest"
+	"github.com/lodge-vm/lodge/internal/qga/qgatest"
 )
 
 // Under pressure the VM with the most to spare gives first, down to its
@@ -125,3 +127,29 @@ func TestMinMemoryValidation(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// A guest whose balloon driver sends no reports still shows what it uses:
+// its /proc/meminfo, read through the agent.
+func TestMemoryUsedThroughAgent(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	agent := qgatest.NewAgent()
+	agent.PutFile("/proc/meminfo", []byte("MemTotal:  200000 kB\nMemFree: 10 kB\nMemAvailable:  150000 kB\n"))
+	f.drv.GuestAgent = agent
+	f.drv.OnLaunch = func(vm *qemutest.VM) {
+		vm.Mon.Handle("query-chardev", func(json.RawMessage) (any, error) {
+			return []map[string]any{{"label": "qga0", "frontend-open": true}}, nil
+		})
+		vm.Mon.Handle("qom-get", func(json.RawMessage) (any, error) {
+			return map[string]any{"last-update": 0, "stats": map[string]int64{}}, nil
+		})
+	}
+	f.create(t, "web")
+	if _, err := f.svc.Start(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := f.svc.Get(ctx, "web")
+	if err != nil || v.MemoryUsed != 50000<<10 {
+		t.Fatalf("memory used %d, %v; want total less available from the agent", v.MemoryUsed, err)
+	}
+}

@@ -279,6 +279,8 @@ func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
 		}
 		if used, ok := guestUsed(bctx, in.mon); ok {
 			v.MemoryUsed = used
+		} else if used, ok := s.agentUsed(bctx, in); ok {
+			v.MemoryUsed = used
 		}
 		cancel()
 	}
