@@ -48,9 +48,12 @@ type Machine struct {
 	// MaxMemory above Memory adds a virtio-mem device that can plug in
 	// the difference while the guest runs; see HotplugSize.
 	MaxMemory int64
-	Disks     []Disk
-	NICs      []NIC
-	SeedISO   string
+	// Dimms are the pc-dimms plugged into the running guest, in order;
+	// a QEMU that loads its saved state needs them on its command line.
+	Dimms   []int64
+	Disks   []Disk
+	NICs    []NIC
+	SeedISO string
 	// VsockCID adds a vhost-vsock device with this context id when not 0.
 	VsockCID uint32
 	// Incoming starts QEMU waiting for a saved state (migrate-incoming)
@@ -120,8 +123,14 @@ func (m Machine) Args() ([]string, error) {
 		// The backend reserves no RAM: virtio-mem populates only the
 		// blocks it plugs, and the guest starts with none of them.
 		args = append(args,
-			"-object", "memory-backend-ram,id="+HotplugDevice+"-mem,size="+strconv.FormatInt(hot>>20, 10)+"M,reserve=off",
+			"-object", "memory-backend-ram,id="+HotplugDevice+"-mem,size="+strconv.FormatInt(hotplugRegion(hot)>>20, 10)+"M,reserve=off",
 			"-device", "virtio-mem-pci,id="+HotplugDevice+",memdev="+HotplugDevice+"-mem,requested-size=0")
+		for i, size := range m.Dimms {
+			id := DimmID(i)
+			args = append(args,
+				"-object", "memory-backend-ram,id="+id+"-mem,size="+strconv.FormatInt(size>>20, 10)+"M",
+				"-device", "pc-dimm,id="+id+",memdev="+id+"-mem")
+		}
 	}
 	scsi := false
 	for i, d := range m.Disks {
@@ -211,10 +220,30 @@ func (m Machine) HotplugSize() int64 {
 	return (m.MaxMemory - m.Memory) &^ (HotplugBlock - 1)
 }
 
+// DimmBlock is the granularity of pc-dimms: Linux on x86 adds memory in
+// 128 MiB blocks, aligned to them, and leaves a smaller dimm offline.
+const DimmBlock = 128 << 20
+
+// DimmSlots is how many pc-dimms a guest can take.
+const DimmSlots = 8
+
+// DimmID names the i-th pc-dimm.
+func DimmID(i int) string { return "dimm" + strconv.Itoa(i) }
+
+// hotplugRegion is the address space each of virtio-mem and the pc-dimms
+// get: whole dimm blocks, so that the dimms placed after virtio-mem's
+// region stay aligned.
+func hotplugRegion(hot int64) int64 {
+	return (hot + DimmBlock - 1) &^ (DimmBlock - 1)
+}
+
+// The hot-plug address space holds virtio-mem's region and, after it,
+// as much again for pc-dimms, used with guests that have no virtio-mem
+// driver. It is address space only: nothing is allocated for it.
 func (m Machine) memoryOption() string {
 	boot := m.Memory >> 20
 	if hot := m.HotplugSize(); hot > 0 {
-		return fmt.Sprintf("%dM,maxmem=%dM", boot, boot+hot>>20)
+		return fmt.Sprintf("%dM,slots=%d,maxmem=%dM", boot, DimmSlots, boot+2*hotplugRegion(hot)>>20)
 	}
 	return strconv.FormatInt(boot, 10) + "M"
 }

@@ -114,9 +114,10 @@ func TestArgsHotplug(t *testing.T) {
 	}{
 		{name: "none", max: 0, wantM: "-m 512M ", wantNoDev: true},
 		{name: "equal", max: 512 << 20, wantM: "-m 512M ", wantNoDev: true},
-		{name: "two gib", max: 2 << 30, wantM: "-m 512M,maxmem=2048M ", wantVmem: "memory-backend-ram,id=hotmem0-mem,size=1536M,reserve=off"},
-		// The room is cut down to whole 2 MiB blocks.
-		{name: "odd", max: 515 << 20, wantM: "-m 512M,maxmem=514M ", wantVmem: "size=2M,"},
+		{name: "two gib", max: 2 << 30, wantM: "-m 512M,slots=8,maxmem=3584M ", wantVmem: "memory-backend-ram,id=hotmem0-mem,size=1536M,reserve=off"},
+		// virtio-mem may plug whole 2 MiB blocks; its region, and the
+		// dimms' after it, are whole 128 MiB blocks.
+		{name: "odd", max: 515 << 20, wantM: "-m 512M,slots=8,maxmem=768M ", wantVmem: "size=128M,"},
 		{name: "under a block", max: 513 << 20, wantM: "-m 512M ", wantNoDev: true},
 	}
 	for _, tt := range tests {
@@ -161,6 +162,24 @@ func TestArgsAccel(t *testing.T) {
 		}
 		if joined := strings.Join(args, " "); !strings.Contains(joined, tt.want) {
 			t.Errorf("accel %q, cache %d: args lack %q:\n%s", tt.accel, tt.cache, tt.want, joined)
+		}
+	}
+}
+
+func TestArgsDimms(t *testing.T) {
+	m := baseMachine()
+	m.MaxMemory, m.Dimms = 1<<30, []int64{128 << 20, 256 << 20}
+	args, err := m.Args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	joined := strings.Join(args, " ")
+	for _, w := range []string{
+		"-object memory-backend-ram,id=dimm0-mem,size=128M -device pc-dimm,id=dimm0,memdev=dimm0-mem",
+		"-object memory-backend-ram,id=dimm1-mem,size=256M -device pc-dimm,id=dimm1,memdev=dimm1-mem",
+	} {
+		if !strings.Contains(joined, w) {
+			t.Errorf("args lack %q:\n%s", w, joined)
 		}
 	}
 }

@@ -265,3 +265,44 @@ func VirtioMemSize(ctx context.Context, m Monitor, id string) (int64, error) {
 	err := m.Execute(ctx, "qom-get", map[string]any{"path": "/machine/peripheral/" + id, "property": "size"}, &size)
 	return size, err
 }
+
+// PlugDimm adds a pc-dimm of size bytes named id, with its RAM backend.
+func PlugDimm(ctx context.Context, m Monitor, id string, size int64) error {
+	backend := id + "-mem"
+	if err := m.Execute(ctx, "object-add", map[string]any{"qom-type": "memory-backend-ram", "id": backend, "size": size}, nil); err != nil {
+		return err
+	}
+	if err := m.Execute(ctx, "device_add", map[string]any{"driver": "pc-dimm", "id": id, "memdev": backend}, nil); err != nil {
+		_ = m.Execute(context.WithoutCancel(ctx), "object-del", map[string]any{"id": backend}, nil)
+		return err
+	}
+	return nil
+}
+
+// UnplugDimm asks the guest to give up pc-dimm id. The guest may take its
+// time or refuse; MemoryDevices tells when the dimm is gone, and then
+// DropDimmBackend frees its RAM.
+func UnplugDimm(ctx context.Context, m Monitor, id string) error {
+	return m.Execute(ctx, "device_del", map[string]any{"id": id}, nil)
+}
+
+// DropDimmBackend frees the RAM of an unplugged pc-dimm.
+func DropDimmBackend(ctx context.Context, m Monitor, id string) error {
+	return m.Execute(ctx, "object-del", map[string]any{"id": id + "-mem"}, nil)
+}
+
+// MemoryDevice is a hot-pluggable memory device as QEMU lists it.
+type MemoryDevice struct {
+	Type string `json:"type"`
+	Data struct {
+		ID   string `json:"id"`
+		Size int64  `json:"size"`
+	} `json:"data"`
+}
+
+// MemoryDevices lists the guest's pc-dimms and virtio-mem devices.
+func MemoryDevices(ctx context.Context, m Monitor) ([]MemoryDevice, error) {
+	var out []MemoryDevice
+	err := m.Execute(ctx, "query-memory-devices", nil, &out)
+	return out, err
+}

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
-	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qmp"
 	"github.com/lodge-vm/lodge/internal/units"
 )
@@ -117,7 +116,7 @@ func (s *Service) autoBalloon(ctx context.Context, b balloonee, target int64, wh
 	boot, ceiling := b.r.bootSizes()
 	var plugged int64
 	if ceiling > boot {
-		if plugged, err = qmp.VirtioMemSize(ctx, b.in.mon, qemu.HotplugDevice); err != nil {
+		if plugged, err = pluggedMemory(ctx, b.in.mon); err != nil {
 			return fmt.Errorf("auto-balloon vm %q: %w", b.r.Name, err)
 		}
 	}

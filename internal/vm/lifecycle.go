@@ -56,12 +56,12 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.
 	m := s.machine(r, accel)
 	if from != nil {
 		// The saved state fits only a QEMU of the size it came from.
-		m.Incoming, m.Memory, m.MaxMemory = true, from.MemorySize, from.MaxMemorySize
+		m.Incoming, m.Memory, m.MaxMemory, m.Dimms = true, from.MemorySize, from.MaxMemorySize, from.Dimms
 	}
 	if _, err := s.update(ctx, name, func(x *record) error {
 		x.State, x.StateReason, x.Wanted, x.StartedAt = api.StateStarting, "", api.StateRunning, nil
 		x.BootMemory, x.BootMaxMemory = m.Memory, m.Memory+m.HotplugSize()
-		x.Ballooned = 0
+		x.Ballooned, x.Dimms = 0, m.Dimms
 		return nil
 	}); err != nil {
 		return api.VM{}, err

@@ -34,6 +34,9 @@ type instance struct {
 	// snapshotting hides the short pause of a memory snapshot, which
 	// QEMU reports as STOP and RESUME, from the VM's recorded state.
 	snapshotting atomic.Bool
+	// noVirtioMem is set once the guest is seen not to drive virtio-mem:
+	// memory hot-plug then uses pc-dimms.
+	noVirtioMem atomic.Bool
 	// ioError is why QEMU paused the guest on a disk error, if it did.
 	ioError atomic.Pointer[string]
 

@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
@@ -101,10 +102,11 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 		return api.VM{}, fmt.Errorf("set vm %q: %w", name, err)
 	}
 	var resizeErr error
+	dimms := r.Dimms
 	// A set memory wins over what the auto-balloon held the VM at.
 	if in != nil && (mem != r.Memory || r.Ballooned > 0) {
 		var moved bool
-		if moved, resizeErr = s.resize(ctx, in, r, mem); resizeErr != nil && !moved {
+		if moved, dimms, resizeErr = s.resize(ctx, in, r, mem); resizeErr != nil && !moved {
 			return api.VM{}, resizeErr
 		}
 	}
@@ -115,12 +117,15 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 			return err
 		}
 		x.Memory, x.MaxMemory, x.MinMemory, x.CPUs, x.Ballooned, x.Project = mem, maxMem, minMem, cpus, 0, next.Project
+		x.Dimms = dimms
 		return nil
 	}); err != nil {
 		if in != nil && mem != r.Memory {
 			// Lost the room to another VM while the guest moved: put
 			// the guest back where the record says it is.
-			_, _ = s.resize(context.WithoutCancel(ctx), in, r, r.Memory)
+			now := next
+			now.Dimms = dimms
+			_, _, _ = s.resize(context.WithoutCancel(ctx), in, now, r.Memory)
 		}
 		return api.VM{}, fmt.Errorf("set vm %q: %w", name, err)
 	}
@@ -157,37 +162,131 @@ func (r record) bootSizes() (boot, ceiling int64) {
 // gives back what lies below it. Unplugging goes first, so that the
 // balloon never holds memory that is about to go anyway. A guest may
 // fail to unplug some blocks (kernel data landed in them); the balloon
-// then takes that much more from the boot memory.
-func (s *Service) resize(ctx context.Context, in *instance, r record, target int64) (moved bool, err error) {
+// then takes that much more from the boot memory. A guest without a
+// virtio-mem driver gets pc-dimms instead. It returns the pc-dimms the
+// guest has afterwards.
+func (s *Service) resize(ctx context.Context, in *instance, r record, target int64) (moved bool, dimms []int64, err error) {
 	boot, ceiling := r.bootSizes()
+	dimms = r.Dimms
 	var plugged int64
 	if ceiling > boot {
 		want := int64(0)
 		if target > boot {
 			want = (target - boot + qemu.HotplugBlock - 1) &^ (qemu.HotplugBlock - 1)
 		}
-		g := virtioMem(in, boot)
-		before, err := g.get(ctx)
-		if err != nil {
-			return false, fmt.Errorf("set vm %q: memory: %w", in.name, err)
-		}
 		var plugErr error
-		if moved, plugErr = s.approach(ctx, in, g, want); plugErr != nil && (!moved || want > before) {
-			return moved, plugErr
+		if len(dimms) == 0 && !in.noVirtioMem.Load() {
+			g := virtioMem(in, boot)
+			before, err := g.get(ctx)
+			if err != nil {
+				return false, dimms, fmt.Errorf("set vm %q: memory: %w", in.name, err)
+			}
+			moved, plugErr = s.approach(ctx, in, g, want)
+			if plugErr != nil && !moved && want > before && ctx.Err() == nil {
+				// The guest never took a block: no virtio-mem driver.
+				s.log.Warn("guest does not drive virtio-mem; plugging pc-dimms instead", "vm", in.name)
+				in.noVirtioMem.Store(true)
+				plugErr = nil
+			}
+			if plugErr != nil && (!moved || want > before) {
+				return moved, dimms, plugErr
+			}
 		}
-		if plugged, err = g.get(ctx); err != nil {
-			return moved, fmt.Errorf("set vm %q: memory: %w", in.name, err)
+		if in.noVirtioMem.Load() || len(dimms) > 0 {
+			var dmoved bool
+			dimms, dmoved, plugErr = s.resizeDimms(ctx, in, dimms, want, ceiling-boot)
+			if moved = moved || dmoved; plugErr != nil && !dmoved {
+				return moved, dimms, plugErr
+			}
+		}
+		if plugged, err = pluggedMemory(ctx, in.mon); err != nil {
+			return moved, dimms, fmt.Errorf("set vm %q: memory: %w", in.name, err)
 		}
 		if plugErr != nil {
 			if target-plugged < MinMemory {
-				return moved, plugErr
+				return moved, dimms, plugErr
 			}
 			s.log.Warn("guest could not unplug all its hot-plugged memory; the balloon takes the rest", "vm", in.name, "plugged", plugged, "err", plugErr)
 		}
 	}
 	// QEMU measures the balloon against the boot memory alone.
 	bmoved, err := s.approach(ctx, in, balloon(in), min(target-plugged, boot))
-	return moved || bmoved, err
+	return moved || bmoved, dimms, err
+}
+
+// resizeDimms plugs or unplugs pc-dimms until want is plugged, or as near
+// as whole 128 MiB dimms and the guest allow: growing rounds up (the
+// balloon takes back the excess), shrinking removes only whole dimms the
+// guest gives up.
+func (s *Service) resizeDimms(ctx context.Context, in *instance, dimms []int64, want, room int64) (_ []int64, moved bool, err error) {
+	var cur int64
+	for _, d := range dimms {
+		cur += d
+	}
+	if want > cur {
+		size := (want - cur + qemu.DimmBlock - 1) &^ (qemu.DimmBlock - 1)
+		switch {
+		case len(dimms) >= qemu.DimmSlots:
+			return dimms, false, fmt.Errorf("set vm %q: memory: %w: all %d pc-dimm slots are in use; stop the VM to boot with more", in.name, errdefs.ErrLimit, qemu.DimmSlots)
+		case cur+size > (room+qemu.DimmBlock-1)&^(qemu.DimmBlock-1):
+			return dimms, false, fmt.Errorf("set vm %q: memory: %w: no room for another %s pc-dimm", in.name, errdefs.ErrLimit, units.FormatSize(size))
+		}
+		if err := qmp.PlugDimm(ctx, in.mon, qemu.DimmID(len(dimms)), size); err != nil {
+			return dimms, false, fmt.Errorf("set vm %q: memory: plug a %s pc-dimm: %w", in.name, units.FormatSize(size), err)
+		}
+		s.log.Info("pc-dimm plugged", "vm", in.name, "size", size)
+		return append(dimms, size), true, nil
+	}
+	for len(dimms) > 0 && cur-dimms[len(dimms)-1] >= want {
+		id := qemu.DimmID(len(dimms) - 1)
+		if err := s.unplugDimm(ctx, in, id); err != nil {
+			return dimms, moved, err
+		}
+		cur -= dimms[len(dimms)-1]
+		dimms, moved = dimms[:len(dimms)-1], true
+	}
+	return dimms, moved, nil
+}
+
+// unplugDimm asks the guest to eject a pc-dimm and waits until it has.
+func (s *Service) unplugDimm(ctx context.Context, in *instance, id string) error {
+	if err := qmp.UnplugDimm(ctx, in.mon, id); err != nil {
+		return fmt.Errorf("set vm %q: memory: unplug %s: %w", in.name, id, err)
+	}
+	deadline := time.Now().Add(balloonStall)
+	for {
+		devs, err := qmp.MemoryDevices(ctx, in.mon)
+		if err != nil {
+			return fmt.Errorf("set vm %q: memory: %w", in.name, err)
+		}
+		if !slices.ContainsFunc(devs, func(d qmp.MemoryDevice) bool { return d.Data.ID == id }) {
+			if err := qmp.DropDimmBackend(ctx, in.mon, id); err != nil {
+				s.log.Warn("free an unplugged pc-dimm's memory", "vm", in.name, "dimm", id, "err", err)
+			}
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("set vm %q: memory: %w: the guest did not give up %s in %s", in.name, errdefs.ErrState, id, balloonStall)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("set vm %q: memory: unplug %s: %w", in.name, id, ctx.Err())
+		case <-in.done:
+			return fmt.Errorf("set vm %q: memory: it stopped: %w", in.name, errdefs.ErrState)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// pluggedMemory is what virtio-mem and the pc-dimms have added to a
+// guest.
+func pluggedMemory(ctx context.Context, mon qmp.Monitor) (int64, error) {
+	devs, err := qmp.MemoryDevices(ctx, mon)
+	var n int64
+	for _, d := range devs {
+		n += d.Data.Size
+	}
+	return n, err
 }
 
 // A gauge is a quantity in the guest that a driver there moves toward a

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -25,6 +26,12 @@ type fakeBalloon struct {
 	targets            []int64
 	plugged, requested int64
 	floor              int64
+	// noVirtioMem makes its virtio-mem device never move; pc-dimms then
+	// come in at nextDimm bytes each, and go when ejects is set.
+	noVirtioMem bool
+	dimms       []int64
+	nextDimm    int64
+	ejects      bool
 }
 
 // qomArgs are the arguments of qom-get and qom-set.
@@ -62,12 +69,43 @@ func (b *fakeBalloon) install(vm *qemutest.VM) {
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		if a.Property == "size" {
+			if b.noVirtioMem {
+				return b.plugged, nil
+			}
 			want := max(b.requested, min(b.floor, b.plugged))
 			b.plugged += max(min(want-b.plugged, 64<<20), -64<<20)
 			return b.plugged, nil
 		}
 		return map[string]any{"last-update": 1, "stats": map[string]int64{
 			"stat-total-memory": b.actual, "stat-free-memory": b.actual / 2, "stat-available-memory": b.actual - 40<<20}}, nil
+	})
+	vm.Mon.Handle("query-memory-devices", func(json.RawMessage) (any, error) {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		devs := []map[string]any{}
+		if b.plugged > 0 {
+			devs = append(devs, map[string]any{"type": "virtio-mem", "data": map[string]any{"id": "hotmem0", "size": b.plugged}})
+		}
+		for i, d := range b.dimms {
+			devs = append(devs, map[string]any{"type": "dimm", "data": map[string]any{"id": "dimm" + strconv.Itoa(i), "size": d}})
+		}
+		return devs, nil
+	})
+	vm.Mon.Handle("object-add", func(json.RawMessage) (any, error) { return nil, nil })
+	vm.Mon.Handle("object-del", func(json.RawMessage) (any, error) { return nil, nil })
+	vm.Mon.Handle("device_add", func(raw json.RawMessage) (any, error) {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		b.dimms = append(b.dimms, b.nextDimm)
+		return nil, nil
+	})
+	vm.Mon.Handle("device_del", func(json.RawMessage) (any, error) {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if b.ejects {
+			b.dimms = b.dimms[:len(b.dimms)-1]
+		}
+		return nil, nil
 	})
 	vm.Mon.Handle("query-balloon", func(json.RawMessage) (any, error) {
 		b.mu.Lock()
@@ -188,7 +226,7 @@ func TestSetMemoryHotplug(t *testing.T) {
 	if _, err := f.svc.Start(ctx, "web"); err != nil {
 		t.Fatal(err)
 	}
-	if joined := strings.Join(args, " "); !strings.Contains(joined, "maxmem=4096M") || !strings.Contains(joined, "virtio-mem-pci") {
+	if joined := strings.Join(args, " "); !strings.Contains(joined, "slots=8,maxmem=7936M") || !strings.Contains(joined, "virtio-mem-pci") {
 		t.Fatalf("a VM with max_memory above memory boots without room for hot-plug:\n%s", joined)
 	}
 	v, err := f.svc.Set(ctx, "web", api.SetVM{Memory: 768 << 20})
@@ -234,5 +272,67 @@ func TestAdmitCountsOverhead(t *testing.T) {
 	}
 	if alloc, running, _, err := f.svc.MemoryAllocated(ctx); err != nil || alloc != 356<<20 || running != 1 {
 		t.Fatalf("allocated %d with %d running, %v", alloc, running, err)
+	}
+}
+
+// A guest without a virtio-mem driver gets pc-dimms in 128 MiB blocks,
+// the balloon taking back what the rounding added; shrinking ejects whole
+// dimms, and a dimm the guest keeps is made up for by the balloon.
+func TestSetMemoryDimms(t *testing.T) {
+	balloonStall = 300 * time.Millisecond
+	defer func() { balloonStall = 10 * time.Second }()
+	f := newFixture(t)
+	ctx := context.Background()
+	if _, err := f.svc.Create(ctx, api.CreateVM{Name: "old", Image: "tiny", Memory: 256 << 20, MaxMemory: 1 << 30}); err != nil {
+		t.Fatal(err)
+	}
+	b := &fakeBalloon{actual: 256 << 20, target: 256 << 20, driver: true, noVirtioMem: true, nextDimm: 256 << 20, ejects: true}
+	f.drv.OnLaunch = b.install
+	if _, err := f.svc.Start(ctx, "old"); err != nil {
+		t.Fatal(err)
+	}
+	v, err := f.svc.Set(ctx, "old", api.SetVM{Memory: 500 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.mu.Lock()
+	target := b.target
+	b.mu.Unlock()
+	// 244 MiB more rounds up to one 256 MiB dimm; the balloon takes 12.
+	if v.MemoryPlugged != 256<<20 || target != 244<<20 {
+		t.Fatalf("after growing to 500 MiB: plugged %d, balloon target %d MiB", v.MemoryPlugged, target>>20)
+	}
+	r, _ := f.svc.load(ctx, "old")
+	if len(r.Dimms) != 1 || r.Dimms[0] != 256<<20 {
+		t.Fatalf("record dimms %v", r.Dimms)
+	}
+	if v, err = f.svc.Set(ctx, "old", api.SetVM{Memory: 200 << 20}); err != nil || v.MemoryPlugged != 0 {
+		t.Fatalf("shrinking below the boot size: %v, plugged %d", err, v.MemoryPlugged)
+	}
+	if r, _ := f.svc.load(ctx, "old"); len(r.Dimms) != 0 {
+		t.Fatalf("record dimms after the eject: %v", r.Dimms)
+	}
+
+	// Between whole dimms the balloon makes up the difference.
+	if _, err := f.svc.Set(ctx, "old", api.SetVM{Memory: 512 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.svc.Set(ctx, "old", api.SetVM{Memory: 300 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	b.mu.Lock()
+	target, dimms := b.target, len(b.dimms)
+	b.ejects = false
+	b.mu.Unlock()
+	if target != 44<<20 || dimms != 1 {
+		t.Fatalf("at 300 MiB: balloon target %d MiB, %d dimms; want 44 MiB of the boot memory and the dimm", target>>20, dimms)
+	}
+	// A dimm the guest will not give up is reported, and nothing changes.
+	_, err = f.svc.Set(ctx, "old", api.SetVM{Memory: 200 << 20})
+	if !errors.Is(err, errdefs.ErrState) || !strings.Contains(err.Error(), "did not give up dimm0") {
+		t.Fatalf("shrinking past a stuck dimm: %v", err)
+	}
+	if r, _ := f.svc.load(ctx, "old"); r.Memory != 300<<20 || len(r.Dimms) != 1 {
+		t.Fatalf("after the refused eject: memory %d, dimms %v", r.Memory, r.Dimms)
 	}
 }

@@ -53,8 +53,10 @@ type snapRecord struct {
 	MaxMemorySize int64 `json:"max_memory_size,omitempty"`
 	Target        int64 `json:"target,omitempty"`
 	// MaxMemory is the VM's max_memory setting then.
-	MaxMemory int64  `json:"max_memory,omitempty"`
-	MemFile   string `json:"mem_file,omitempty"`
+	MaxMemory int64 `json:"max_memory,omitempty"`
+	// Dimms are the pc-dimms the guest had, which its memory state needs.
+	Dimms   []int64 `json:"dimms,omitempty"`
+	MemFile string  `json:"mem_file,omitempty"`
 	// Paused records a guest that was paused when taken; revert leaves it
 	// paused.
 	Paused bool   `json:"paused,omitempty"`
@@ -135,6 +137,7 @@ func (s *Service) CreateSnapshot(ctx context.Context, vm string, req api.CreateS
 	if withMemory {
 		sr.MemFile = filepath.Join(s.snapDir(vm), req.Name+".mem")
 		sr.MemorySize, sr.MaxMemorySize = r.bootSizes()
+		sr.Dimms = r.Dimms
 	}
 	err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
 		var cur record

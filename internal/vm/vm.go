@@ -54,6 +54,9 @@ type record struct {
 	// BootMaxMemory is the most the running QEMU can reach by hot-plug
 	// (its -m maxmem), BootMemory when it has no virtio-mem device.
 	BootMaxMemory int64 `json:"boot_max_memory,omitempty"`
+	// Dimms are the pc-dimms plugged into the running guest, in order,
+	// for a guest without a virtio-mem driver.
+	Dimms []int64 `json:"dimms,omitempty"`
 	// Wanted is the desired power state; State is what was last observed.
 	Wanted string `json:"wanted"`
 }
@@ -272,7 +275,7 @@ func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
 			v.MemoryActual = actual
 		}
 		if boot, ceiling := r.bootSizes(); ceiling > boot {
-			if plugged, err := qmp.VirtioMemSize(bctx, in.mon, qemu.HotplugDevice); err == nil {
+			if plugged, err := pluggedMemory(bctx, in.mon); err == nil {
 				v.MemoryPlugged = plugged
 				v.MemoryActual += plugged
 			}

@@ -125,6 +125,37 @@ func TestMemoryHotplug(t *testing.T) {
 	}
 }
 
+// TestMemoryDimms: a guest without a virtio-mem driver (unloaded here)
+// grows past its boot memory through a pc-dimm instead, keeps it across a
+// memory snapshot and revert, and gives it back.
+func TestMemoryDimms(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.vm("old", "--max-memory", "768M") // boots with 256M
+	h.exec("old", "rmmod", "virtio_mem")
+	boot := h.memTotal("old")
+
+	h.must("set", "old", "memory=512M")
+	if got := h.memTotal("old"); got-boot < 200<<10 {
+		t.Fatalf("guest MemTotal went from %d to %d KiB after a 256 MiB pc-dimm", boot, got)
+	}
+	if v := h.show("old"); v.MemoryPlugged != 256<<20 || v.MemoryActual < 508<<20 || v.MemoryActual > 516<<20 {
+		t.Fatalf("show after memory=512M: plugged %d, actual %d", v.MemoryPlugged, v.MemoryActual)
+	}
+	h.must("snapshot", "create", "old", "big")
+	h.must("set", "old", "memory=200M")
+	if got := h.memTotal("old"); got > boot-40<<10 {
+		t.Fatalf("guest MemTotal %d KiB after memory=200M; it booted with %d", got, boot)
+	}
+	if v := h.show("old"); v.MemoryPlugged != 0 {
+		t.Fatalf("the pc-dimm is still plugged at memory=200M: %d", v.MemoryPlugged)
+	}
+	h.must("snapshot", "revert", "old", "big")
+	if got := h.memTotal("old"); got-boot < 200<<10 {
+		t.Fatalf("guest MemTotal %d KiB after reverting to a snapshot taken with a pc-dimm", got)
+	}
+}
+
 // TestAutoBalloon fakes the host's available memory (the daemon reads it
 // from a file its config names): under pressure an idle guest gives its
 // memory back down to its min_memory, each change an event; when the
