@@ -41,8 +41,10 @@ type VM struct {
 	StateReason string `json:"state_reason,omitempty"`
 	Image       string `json:"image"`
 	CPUs        int    `json:"cpus"`
-	Memory      int64  `json:"memory"`
-	MaxMemory   int64  `json:"max_memory"`
+	// MaxCPUs above CPUs lets CPUs be plugged in while the VM runs.
+	MaxCPUs   int   `json:"max_cpus,omitempty"`
+	Memory    int64 `json:"memory"`
+	MaxMemory int64 `json:"max_memory"`
 	// MemoryActual is what a running guest has now: its boot memory and
 	// what virtio-mem has plugged, less what its balloon holds.
 	MemoryActual int64 `json:"memory_actual,omitempty"`
@@ -81,6 +83,7 @@ type CreateVM struct {
 	Name      string `json:"name"`
 	Image     string `json:"image"`
 	CPUs      int    `json:"cpus,omitempty"`
+	MaxCPUs   int    `json:"max_cpus,omitempty"`
 	Memory    int64  `json:"memory,omitempty"`
 	MaxMemory int64  `json:"max_memory,omitempty"`
 	MinMemory int64  `json:"min_memory,omitempty"`
@@ -161,6 +164,7 @@ type SetVM struct {
 	// the VM out of auto-ballooning.
 	MinMemory *int64 `json:"min_memory,omitempty"`
 	CPUs      int    `json:"cpus,omitempty"`
+	MaxCPUs   int    `json:"max_cpus,omitempty"`
 	// Project moves the VM to another project, if it fits there.
 	Project string `json:"project,omitempty"`
 }

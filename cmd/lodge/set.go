@@ -24,7 +24,10 @@ func setCmd(g *globals) *cobra.Command {
   min_memory=SIZE  the floor the host's auto-balloon may take the VM down
                    to while the host is short of memory; 0 or off keeps
                    the VM out of it
-  cpus=N           while it is stopped
+  cpus=N           while it is stopped, or while it runs if it booted with
+                   max_cpus above cpus: CPUs are plugged in (and brought
+                   online through the guest agent) or taken out again
+  max_cpus=N       while it is stopped
   project=NAME     moves the VM to another project, if it fits there
 
 Sizes take 512M, 2G or 2GiB.`,
@@ -68,8 +71,13 @@ func parseSettings(words []string) (api.SetVM, error) {
 			if err == nil && req.CPUs < 1 {
 				return req, usagef("set: cpus=%s: must be at least 1", val)
 			}
+		case "max_cpus", "max-cpus":
+			req.MaxCPUs, err = strconv.Atoi(val)
+			if err == nil && req.MaxCPUs < 1 {
+				return req, usagef("set: max_cpus=%s: must be at least 1", val)
+			}
 		default:
-			return req, usagef("set: unknown setting %q (memory, max_memory, min_memory, cpus, project)", key)
+			return req, usagef("set: unknown setting %q (memory, max_memory, min_memory, cpus, max_cpus, project)", key)
 		}
 		if err != nil {
 			return req, usagef("set: %s: %v", w, err)

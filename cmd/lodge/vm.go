@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -19,7 +20,7 @@ import (
 func createCmd(g *globals) *cobra.Command {
 	var (
 		image, memory, maxMemory, minMemory, disk, bus, pool, network, cloudInit, proj string
-		cpus                                                                           int
+		cpus, maxCPUs                                                                  int
 		start                                                                          bool
 	)
 	cmd := &cobra.Command{
@@ -27,7 +28,7 @@ func createCmd(g *globals) *cobra.Command {
 		Short: "Create a VM from an image (a thin overlay: nothing is copied)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := api.CreateVM{Name: args[0], Image: image, CPUs: cpus, DiskBus: bus, Pool: pool, Network: network, Start: start, Project: proj}
+			req := api.CreateVM{Name: args[0], Image: image, CPUs: cpus, MaxCPUs: maxCPUs, DiskBus: bus, Pool: pool, Network: network, Start: start, Project: proj}
 			if cmd.Flags().Changed("cpus") && cpus < 1 {
 				return usagef("--cpus %d: must be at least 1", cpus)
 			}
@@ -60,6 +61,7 @@ func createCmd(g *globals) *cobra.Command {
 	f.StringVar(&image, "image", "", "image to create the VM from")
 	f.StringVar(&proj, "project", "", "project the VM counts against (default \"default\")")
 	f.IntVar(&cpus, "cpus", 0, "virtual CPUs (default 1)")
+	f.IntVar(&maxCPUs, "max-cpus", 0, "CPU ceiling for plugging CPUs in while running (default: --cpus, none)")
 	f.StringVar(&memory, "memory", "", "memory, e.g. 512M or 2G (default 512M)")
 	f.StringVar(&maxMemory, "max-memory", "", "memory ceiling for growth while running, by hot-plug (default: --memory)")
 	f.StringVar(&minMemory, "min-memory", "", "floor the host's auto-balloon may take the VM down to (default: none, the VM keeps its memory)")
@@ -276,8 +278,12 @@ func (g *globals) emitVM(cmd *cobra.Command, v api.VM) error {
 		if v.MemoryUsed > 0 {
 			mem += ", uses " + units.FormatSize(v.MemoryUsed)
 		}
-		fmt.Fprintf(tw, "Name:\t%s\nProject:\t%s\nState:\t%s\nUUID:\t%s\nImage:\t%s\nCPUs:\t%d\nMemory:\t%s)\nHostname:\t%s\n",
-			v.Name, v.Project, state, v.UUID, v.Image, v.CPUs, mem, v.Hostname)
+		cpus := strconv.Itoa(v.CPUs)
+		if v.MaxCPUs > v.CPUs {
+			cpus += " (max " + strconv.Itoa(v.MaxCPUs) + ")"
+		}
+		fmt.Fprintf(tw, "Name:\t%s\nProject:\t%s\nState:\t%s\nUUID:\t%s\nImage:\t%s\nCPUs:\t%s\nMemory:\t%s)\nHostname:\t%s\n",
+			v.Name, v.Project, state, v.UUID, v.Image, cpus, mem, v.Hostname)
 		agent := "not connected"
 		if v.Agent {
 			agent = "connected"

@@ -41,10 +41,14 @@ type NIC struct {
 
 // Machine is everything needed to build a QEMU command line.
 type Machine struct {
-	Name   string
-	UUID   string
-	CPUs   int
-	Memory int64
+	Name string
+	UUID string
+	CPUs int
+	// MaxCPUs above CPUs leaves room for CPUs plugged in while the guest
+	// runs, one socket each; HotCPUs are those already plugged, which a
+	// QEMU that loads the guest's saved state needs on its command line.
+	MaxCPUs, HotCPUs int
+	Memory           int64
 	// MaxMemory above Memory adds a virtio-mem device that can plug in
 	// the difference while the guest runs; see HotplugSize.
 	MaxMemory int64
@@ -101,7 +105,7 @@ func (m Machine) Args() ([]string, error) {
 		"-uuid", m.UUID,
 		"-machine", "pc", "-accel", m.accelOption(accel),
 		"-m", m.memoryOption(),
-		"-smp", strconv.Itoa(m.CPUs),
+		"-smp", m.smpOption(),
 		"-nodefaults", "-no-user-config", "-display", "none",
 		// -no-shutdown keeps QEMU alive after the guest powers off, so a
 		// daemon that was away still sees a clean shutdown, not a crash.
@@ -118,6 +122,9 @@ func (m Machine) Args() ([]string, error) {
 	}
 	if m.CPUModel != "" {
 		args = append(args, "-cpu", m.CPUModel)
+	}
+	for i := m.CPUs; i < m.CPUs+m.HotCPUs && i < m.MaxCPUs; i++ {
+		args = append(args, "-device", m.CPUDevice(i))
 	}
 	if hot := m.HotplugSize(); hot > 0 {
 		// The backend reserves no RAM: virtio-mem populates only the
@@ -195,6 +202,30 @@ func (m Machine) Args() ([]string, error) {
 		args = append(args, "-incoming", "defer")
 	}
 	return append(args, m.ExtraArgs...), nil
+}
+
+func (m Machine) smpOption() string {
+	if m.MaxCPUs > m.CPUs {
+		return fmt.Sprintf("cpus=%d,maxcpus=%d,sockets=%d,cores=1,threads=1", m.CPUs, m.MaxCPUs, m.MaxCPUs)
+	}
+	return strconv.Itoa(m.CPUs)
+}
+
+// CPUID names the CPU in socket i.
+func CPUID(i int) string { return "cpu" + strconv.Itoa(i) }
+
+// CPUDriver is the device type of a plugged CPU of the machine's model.
+func (m Machine) CPUDriver() string {
+	model := m.CPUModel
+	if model == "" {
+		model = "qemu64"
+	}
+	return model + "-x86_64-cpu"
+}
+
+// CPUDevice is the -device value of the CPU in socket i.
+func (m Machine) CPUDevice(i int) string {
+	return fmt.Sprintf("%s,id=%s,socket-id=%d,core-id=0,thread-id=0", m.CPUDriver(), CPUID(i), i)
 }
 
 func (m Machine) accelOption(accel string) string {

@@ -183,3 +183,25 @@ func TestArgsDimms(t *testing.T) {
 		}
 	}
 }
+
+func TestArgsCPUHotplug(t *testing.T) {
+	m := baseMachine()
+	m.CPUModel, m.CPUs, m.MaxCPUs, m.HotCPUs = "max", 1, 4, 2
+	args, err := m.Args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	joined := strings.Join(args, " ")
+	for _, w := range []string{
+		"-smp cpus=1,maxcpus=4,sockets=4,cores=1,threads=1 ",
+		"-device max-x86_64-cpu,id=cpu1,socket-id=1,core-id=0,thread-id=0",
+		"-device max-x86_64-cpu,id=cpu2,socket-id=2,core-id=0,thread-id=0",
+	} {
+		if !strings.Contains(joined, w) {
+			t.Errorf("args lack %q:\n%s", w, joined)
+		}
+	}
+	if strings.Contains(joined, "id=cpu3") {
+		t.Errorf("args plug more CPUs than HotCPUs:\n%s", joined)
+	}
+}

@@ -37,6 +37,24 @@ func (c *Client) HostName(ctx context.Context) (string, error) {
 	return r.HostName, nil
 }
 
+// VCPUs implements Agent.
+func (c *Client) VCPUs(ctx context.Context) ([]VCPU, error) {
+	var cpus []VCPU
+	err := c.do(ctx, "guest-get-vcpus", nil, &cpus)
+	return cpus, err
+}
+
+// SetVCPUs implements Agent.
+func (c *Client) SetVCPUs(ctx context.Context, cpus []VCPU) (int, error) {
+	req := make([]map[string]any, len(cpus))
+	for i, v := range cpus {
+		req[i] = map[string]any{"logical-id": v.ID, "online": v.Online}
+	}
+	var n int
+	err := c.do(ctx, "guest-set-vcpus", map[string]any{"vcpus": req}, &n)
+	return n, err
+}
+
 // OSInfo implements Agent.
 func (c *Client) OSInfo(ctx context.Context) (OSInfo, error) {
 	var info OSInfo

@@ -145,6 +145,20 @@ type Agent interface {
 	Info(ctx context.Context) (Info, error)
 	// OSInfo describes the guest's operating system.
 	OSInfo(ctx context.Context) (OSInfo, error)
+	// VCPUs lists the guest's logical CPUs and whether each is online.
+	VCPUs(ctx context.Context) ([]VCPU, error)
+	// SetVCPUs brings CPUs online or offline and reports how many of
+	// the changes it made; it stops at the first it cannot make.
+	SetVCPUs(ctx context.Context, cpus []VCPU) (int, error)
 	// Close ends the connection.
 	Close() error
+}
+
+// VCPU is one logical CPU of the guest.
+type VCPU struct {
+	ID     int  `json:"logical-id"`
+	Online bool `json:"online"`
+	// CanOffline is false for a CPU the guest cannot take offline (the
+	// boot CPU, on Linux).
+	CanOffline bool `json:"can-offline,omitempty"`
 }

@@ -279,13 +279,6 @@ func PlugDimm(ctx context.Context, m Monitor, id string, size int64) error {
 	return nil
 }
 
-// UnplugDimm asks the guest to give up pc-dimm id. The guest may take its
-// time or refuse; MemoryDevices tells when the dimm is gone, and then
-// DropDimmBackend frees its RAM.
-func UnplugDimm(ctx context.Context, m Monitor, id string) error {
-	return m.Execute(ctx, "device_del", map[string]any{"id": id}, nil)
-}
-
 // DropDimmBackend frees the RAM of an unplugged pc-dimm.
 func DropDimmBackend(ctx context.Context, m Monitor, id string) error {
 	return m.Execute(ctx, "object-del", map[string]any{"id": id + "-mem"}, nil)
@@ -305,4 +298,34 @@ func MemoryDevices(ctx context.Context, m Monitor) ([]MemoryDevice, error) {
 	var out []MemoryDevice
 	err := m.Execute(ctx, "query-memory-devices", nil, &out)
 	return out, err
+}
+
+// HotpluggableCPU is a CPU slot of the machine; QOMPath is empty while
+// nothing is plugged into it.
+type HotpluggableCPU struct {
+	Type  string `json:"type"`
+	Props struct {
+		SocketID int `json:"socket-id"`
+		CoreID   int `json:"core-id"`
+		ThreadID int `json:"thread-id"`
+	} `json:"props"`
+	QOMPath string `json:"qom-path,omitempty"`
+}
+
+// HotpluggableCPUs lists the machine's CPU slots.
+func HotpluggableCPUs(ctx context.Context, m Monitor) ([]HotpluggableCPU, error) {
+	var out []HotpluggableCPU
+	err := m.Execute(ctx, "query-hotpluggable-cpus", nil, &out)
+	return out, err
+}
+
+// PlugCPU plugs a CPU of slot's type into slot, named id.
+func PlugCPU(ctx context.Context, m Monitor, slot HotpluggableCPU, id string) error {
+	return m.Execute(ctx, "device_add", map[string]any{"driver": slot.Type, "id": id,
+		"socket-id": slot.Props.SocketID, "core-id": slot.Props.CoreID, "thread-id": slot.Props.ThreadID}, nil)
+}
+
+// DeviceDel asks the guest to give up device id.
+func DeviceDel(ctx context.Context, m Monitor, id string) error {
+	return m.Execute(ctx, "device_del", map[string]any{"id": id}, nil)
 }

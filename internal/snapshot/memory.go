@@ -41,8 +41,8 @@ type SaveStats struct {
 	Pause time.Duration
 	// Bytes is the size of the state file.
 	Bytes int64
-	// Elapsed is the whole save.
-	Elapsed time.Duration
+	// Elapsed is the whole save, of which Sync is the flush to disk.
+	Elapsed, Sync time.Duration
 }
 
 // Save writes the guest's memory and device state to path while the guest
@@ -172,9 +172,11 @@ func Save(ctx context.Context, mon qmp.Monitor, path string, atPause func(contex
 	case ctx.Err() != nil:
 		return fail(fmt.Errorf("save memory state: %w", ctx.Err()))
 	}
+	synced := time.Now()
 	if err := syncFile(part); err != nil {
 		return fail(fmt.Errorf("save memory state: %w", err))
 	}
+	stats.Sync = time.Since(synced)
 	if err := os.Rename(part, path); err != nil {
 		return fail(fmt.Errorf("save memory state: %w", err))
 	}

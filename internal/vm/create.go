@@ -50,6 +50,9 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 	if req.CPUs < 1 || req.CPUs > MaxCPUs {
 		return api.Image{}, fmt.Errorf("vm %q: cpus %d: %w: must be between 1 and %d", req.Name, req.CPUs, errdefs.ErrInvalid, MaxCPUs)
 	}
+	if req.MaxCPUs != 0 && (req.MaxCPUs < req.CPUs || req.MaxCPUs > MaxCPUs) {
+		return api.Image{}, fmt.Errorf("vm %q: max cpus %d: %w: must be between its cpus (%d) and %d", req.Name, req.MaxCPUs, errdefs.ErrInvalid, req.CPUs, MaxCPUs)
+	}
 	if req.Memory == 0 {
 		req.Memory = DefaultMemory
 	}
@@ -179,7 +182,7 @@ func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) 
 
 	r := record{
 		VM: api.VM{
-			Name: req.Name, Image: img.Name, CPUs: req.CPUs, Memory: req.Memory, MaxMemory: req.MaxMemory, MinMemory: req.MinMemory,
+			Name: req.Name, Image: img.Name, CPUs: req.CPUs, MaxCPUs: req.MaxCPUs, Memory: req.Memory, MaxMemory: req.MaxMemory, MinMemory: req.MinMemory,
 			Hostname: req.Name, State: api.StateStopped, CreatedAt: time.Now().UTC(),
 			Disks: []api.Disk{{
 				Name: "root", Bus: req.DiskBus, Size: req.DiskSize, Pool: pool.Name,

@@ -57,11 +57,15 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.
 	if from != nil {
 		// The saved state fits only a QEMU of the size it came from.
 		m.Incoming, m.Memory, m.MaxMemory, m.Dimms = true, from.MemorySize, from.MaxMemorySize, from.Dimms
+		if from.BootCPUs > 0 {
+			m.CPUs, m.MaxCPUs, m.HotCPUs = from.BootCPUs, from.BootMaxCPUs, from.HotCPUs
+		}
 	}
 	if _, err := s.update(ctx, name, func(x *record) error {
 		x.State, x.StateReason, x.Wanted, x.StartedAt = api.StateStarting, "", api.StateRunning, nil
 		x.BootMemory, x.BootMaxMemory = m.Memory, m.Memory+m.HotplugSize()
 		x.Ballooned, x.Dimms = 0, m.Dimms
+		x.BootCPUs, x.BootMaxCPUs, x.HotCPUs = m.CPUs, max(m.MaxCPUs, m.CPUs), m.HotCPUs
 		return nil
 	}); err != nil {
 		return api.VM{}, err
@@ -99,7 +103,7 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.
 
 func (s *Service) machine(r record, accel qemu.Accel) qemu.Machine {
 	m := qemu.Machine{
-		Name: r.Name, UUID: r.UUID, CPUs: r.CPUs, Memory: r.Memory, MaxMemory: r.MaxMemory,
+		Name: r.Name, UUID: r.UUID, CPUs: r.CPUs, MaxCPUs: r.MaxCPUs, Memory: r.Memory, MaxMemory: r.MaxMemory,
 		RunDir: s.runDir(r.Name), SeedISO: s.seedPath(r.Name),
 		Accel: accel.Accel, CPUModel: accel.CPUModel, TCGCache: s.cfg.TCGCache,
 	}

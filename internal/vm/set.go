@@ -40,7 +40,10 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 		return api.VM{}, err
 	}
 	in := s.instance(name)
-	mem, maxMem, minMem, cpus := r.Memory, r.MaxMemory, r.MinMemory, r.CPUs
+	mem, maxMem, minMem, cpus, maxCPUs := r.Memory, r.MaxMemory, r.MinMemory, r.CPUs, r.MaxCPUs
+	if req.MaxCPUs != 0 {
+		maxCPUs = req.MaxCPUs
+	}
 	if req.MinMemory != nil {
 		minMem = *req.MinMemory
 	}
@@ -66,13 +69,26 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 		return api.VM{}, fmt.Errorf("set vm %q: memory %s: %w: above its max_memory %s", name, units.FormatSize(mem), errdefs.ErrInvalid, units.FormatSize(maxMem))
 	case cpus < 1 || cpus > MaxCPUs:
 		return api.VM{}, fmt.Errorf("set vm %q: cpus %d: %w: must be between 1 and %d", name, cpus, errdefs.ErrInvalid, MaxCPUs)
+	case maxCPUs < 0 || maxCPUs > MaxCPUs:
+		return api.VM{}, fmt.Errorf("set vm %q: max_cpus %d: %w: must be between 1 and %d", name, maxCPUs, errdefs.ErrInvalid, MaxCPUs)
+	case maxCPUs != 0 && cpus > maxCPUs:
+		return api.VM{}, fmt.Errorf("set vm %q: cpus %d: %w: above its max_cpus %d", name, cpus, errdefs.ErrInvalid, maxCPUs)
 	}
 	if total := s.hostMemory(); total > 0 && maxMem > total {
 		return api.VM{}, fmt.Errorf("set vm %q: memory %s is more than the host has (%s): %w", name, units.FormatSize(maxMem), units.FormatSize(total), errdefs.ErrLimit)
 	}
 	if in != nil {
-		if cpus != r.CPUs {
-			return api.VM{}, fmt.Errorf("set vm %q: cpus: %w: they change while the VM is stopped", name, errdefs.ErrState)
+		if maxCPUs != r.MaxCPUs {
+			return api.VM{}, fmt.Errorf("set vm %q: max_cpus: %w: it changes while the VM is stopped", name, errdefs.ErrState)
+		}
+		switch bootCPUs := max(r.BootCPUs, 1); {
+		case cpus == r.CPUs:
+		case r.BootMaxCPUs <= bootCPUs:
+			return api.VM{}, fmt.Errorf("set vm %q: cpus: %w: they change while the VM is stopped, or while it runs if it booted with max_cpus above cpus", name, errdefs.ErrState)
+		case cpus < bootCPUs:
+			return api.VM{}, fmt.Errorf("set vm %q: cpus %d: %w: a running VM gives back only the CPUs plugged in since it booted with %d", name, cpus, errdefs.ErrState, bootCPUs)
+		case cpus > r.BootMaxCPUs:
+			return api.VM{}, fmt.Errorf("set vm %q: cpus %d: %w: it booted with room for %d", name, cpus, errdefs.ErrLimit, r.BootMaxCPUs)
 		}
 		if maxMem != r.MaxMemory {
 			return api.VM{}, fmt.Errorf("set vm %q: max_memory: %w: it changes while the VM is stopped", name, errdefs.ErrState)
@@ -92,7 +108,7 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 		}
 	}
 	next := r
-	next.Memory, next.MaxMemory, next.MinMemory, next.CPUs, next.Ballooned = mem, maxMem, minMem, cpus, 0
+	next.Memory, next.MaxMemory, next.MinMemory, next.CPUs, next.MaxCPUs, next.Ballooned = mem, maxMem, minMem, cpus, maxCPUs, 0
 	if req.Project != "" {
 		next.Project = req.Project
 	}
@@ -110,14 +126,22 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 			return api.VM{}, resizeErr
 		}
 	}
+	hotCPUs := r.HotCPUs
+	if in != nil && cpus != r.CPUs && resizeErr == nil {
+		if hotCPUs, resizeErr = s.setCPUs(ctx, in, r, cpus); hotCPUs == r.HotCPUs && resizeErr != nil && mem == r.Memory {
+			return api.VM{}, resizeErr
+		}
+		// However far it got is what the guest has now.
+		cpus = max(r.BootCPUs, 1) + hotCPUs
+	}
 	// A guest that moved but has not arrived keeps its new target: the
 	// record says where the guest is going, and the error how far it got.
 	if _, err := s.updateTx(ctx, name, func(tx store.Tx, x *record) error {
 		if err := checkQuota(tx, *x, next); err != nil {
 			return err
 		}
-		x.Memory, x.MaxMemory, x.MinMemory, x.CPUs, x.Ballooned, x.Project = mem, maxMem, minMem, cpus, 0, next.Project
-		x.Dimms = dimms
+		x.Memory, x.MaxMemory, x.MinMemory, x.CPUs, x.MaxCPUs, x.Ballooned, x.Project = mem, maxMem, minMem, cpus, maxCPUs, 0, next.Project
+		x.Dimms, x.HotCPUs = dimms, hotCPUs
 		return nil
 	}); err != nil {
 		if in != nil && mem != r.Memory {
@@ -132,7 +156,7 @@ func (s *Service) Set(ctx context.Context, name string, req api.SetVM) (api.VM, 
 	if resizeErr != nil {
 		return api.VM{}, resizeErr
 	}
-	s.publish(name, "vm-set", "", fmt.Sprintf("memory %s, max %s, min %s, cpus %d", units.FormatSize(mem), units.FormatSize(maxMem), units.FormatSize(minMem), cpus))
+	s.publish(name, "vm-set", "", fmt.Sprintf("memory %s, max %s, min %s, cpus %d, max %d", units.FormatSize(mem), units.FormatSize(maxMem), units.FormatSize(minMem), cpus, maxCPUs))
 	return s.Get(ctx, name)
 }
 
@@ -250,7 +274,9 @@ func (s *Service) resizeDimms(ctx context.Context, in *instance, dimms []int64, 
 
 // unplugDimm asks the guest to eject a pc-dimm and waits until it has.
 func (s *Service) unplugDimm(ctx context.Context, in *instance, id string) error {
-	if err := qmp.UnplugDimm(ctx, in.mon, id); err != nil {
+	// The guest may take its time or refuse; the dimm is gone once QEMU
+	// no longer lists it, and only then is its RAM freed.
+	if err := qmp.DeviceDel(ctx, in.mon, id); err != nil {
 		return fmt.Errorf("set vm %q: memory: unplug %s: %w", in.name, id, err)
 	}
 	deadline := time.Now().Add(balloonStall)

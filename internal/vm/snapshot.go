@@ -54,9 +54,14 @@ type snapRecord struct {
 	Target        int64 `json:"target,omitempty"`
 	// MaxMemory is the VM's max_memory setting then.
 	MaxMemory int64 `json:"max_memory,omitempty"`
-	// Dimms are the pc-dimms the guest had, which its memory state needs.
-	Dimms   []int64 `json:"dimms,omitempty"`
-	MemFile string  `json:"mem_file,omitempty"`
+	// Dimms are the pc-dimms the guest had, which its memory state needs,
+	// as it needs the QEMU's CPU layout.
+	Dimms       []int64 `json:"dimms,omitempty"`
+	BootCPUs    int     `json:"boot_cpus,omitempty"`
+	BootMaxCPUs int     `json:"boot_max_cpus,omitempty"`
+	HotCPUs     int     `json:"hot_cpus,omitempty"`
+	MaxCPUs     int     `json:"max_cpus,omitempty"`
+	MemFile     string  `json:"mem_file,omitempty"`
 	// Paused records a guest that was paused when taken; revert leaves it
 	// paused.
 	Paused bool   `json:"paused,omitempty"`
@@ -131,13 +136,14 @@ func (s *Service) CreateSnapshot(ctx context.Context, vm string, req api.CreateS
 			Memory: withMemory, Description: req.Description,
 		},
 		Disks: append([]api.Disk(nil), r.Disks...), CPUs: r.CPUs, MemorySize: r.Memory, Target: r.Memory,
-		MaxMemory: r.MaxMemory,
-		Paused:    r.State == api.StatePaused, State: snapCreating,
+		MaxMemory: r.MaxMemory, MaxCPUs: r.MaxCPUs,
+		Paused: r.State == api.StatePaused, State: snapCreating,
 	}
 	if withMemory {
 		sr.MemFile = filepath.Join(s.snapDir(vm), req.Name+".mem")
 		sr.MemorySize, sr.MaxMemorySize = r.bootSizes()
 		sr.Dimms = r.Dimms
+		sr.BootCPUs, sr.BootMaxCPUs, sr.HotCPUs = r.BootCPUs, r.BootMaxCPUs, r.HotCPUs
 	}
 	err = s.cfg.Store.Update(ctx, func(tx store.Tx) error {
 		var cur record
@@ -170,7 +176,7 @@ func (s *Service) CreateSnapshot(ctx context.Context, vm string, req api.CreateS
 		}
 		sr.PauseMS = stats.Pause.Milliseconds()
 		if err == nil {
-			s.log.Info("memory state saved", "vm", vm, "snapshot", req.Name, "pause", stats.Pause, "bytes", stats.Bytes, "elapsed", stats.Elapsed)
+			s.log.Info("memory state saved", "vm", vm, "snapshot", req.Name, "pause", stats.Pause, "bytes", stats.Bytes, "elapsed", stats.Elapsed, "sync", stats.Sync)
 		}
 	} else {
 		err = s.freezeTops(ctx, "snapshot", r, next, running)
@@ -404,6 +410,7 @@ func (s *Service) RevertSnapshot(ctx context.Context, vm, snap string, req api.R
 		if sr.MaxMemory > 0 {
 			cur.MaxMemory = sr.MaxMemory
 		}
+		cur.MaxCPUs = sr.MaxCPUs
 		cur.CurrentSnapshot = snap
 		cur.Intent, cur.NextDisks = "", nil
 		return store.PutJSON(tx, bucket, vm, cur)

@@ -57,6 +57,12 @@ type record struct {
 	// Dimms are the pc-dimms plugged into the running guest, in order,
 	// for a guest without a virtio-mem driver.
 	Dimms []int64 `json:"dimms,omitempty"`
+	// BootCPUs and BootMaxCPUs are the running QEMU's -smp cpus and
+	// maxcpus; HotCPUs are the CPUs plugged in since, in the sockets
+	// after the boot CPUs.
+	BootCPUs    int `json:"boot_cpus,omitempty"`
+	BootMaxCPUs int `json:"boot_max_cpus,omitempty"`
+	HotCPUs     int `json:"hot_cpus,omitempty"`
 	// Wanted is the desired power state; State is what was last observed.
 	Wanted string `json:"wanted"`
 }

@@ -156,6 +156,33 @@ func TestMemoryDimms(t *testing.T) {
 	}
 }
 
+// TestCPUHotplug plugs a CPU into a running guest that booted with room
+// for it, sees it online inside, and takes it out again.
+func TestCPUHotplug(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.vm("cpu", "--cpus", "1", "--max-cpus", "2")
+	online := func() string { return strings.TrimSpace(h.exec("cpu", "cat", "/sys/devices/system/cpu/online")) }
+	if got := online(); got != "0" {
+		t.Fatalf("online CPUs at boot: %q", got)
+	}
+	h.must("set", "cpu", "cpus=2")
+	if got := online(); got != "0-1" {
+		t.Fatalf("online CPUs after cpus=2: %q", got)
+	}
+	if v := h.show("cpu"); v.CPUs != 2 || v.MaxCPUs != 2 {
+		t.Fatalf("show after cpus=2: cpus %d, max %d", v.CPUs, v.MaxCPUs)
+	}
+	h.must("set", "cpu", "cpus=1")
+	if got := online(); got != "0" {
+		t.Fatalf("online CPUs after cpus=1: %q", got)
+	}
+	_, errOut, code := h.lodge("set", "cpu", "cpus=3")
+	if code != 1 || !strings.Contains(errOut, "above its max_cpus 2") {
+		t.Fatalf("cpus past max_cpus: exit %d, %q", code, errOut)
+	}
+}
+
 // TestAutoBalloon fakes the host's available memory (the daemon reads it
 // from a file its config names): under pressure an idle guest gives its
 // memory back down to its min_memory, each change an event; when the

@@ -28,6 +28,7 @@ type Agent struct {
 	calls     []string
 	shutdowns []string
 	closed    bool
+	vcpus     []qga.VCPU
 }
 
 var _ qga.Agent = (*Agent)(nil)
@@ -260,6 +261,43 @@ func (a *Agent) NetworkInterfaces(ctx context.Context) ([]qga.Interface, error) 
 		return nil, err
 	}
 	return slices.Clone(a.ifaces), nil
+}
+
+// SetCPUs gives the fake guest n logical CPUs, the first online.
+func (a *Agent) SetCPUs(n int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.vcpus = a.vcpus[:0]
+	for i := range n {
+		a.vcpus = append(a.vcpus, qga.VCPU{ID: i, Online: i == 0, CanOffline: i > 0})
+	}
+}
+
+// VCPUs implements qga.Agent.
+func (a *Agent) VCPUs(ctx context.Context) ([]qga.VCPU, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := a.beginLocked(ctx, "VCPUs"); err != nil {
+		return nil, err
+	}
+	return slices.Clone(a.vcpus), nil
+}
+
+// SetVCPUs implements qga.Agent.
+func (a *Agent) SetVCPUs(ctx context.Context, cpus []qga.VCPU) (int, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := a.beginLocked(ctx, "SetVCPUs"); err != nil {
+		return 0, err
+	}
+	for n, c := range cpus {
+		i := slices.IndexFunc(a.vcpus, func(v qga.VCPU) bool { return v.ID == c.ID })
+		if i < 0 || (!c.Online && !a.vcpus[i].CanOffline) {
+			return n, fmt.Errorf("vcpu %d: cannot change", c.ID)
+		}
+		a.vcpus[i].Online = c.Online
+	}
+	return len(cpus), nil
 }
 
 // HostName implements qga.Agent.
