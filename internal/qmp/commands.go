@@ -329,3 +329,19 @@ func PlugCPU(ctx context.Context, m Monitor, slot HotpluggableCPU, id string) er
 func DeviceDel(ctx context.Context, m Monitor, id string) error {
 	return m.Execute(ctx, "device_del", map[string]any{"id": id}, nil)
 }
+
+// OSPMStatus is what a guest last reported, through ACPI _OST, about a
+// hot-plugged device: Source is the event (0 while it has reported
+// nothing), Status 0 for success.
+type OSPMStatus struct {
+	Device string `json:"device"`
+	Source int    `json:"source"`
+	Status int    `json:"status"`
+}
+
+// ACPIOSPMStatus lists what the guest reported about hot-plugged devices.
+func ACPIOSPMStatus(ctx context.Context, m Monitor) ([]OSPMStatus, error) {
+	var out []OSPMStatus
+	err := m.Execute(ctx, "query-acpi-ospm-status", nil, &out)
+	return out, err
+}

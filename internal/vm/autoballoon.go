@@ -114,15 +114,14 @@ func (s *Service) autoBalloon(ctx context.Context, b balloonee, target int64, wh
 	}
 	defer unlock()
 	boot, ceiling := b.r.bootSizes()
-	var plugged int64
+	var plugged hotMemory
 	if ceiling > boot {
 		if plugged, err = pluggedMemory(ctx, b.in.mon); err != nil {
 			return fmt.Errorf("auto-balloon vm %q: %w", b.r.Name, err)
 		}
 	}
-	// The balloon works within the boot memory; what virtio-mem plugged
-	// stays, as only an explicit set unplugs.
-	if err := qmp.Balloon(ctx, b.in.mon, max(min(target-plugged, boot), MinMemory)); err != nil {
+	// What was plugged stays: only an explicit set unplugs.
+	if err := qmp.Balloon(ctx, b.in.mon, max(plugged.balloonTarget(target, boot), MinMemory)); err != nil {
 		return fmt.Errorf("auto-balloon vm %q: %w", b.r.Name, err)
 	}
 	held := target

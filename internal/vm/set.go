@@ -192,7 +192,7 @@ func (r record) bootSizes() (boot, ceiling int64) {
 func (s *Service) resize(ctx context.Context, in *instance, r record, target int64) (moved bool, dimms []int64, err error) {
 	boot, ceiling := r.bootSizes()
 	dimms = r.Dimms
-	var plugged int64
+	var plugged hotMemory
 	if ceiling > boot {
 		want := int64(0)
 		if target > boot {
@@ -218,8 +218,10 @@ func (s *Service) resize(ctx context.Context, in *instance, r record, target int
 		}
 		if in.noVirtioMem.Load() || len(dimms) > 0 {
 			var dmoved bool
+			had := len(dimms)
 			dimms, dmoved, plugErr = s.resizeDimms(ctx, in, dimms, want, ceiling-boot)
-			if moved = moved || dmoved; plugErr != nil && !dmoved {
+			// Only a shrink that stopped short is made up for.
+			if moved = moved || dmoved; plugErr != nil && (!dmoved || len(dimms) > had) {
 				return moved, dimms, plugErr
 			}
 		}
@@ -227,14 +229,13 @@ func (s *Service) resize(ctx context.Context, in *instance, r record, target int
 			return moved, dimms, fmt.Errorf("set vm %q: memory: %w", in.name, err)
 		}
 		if plugErr != nil {
-			if target-plugged < MinMemory {
+			if target-plugged.total() < MinMemory {
 				return moved, dimms, plugErr
 			}
-			s.log.Warn("guest could not unplug all its hot-plugged memory; the balloon takes the rest", "vm", in.name, "plugged", plugged, "err", plugErr)
+			s.log.Warn("guest could not unplug all its hot-plugged memory; the balloon takes the rest", "vm", in.name, "plugged", plugged.total(), "err", plugErr)
 		}
 	}
-	// QEMU measures the balloon against the boot memory alone.
-	bmoved, err := s.approach(ctx, in, balloon(in), min(target-plugged, boot))
+	bmoved, err := s.approach(ctx, in, balloon(in), plugged.balloonTarget(target, boot))
 	return moved || bmoved, dimms, err
 }
 
@@ -258,8 +259,12 @@ func (s *Service) resizeDimms(ctx context.Context, in *instance, dimms []int64, 
 		if err := qmp.PlugDimm(ctx, in.mon, qemu.DimmID(len(dimms)), size); err != nil {
 			return dimms, false, fmt.Errorf("set vm %q: memory: plug a %s pc-dimm: %w", in.name, units.FormatSize(size), err)
 		}
+		dimms = append(dimms, size)
+		if err := s.waitDimmTaken(ctx, in, qemu.DimmID(len(dimms)-1)); err != nil {
+			return dimms, true, err
+		}
 		s.log.Info("pc-dimm plugged", "vm", in.name, "size", size)
-		return append(dimms, size), true, nil
+		return dimms, true, nil
 	}
 	for len(dimms) > 0 && cur-dimms[len(dimms)-1] >= want {
 		id := qemu.DimmID(len(dimms) - 1)
@@ -270,6 +275,37 @@ func (s *Service) resizeDimms(ctx context.Context, in *instance, dimms []int64, 
 		dimms, moved = dimms[:len(dimms)-1], true
 	}
 	return dimms, moved, nil
+}
+
+// waitDimmTaken waits until the guest has reported, through ACPI _OST,
+// that it took a new pc-dimm: the memory is then online in the guest.
+func (s *Service) waitDimmTaken(ctx context.Context, in *instance, id string) error {
+	deadline := time.Now().Add(balloonStall)
+	for {
+		sts, err := qmp.ACPIOSPMStatus(ctx, in.mon)
+		if err != nil {
+			return fmt.Errorf("set vm %q: memory: %w", in.name, err)
+		}
+		for _, st := range sts {
+			switch {
+			case st.Device != id || st.Source == 0:
+			case st.Status == 0:
+				return nil
+			default:
+				return fmt.Errorf("set vm %q: memory: %w: the guest refused pc-dimm %s (ACPI status %d)", in.name, errdefs.ErrState, id, st.Status)
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("set vm %q: memory: %w: the guest has not taken pc-dimm %s in %s (does it support ACPI memory hot-plug?)", in.name, errdefs.ErrState, id, balloonStall)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("set vm %q: memory: %w", in.name, ctx.Err())
+		case <-in.done:
+			return fmt.Errorf("set vm %q: memory: it stopped: %w", in.name, errdefs.ErrState)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // unplugDimm asks the guest to eject a pc-dimm and waits until it has.
@@ -304,15 +340,30 @@ func (s *Service) unplugDimm(ctx context.Context, in *instance, id string) error
 	}
 }
 
-// pluggedMemory is what virtio-mem and the pc-dimms have added to a
-// guest.
-func pluggedMemory(ctx context.Context, mon qmp.Monitor) (int64, error) {
+// hotMemory is what virtio-mem and the pc-dimms have added to a guest.
+// QEMU's balloon counts the dimms as part of the guest's RAM, and not
+// what virtio-mem plugged: the balloon works within boot+dimms.
+type hotMemory struct{ virtioMem, dimms int64 }
+
+func (h hotMemory) total() int64 { return h.virtioMem + h.dimms }
+
+// balloonTarget is the balloon setting that leaves the guest target
+// bytes in all.
+func (h hotMemory) balloonTarget(target, boot int64) int64 {
+	return min(target-h.virtioMem, boot+h.dimms)
+}
+
+func pluggedMemory(ctx context.Context, mon qmp.Monitor) (hotMemory, error) {
 	devs, err := qmp.MemoryDevices(ctx, mon)
-	var n int64
+	var h hotMemory
 	for _, d := range devs {
-		n += d.Data.Size
+		if d.Type == "dimm" {
+			h.dimms += d.Data.Size
+		} else {
+			h.virtioMem += d.Data.Size
+		}
 	}
-	return n, err
+	return h, err
 }
 
 // A gauge is a quantity in the guest that a driver there moves toward a

@@ -91,6 +91,15 @@ func (b *fakeBalloon) install(vm *qemutest.VM) {
 		}
 		return devs, nil
 	})
+	vm.Mon.Handle("query-acpi-ospm-status", func(json.RawMessage) (any, error) {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		var out []map[string]any
+		for i := range b.dimms {
+			out = append(out, map[string]any{"device": "dimm" + strconv.Itoa(i), "source": 1, "status": 0})
+		}
+		return out, nil
+	})
 	vm.Mon.Handle("object-add", func(json.RawMessage) (any, error) { return nil, nil })
 	vm.Mon.Handle("object-del", func(json.RawMessage) (any, error) { return nil, nil })
 	vm.Mon.Handle("device_add", func(raw json.RawMessage) (any, error) {
@@ -298,9 +307,10 @@ func TestSetMemoryDimms(t *testing.T) {
 	b.mu.Lock()
 	target := b.target
 	b.mu.Unlock()
-	// 244 MiB more rounds up to one 256 MiB dimm; the balloon takes 12.
-	if v.MemoryPlugged != 256<<20 || target != 244<<20 {
-		t.Fatalf("after growing to 500 MiB: plugged %d, balloon target %d MiB", v.MemoryPlugged, target>>20)
+	// 244 MiB more rounds up to one 256 MiB dimm; the balloon, which
+	// QEMU measures against the boot memory and the dimms, takes 12.
+	if v.MemoryPlugged != 256<<20 || target != 500<<20 || v.MemoryActual != 500<<20 {
+		t.Fatalf("after growing to 500 MiB: plugged %d, balloon target %d MiB, actual %d", v.MemoryPlugged, target>>20, v.MemoryActual)
 	}
 	r, _ := f.svc.load(ctx, "old")
 	if len(r.Dimms) != 1 || r.Dimms[0] != 256<<20 {
@@ -324,8 +334,8 @@ func TestSetMemoryDimms(t *testing.T) {
 	target, dimms := b.target, len(b.dimms)
 	b.ejects = false
 	b.mu.Unlock()
-	if target != 44<<20 || dimms != 1 {
-		t.Fatalf("at 300 MiB: balloon target %d MiB, %d dimms; want 44 MiB of the boot memory and the dimm", target>>20, dimms)
+	if target != 300<<20 || dimms != 1 {
+		t.Fatalf("at 300 MiB: balloon target %d MiB, %d dimms; want the balloon at 300 MiB of boot and dimm", target>>20, dimms)
 	}
 	// A dimm the guest will not give up is reported, and nothing changes.
 	_, err = f.svc.Set(ctx, "old", api.SetVM{Memory: 200 << 20})

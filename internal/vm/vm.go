@@ -282,8 +282,9 @@ func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
 		}
 		if boot, ceiling := r.bootSizes(); ceiling > boot {
 			if plugged, err := pluggedMemory(bctx, in.mon); err == nil {
-				v.MemoryPlugged = plugged
-				v.MemoryActual += plugged
+				// The balloon's actual counts the dimms already.
+				v.MemoryPlugged = plugged.total()
+				v.MemoryActual += plugged.virtioMem
 			}
 		}
 		if used, ok := guestUsed(bctx, in.mon); ok {
