@@ -139,7 +139,7 @@ if [ -f "$c/memory.tsv" ]; then
   echo "| 1 GiB → 512 MiB (s) | $a | $b | $(ratio "$a" "$b") | < 5 s | $(verdict "$a < 5") |"
   echo "| 512 MiB → 1 GiB (s) | $g | $h | $(ratio "$g" "$h") | | |"
   echo
-  echo "How fast memory goes is up to the guest's balloon driver: it hands back 1 MiB (256 pages) per request to QEMU, which discards each page, and under TCG every round trip costs about 12 ms of emulated guest work. Lodge only sets the target and watches, so it tracks libvirt, run for run; the absolute time follows how busy this shared machine is (4.7 s against libvirt's 4.2 s in the run of 2026-11-30). A VM booted with room for hot-plug gives back what was plugged through virtio-mem instead, in 2 MiB blocks, which is faster: 768 MiB in under 4 s here."
+  echo "How fast memory goes is up to the guest's balloon driver: it hands back 1 MiB (256 pages) per request to QEMU, which discards each page, and under TCG every round trip costs about 12 ms of emulated guest work. Lodge only sets the target and watches, so it tracks libvirt, run for run; the absolute time follows how busy this shared machine is (4.7 s against libvirt's 4.2 s in the previous session's run). A VM booted with room for hot-plug gives back what was plugged through virtio-mem instead, in 2 MiB blocks, which is faster: 768 MiB in under 4 s here."
 fi
 if [ -f "$c/density.tsv" ]; then
   f=$c/density.tsv
