@@ -86,3 +86,34 @@ func TestProjectQuota(t *testing.T) {
 		t.Fatalf("create in a missing project: %v", err)
 	}
 }
+
+// Reverting gives a VM the memory it had when the snapshot was taken; that
+// must still fit its project.
+func TestRevertHeldToQuota(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	reg := project.New(f.store)
+	if _, err := reg.Create(ctx, api.Project{Name: "team", Limits: api.ProjectLimits{Memory: 768 << 20}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"a", "b"} {
+		if _, err := f.svc.Create(ctx, api.CreateVM{Name: name, Image: "tiny", Memory: 512 << 20, Project: "team"}); err != nil && name == "a" {
+			t.Fatal(err)
+		}
+		if name == "a" {
+			if _, err := f.svc.CreateSnapshot(ctx, "a", api.CreateSnapshot{Name: "big"}, nil); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.svc.Set(ctx, "a", api.SetVM{Memory: 256 << 20}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	_, err := f.svc.RevertSnapshot(ctx, "a", "big", api.RevertSnapshot{})
+	if !errors.Is(err, errdefs.ErrQuota) || !strings.Contains(err.Error(), "memory quota 768M, used 768M, requested 256M more") {
+		t.Fatalf("revert past the quota: %v", err)
+	}
+	if r, _ := f.svc.load(ctx, "a"); r.Memory != 256<<20 || r.Intent != "" {
+		t.Fatalf("refused revert left memory %d, intent %q", r.Memory, r.Intent)
+	}
+}

@@ -70,6 +70,19 @@ type snapRecord struct {
 
 func snapKey(vm, snap string) string { return vm + "/" + snap }
 
+// applyTo gives a VM the CPUs and memory settings it had when the
+// snapshot was taken.
+func (sr snapRecord) applyTo(v *api.VM) {
+	v.CPUs, v.Memory = sr.CPUs, sr.MemorySize
+	if sr.Target > 0 {
+		v.Memory = sr.Target
+	}
+	if sr.MaxMemory > 0 {
+		v.MaxMemory = sr.MaxMemory
+	}
+	v.MaxCPUs = sr.MaxCPUs
+}
+
 func (s *Service) snapDir(vm string) string { return filepath.Join(s.vmDir(vm), "snapshots") }
 
 // vmSnapshots lists one VM's snapshot records inside a transaction.
@@ -352,6 +365,13 @@ func (s *Service) RevertSnapshot(ctx context.Context, vm, snap string, req api.R
 			return api.VM{}, fmt.Errorf("revert vm %q to %q: memory state: %w", vm, snap, err)
 		}
 	}
+	// The VM gets the snapshot's CPUs and memory back: they must still
+	// fit its project.
+	back := r
+	sr.applyTo(&back.VM)
+	if err := s.cfg.Store.View(ctx, func(tx store.Tx) error { return checkQuota(tx, r, back) }); err != nil {
+		return api.VM{}, fmt.Errorf("revert vm %q to %q: %w", vm, snap, err)
+	}
 	next := make([]string, len(sr.Disks))
 	for i, d := range sr.Disks {
 		next[i] = s.siblingPath(ctx, d, vm)
@@ -403,14 +423,7 @@ func (s *Service) RevertSnapshot(ctx context.Context, vm, snap string, req api.R
 			d.Backing, d.Path = d.Path, next[i]
 			cur.Disks[i] = d
 		}
-		cur.CPUs, cur.Memory = sr.CPUs, sr.MemorySize
-		if sr.Target > 0 {
-			cur.Memory = sr.Target
-		}
-		if sr.MaxMemory > 0 {
-			cur.MaxMemory = sr.MaxMemory
-		}
-		cur.MaxCPUs = sr.MaxCPUs
+		sr.applyTo(&cur.VM)
 		cur.CurrentSnapshot = snap
 		cur.Intent, cur.NextDisks = "", nil
 		return store.PutJSON(tx, bucket, vm, cur)
