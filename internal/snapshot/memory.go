@@ -3,6 +3,7 @@ package snapshot
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -56,13 +57,18 @@ type SaveStats struct {
 // happens at the same instant as the memory state. A guest that was
 // paused stays paused.
 //
-// The stream goes through a pipe to a writer process in its own session,
-// so a daemon that dies mid-save does not cut QEMU off (see
-// writerScript). The file is written to path+".part" and renamed once
-// synced; on any failure nothing is left at either name. Once QEMU has
-// started, the save is not cancelled: it runs to its end (a second or
-// so), and a cancelled ctx then discards the result.
-func Save(ctx context.Context, mon qmp.Monitor, path string, atPause func(context.Context) error, progress func(done, total int64)) (SaveStats, error) {
+// QEMU 7.2 hangs the guest if a background snapshot fails half-way, so
+// the stream must never meet a full disk. Save reserves reserve bytes for
+// the file first (fallocate) and hands QEMU the file itself: a disk too
+// full for that is refused before anything starts, and nothing can take
+// the room while QEMU writes. Where the filesystem cannot reserve space,
+// the stream goes through a pipe to a writer process instead, which
+// drains it to the end whatever happens (see writerScript). Either way
+// the file is written to path+".part" and renamed once synced; on any
+// failure nothing is left at either name. Once QEMU has started, the save
+// is not cancelled: it runs to its end (a second or so), and a cancelled
+// ctx then discards the result.
+func Save(ctx context.Context, mon qmp.Monitor, path string, reserve int64, atPause func(context.Context) error, progress func(done, total int64)) (SaveStats, error) {
 	var stats SaveStats
 	passer, ok := mon.(qmp.FDPasser)
 	if !ok {
@@ -81,28 +87,20 @@ func Save(ctx context.Context, mon qmp.Monitor, path string, atPause func(contex
 	if err := qmp.SetMigrationParameters(ctx, mon, map[string]any{"max-bandwidth": int64(1) << 40}); err != nil {
 		return stats, fmt.Errorf("save memory state: %w", err)
 	}
-	pr, pw, err := os.Pipe()
-	if err != nil {
-		return stats, fmt.Errorf("save memory state: %w", err)
-	}
-	// While QEMU waits on a full pipe it does not serve the guest's
-	// faults on write-protected pages; a larger pipe keeps it writing.
-	_, _ = unix.FcntlInt(pw.Fd(), unix.F_SETPIPE_SZ, pipeSize)
-	// Not tied to ctx: killing the writer mid-stream is what must not
-	// happen.
-	writer := exec.CommandContext(context.WithoutCancel(ctx), "/bin/sh", "-c", writerScript, "lodge-memstate", part)
-	writer.Stdin = pr
 	var werr bytes.Buffer
-	writer.Stderr = &werr
-	writer.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	err = writer.Start()
-	_ = pr.Close()
-	if err != nil {
-		_ = pw.Close()
-		return stats, fmt.Errorf("save memory state: start writer: %w", err)
-	}
 	written := make(chan error, 1)
-	go func() { written <- writer.Wait() }()
+	pw, direct, err := reserveFile(part, reserve)
+	switch {
+	case err != nil:
+		_ = os.Remove(part)
+		return stats, fmt.Errorf("save memory state: %w", err)
+	case direct:
+		written <- nil // QEMU writes the file itself
+	default:
+		if pw, err = startWriter(ctx, part, &werr, written); err != nil {
+			return stats, fmt.Errorf("save memory state: %w", err)
+		}
+	}
 	fail := func(err error) (SaveStats, error) {
 		_ = os.Remove(part)
 		return stats, err
@@ -177,6 +175,9 @@ func Save(ctx context.Context, mon qmp.Monitor, path string, atPause func(contex
 		return fail(fmt.Errorf("save memory state: %w", ctx.Err()))
 	}
 	synced := time.Now()
+	if direct {
+		releaseTail(part, reserve)
+	}
 	if err := syncFile(part); err != nil {
 		return fail(fmt.Errorf("save memory state: %w", err))
 	}
@@ -298,6 +299,80 @@ func syncFile(path string) error {
 		err = cerr
 	}
 	return err
+}
+
+// reserveFile creates path with reserve bytes set aside past its end.
+// direct is false, with the file removed, where the filesystem cannot
+// reserve space; a disk without the room fails with ENOSPC.
+func reserveFile(path string, reserve int64) (f *os.File, direct bool, err error) {
+	f, err = os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, false, err
+	}
+	fi, err := f.Stat()
+	if err == nil && !fi.Mode().IsRegular() {
+		err = unix.EOPNOTSUPP
+	}
+	if err == nil && reserve > 0 {
+		err = unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, 0, reserve)
+	}
+	switch {
+	case err == nil:
+		return f, true, nil
+	case errors.Is(err, unix.ENOSPC):
+		_ = f.Close()
+		return nil, false, fmt.Errorf("reserve %d bytes for %s: %w", reserve, path, syscall.ENOSPC)
+	}
+	_ = f.Close()
+	if fi != nil && fi.Mode().IsRegular() {
+		_ = os.Remove(path)
+	}
+	return nil, false, nil
+}
+
+// releaseTail gives back what reserveFile set aside beyond what QEMU
+// wrote.
+func releaseTail(path string, reserve int64) {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return
+	}
+	defer func() { _ = f.Close() }()
+	// Filesystems free the blocks past the end when a file shrinks (a
+	// hole punched past the end is ignored by ext4), so grow it by a byte
+	// and shrink it back.
+	if fi, err := f.Stat(); err == nil && fi.Size() < reserve {
+		if f.Truncate(fi.Size()+1) == nil {
+			_ = f.Truncate(fi.Size())
+		}
+	}
+}
+
+// startWriter starts the writer process that drains a pipe into path and
+// returns the pipe's write end for QEMU; written receives the writer's
+// end.
+func startWriter(ctx context.Context, path string, werr *bytes.Buffer, written chan<- error) (*os.File, error) {
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	// While QEMU waits on a full pipe it does not serve the guest's
+	// faults on write-protected pages; a larger pipe keeps it writing.
+	_, _ = unix.FcntlInt(pw.Fd(), unix.F_SETPIPE_SZ, pipeSize)
+	// Not tied to ctx: killing the writer mid-stream is what must not
+	// happen.
+	writer := exec.CommandContext(context.WithoutCancel(ctx), "/bin/sh", "-c", writerScript, "lodge-memstate", path)
+	writer.Stdin = pr
+	writer.Stderr = werr
+	writer.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = writer.Start()
+	_ = pr.Close()
+	if err != nil {
+		_ = pw.Close()
+		return nil, fmt.Errorf("start writer: %w", err)
+	}
+	go func() { written <- writer.Wait() }()
+	return pw, nil
 }
 
 // startWriteback asks the kernel to start writing out what the writer

@@ -109,7 +109,7 @@ func TestSave(t *testing.T) {
 			q.SetStatus(tt.guest)
 			path := filepath.Join(t.TempDir(), "s.mem")
 			var statusAtPause string
-			_, err := Save(context.Background(), q, path, func(ctx context.Context) error {
+			_, err := Save(context.Background(), q, path, 1<<20, func(ctx context.Context) error {
 				st, _ := qmp.QueryStatus(ctx, q)
 				statusAtPause = st.Status
 				return tt.atPauseErr
@@ -160,7 +160,7 @@ func TestSaveCancelled(t *testing.T) {
 		return nil, nil
 	})
 	path := filepath.Join(t.TempDir(), "s.mem")
-	_, err := Save(ctx, q, path, func(context.Context) error { return nil }, nil)
+	_, err := Save(ctx, q, path, 1<<20, func(context.Context) error { return nil }, nil)
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("Save = %v, want the context's error", err)
 	}
@@ -202,7 +202,7 @@ func TestSaveDiskFull(t *testing.T) {
 	if err := os.Symlink("/dev/full", path+".part"); err != nil {
 		t.Fatal(err)
 	}
-	_, err := Save(context.Background(), q, path, func(context.Context) error { return nil }, nil)
+	_, err := Save(context.Background(), q, path, 1<<20, func(context.Context) error { return nil }, nil)
 	if !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("Save to a full disk = %v, want ENOSPC", err)
 	}
@@ -228,15 +228,44 @@ func TestSaveWaitsForEarlierSave(t *testing.T) {
 	q.set("active", "")
 	go func() { time.Sleep(30 * time.Millisecond); q.set("completed", "") }()
 	path := filepath.Join(t.TempDir(), "s.mem")
-	if _, err := Save(context.Background(), q, path, func(context.Context) error { return nil }, nil); err != nil {
+	if _, err := Save(context.Background(), q, path, 1<<20, func(context.Context) error { return nil }, nil); err != nil {
 		t.Fatalf("Save after an earlier save ended: %v", err)
 	}
 
 	idleWait = 20 * time.Millisecond
 	defer func() { idleWait = 2 * time.Minute }()
 	q.set("active", "")
-	_, err := Save(context.Background(), q, path+"2", func(context.Context) error { return nil }, nil)
+	_, err := Save(context.Background(), q, path+"2", 1<<20, func(context.Context) error { return nil }, nil)
 	if err == nil || !strings.Contains(err.Error(), "still active") {
 		t.Fatalf("Save during an endless earlier save = %v, want 'still active'", err)
+	}
+}
+
+// Where the filesystem can reserve space, QEMU writes the file itself
+// into room set aside first, and what it did not use is given back.
+func TestSaveReservesRoom(t *testing.T) {
+	pollEvery = time.Millisecond
+	q := newFakeQEMU("STATE")
+	path := filepath.Join(t.TempDir(), "s.mem")
+	var reserved int64
+	_, err := Save(context.Background(), q, path, 64<<20, func(context.Context) error {
+		var st syscall.Stat_t
+		if err := syscall.Stat(path+".part", &st); err == nil {
+			reserved = st.Blocks * 512
+		}
+		return nil
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reserved < 64<<20 {
+		t.Skipf("this filesystem reserved %d bytes: no fallocate here", reserved)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "STATE" || st.Blocks*512 > 1<<20 {
+		t.Fatalf("state %q in %d allocated bytes: want STATE and the reservation given back", b, st.Blocks*512)
 	}
 }

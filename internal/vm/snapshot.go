@@ -70,6 +70,22 @@ type snapRecord struct {
 
 func snapKey(vm, snap string) string { return vm + "/" + snap }
 
+// stateReserve is the most a running VM's memory state can take: all the
+// memory its guest has, each 4 KiB page with its header, and room for the
+// device state.
+func (s *Service) stateReserve(ctx context.Context, in *instance, r record) int64 {
+	boot, ceiling := r.bootSizes()
+	size := boot
+	if ceiling > boot {
+		if h, err := pluggedMemory(ctx, in.mon); err == nil {
+			size += h.total()
+		} else {
+			size = ceiling
+		}
+	}
+	return size + size/64 + snapshotSlack
+}
+
 // applyTo gives a VM the CPUs and memory settings it had when the
 // snapshot was taken.
 func (sr snapRecord) applyTo(v *api.VM) {
@@ -179,7 +195,7 @@ func (s *Service) CreateSnapshot(ctx context.Context, vm string, req api.CreateS
 	if withMemory {
 		switched := make([]bool, len(r.Disks))
 		in.snapshotting.Store(true)
-		stats, serr := snapshot.Save(ctx, in.mon, sr.MemFile, func(ctx context.Context) error {
+		stats, serr := snapshot.Save(ctx, in.mon, sr.MemFile, s.stateReserve(ctx, in, r), func(ctx context.Context) error {
 			return s.switchTops(ctx, "snapshot", r, in, next, switched)
 		}, progress)
 		in.snapshotting.Store(false)
