@@ -192,6 +192,9 @@ func (r record) bootSizes() (boot, ceiling int64) {
 func (s *Service) resize(ctx context.Context, in *instance, r record, target int64) (moved bool, dimms []int64, err error) {
 	boot, ceiling := r.bootSizes()
 	dimms = r.Dimms
+	// A guest still booting has no drivers to move anything yet: give it
+	// the time to come up rather than judge its drivers missing.
+	waitGuestUp(ctx, in, balloonTimeout)
 	var plugged hotMemory
 	if ceiling > boot {
 		want := int64(0)
@@ -207,7 +210,13 @@ func (s *Service) resize(ctx context.Context, in *instance, r record, target int
 			}
 			moved, plugErr = s.approach(ctx, in, g, want)
 			if plugErr != nil && !moved && want > before && ctx.Err() == nil {
-				// The guest never took a block: no virtio-mem driver.
+				// The guest never took a block. If it is up (its agent
+				// or balloon driver answers), it has no virtio-mem
+				// driver; if not, it may still be booting, and dimms
+				// now would be a wrong guess.
+				if !guestUp(ctx, in) {
+					return false, dimms, fmt.Errorf("set vm %q: memory: %w: the guest took no memory and shows no sign of running yet (no agent, no balloon reports); try again once it has booted", in.name, errdefs.ErrState)
+				}
 				s.log.Warn("guest does not drive virtio-mem; plugging pc-dimms instead", "vm", in.name)
 				in.noVirtioMem.Store(true)
 				plugErr = nil
@@ -237,6 +246,30 @@ func (s *Service) resize(ctx context.Context, in *instance, r record, target int
 	}
 	bmoved, err := s.approach(ctx, in, balloon(in), plugged.balloonTarget(target, boot))
 	return moved || bmoved, dimms, err
+}
+
+// guestUp reports whether a guest shows it is running its drivers: its
+// agent answers or its balloon driver has sent a report.
+func guestUp(ctx context.Context, in *instance) bool {
+	if in.agentUp() {
+		return true
+	}
+	_, ok := guestUsed(ctx, in.mon)
+	return ok
+}
+
+// waitGuestUp waits, at most limit, for the guest to show it is running.
+func waitGuestUp(ctx context.Context, in *instance, limit time.Duration) {
+	deadline := time.Now().Add(limit)
+	for !guestUp(ctx, in) && time.Now().Before(deadline) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-in.done:
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // resizeDimms plugs or unplugs pc-dimms until want is plugged, or as near

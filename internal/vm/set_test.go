@@ -32,6 +32,8 @@ type fakeBalloon struct {
 	dimms       []int64
 	nextDimm    int64
 	ejects      bool
+	// booting makes the guest send no balloon reports yet.
+	booting bool
 }
 
 // qomArgs are the arguments of qom-get and qom-set.
@@ -76,7 +78,11 @@ func (b *fakeBalloon) install(vm *qemutest.VM) {
 			b.plugged += max(min(want-b.plugged, 64<<20), -64<<20)
 			return b.plugged, nil
 		}
-		return map[string]any{"last-update": 1, "stats": map[string]int64{
+		lastUpdate := 1
+		if b.booting {
+			lastUpdate = 0
+		}
+		return map[string]any{"last-update": lastUpdate, "stats": map[string]int64{
 			"stat-total-memory": b.actual, "stat-free-memory": b.actual / 2, "stat-available-memory": b.actual - 40<<20}}, nil
 	})
 	vm.Mon.Handle("query-memory-devices", func(json.RawMessage) (any, error) {
@@ -344,5 +350,33 @@ func TestSetMemoryDimms(t *testing.T) {
 	}
 	if r, _ := f.svc.load(ctx, "old"); r.Memory != 300<<20 || len(r.Dimms) != 1 {
 		t.Fatalf("after the refused eject: memory %d, dimms %v", r.Memory, r.Dimms)
+	}
+}
+
+// A guest that takes no virtio-mem block while it shows no sign of
+// running (no agent, no balloon reports) may still be booting: the call
+// waits for it a while, then says so and plugs no dimm on a guess.
+func TestSetMemoryWhileBooting(t *testing.T) {
+	balloonStall, balloonTimeout = 300*time.Millisecond, 500*time.Millisecond
+	defer func() { balloonStall, balloonTimeout = 10*time.Second, 60*time.Second }()
+	f := newFixture(t)
+	ctx := context.Background()
+	if _, err := f.svc.Create(ctx, api.CreateVM{Name: "new", Image: "tiny", Memory: 256 << 20, MaxMemory: 1 << 30}); err != nil {
+		t.Fatal(err)
+	}
+	b := &fakeBalloon{actual: 256 << 20, target: 256 << 20, driver: true, noVirtioMem: true, nextDimm: 256 << 20, booting: true}
+	f.drv.OnLaunch = b.install
+	if _, err := f.svc.Start(ctx, "new"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := f.svc.Set(ctx, "new", api.SetVM{Memory: 512 << 20})
+	if !errors.Is(err, errdefs.ErrState) || !strings.Contains(err.Error(), "no sign of running yet") {
+		t.Fatalf("set while booting: %v", err)
+	}
+	b.mu.Lock()
+	dimms := len(b.dimms)
+	b.mu.Unlock()
+	if r, _ := f.svc.load(ctx, "new"); dimms != 0 || r.Memory != 256<<20 || len(r.Dimms) != 0 {
+		t.Fatalf("a refused set plugged %d dimms, left memory %d", dimms, r.Memory)
 	}
 }
