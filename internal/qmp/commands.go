@@ -258,14 +258,6 @@ func SetVirtioMemRequested(ctx context.Context, m Monitor, id string, size int64
 	return m.Execute(ctx, "qom-set", map[string]any{"path": "/machine/peripheral/" + id, "property": "requested-size", "value": size}, nil)
 }
 
-// VirtioMemSize reports how much memory the guest has plugged through
-// virtio-mem device id.
-func VirtioMemSize(ctx context.Context, m Monitor, id string) (int64, error) {
-	var size int64
-	err := m.Execute(ctx, "qom-get", map[string]any{"path": "/machine/peripheral/" + id, "property": "size"}, &size)
-	return size, err
-}
-
 // PlugDimm adds a pc-dimm of size bytes named id, with its RAM backend.
 func PlugDimm(ctx context.Context, m Monitor, id string, size int64) error {
 	backend := id + "-mem"

@@ -2,7 +2,9 @@ package vm
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/lodge-vm/lodge/internal/errdefs"
@@ -60,16 +62,16 @@ func (s *Service) setCPUs(ctx context.Context, in *instance, r record, target in
 		}
 		hot--
 	}
-	return hot, s.onlineCPUs(ctx, r.Name, target)
+	return hot, s.onlineCPUs(ctx, in, target)
 }
 
 // onlineCPUs brings the guest's offline CPUs below n online; the kernel
 // sees a plugged CPU a moment after QEMU does, so it tries for a while.
-func (s *Service) onlineCPUs(ctx context.Context, name string, n int) error {
-	deadline := time.Now().Add(balloonStall)
-	for {
+func (s *Service) onlineCPUs(ctx context.Context, in *instance, n int) error {
+	var last error
+	err := waitFor(ctx, in, 100*time.Millisecond, balloonStall, func() (bool, error) {
 		online := 0
-		err := s.withAgent(ctx, name, cpuAgentWait, func(a qga.Agent) error {
+		last = s.withAgent(ctx, in.name, cpuAgentWait, func(a qga.Agent) error {
 			cpus, err := a.VCPUs(ctx)
 			if err != nil {
 				return err
@@ -91,21 +93,20 @@ func (s *Service) onlineCPUs(ctx context.Context, name string, n int) error {
 			online += k
 			return err
 		})
-		if err == nil && online >= n {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			if err == nil {
-				err = fmt.Errorf("%w: the guest has not seen all %d CPUs", errdefs.ErrState, n)
-			}
-			return fmt.Errorf("set vm %q: cpus: bring them online: %w", name, err)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("set vm %q: cpus: %w", name, ctx.Err())
-		case <-time.After(100 * time.Millisecond):
+		// The agent may fail while the guest is busy taking the CPU:
+		// try again until the time is up.
+		return last == nil && online >= n, nil
+	})
+	if errors.Is(err, errWaitedOut) {
+		err = last
+		if err == nil {
+			err = fmt.Errorf("%w: the guest has not seen all %d CPUs", errdefs.ErrState, n)
 		}
 	}
+	if err != nil {
+		return fmt.Errorf("set vm %q: cpus: bring them online: %w", in.name, err)
+	}
+	return nil
 }
 
 // unplugCPU asks the guest to eject the CPU in socket i and waits until
@@ -114,30 +115,16 @@ func (s *Service) unplugCPU(ctx context.Context, in *instance, i int) error {
 	if err := qmp.DeviceDel(ctx, in.mon, qemu.CPUID(i)); err != nil {
 		return fmt.Errorf("set vm %q: cpus: unplug CPU %d: %w", in.name, i, err)
 	}
-	deadline := time.Now().Add(balloonStall)
-	for {
+	err := waitFor(ctx, in, 100*time.Millisecond, balloonStall, func() (bool, error) {
 		slots, err := qmp.HotpluggableCPUs(ctx, in.mon)
-		if err != nil {
-			return fmt.Errorf("set vm %q: cpus: %w", in.name, err)
-		}
-		gone := true
-		for _, sl := range slots {
-			if sl.Props.SocketID == i && sl.QOMPath != "" {
-				gone = false
-			}
-		}
-		if gone {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("set vm %q: cpus: %w: the guest did not give up CPU %d in %s", in.name, errdefs.ErrState, i, balloonStall)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("set vm %q: cpus: %w", in.name, ctx.Err())
-		case <-in.done:
-			return fmt.Errorf("set vm %q: cpus: it stopped: %w", in.name, errdefs.ErrState)
-		case <-time.After(100 * time.Millisecond):
-		}
+		gone := !slices.ContainsFunc(slots, func(sl qmp.HotpluggableCPU) bool { return sl.Props.SocketID == i && sl.QOMPath != "" })
+		return gone, err
+	})
+	if errors.Is(err, errWaitedOut) {
+		err = fmt.Errorf("%w: the guest did not give up CPU %d in %s", errdefs.ErrState, i, balloonStall)
 	}
+	if err != nil {
+		return fmt.Errorf("set vm %q: cpus: unplug CPU %d: %w", in.name, i, err)
+	}
+	return nil
 }

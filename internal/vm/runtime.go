@@ -407,3 +407,28 @@ func (s *Service) withAgent(ctx context.Context, name string, wait time.Duration
 	}
 	return err
 }
+
+// errWaitedOut is what waitFor returns when its limit passes first.
+var errWaitedOut = errors.New("waited out")
+
+// waitFor asks done every interval until it reports true or fails, the
+// limit passes (errWaitedOut), ctx ends, or the VM's QEMU exits.
+func waitFor(ctx context.Context, in *instance, every, limit time.Duration, done func() (bool, error)) error {
+	deadline := time.Now().Add(limit)
+	for {
+		ok, err := done()
+		if err != nil || ok {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return errWaitedOut
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-in.done:
+			return fmt.Errorf("it stopped: %w", errdefs.ErrState)
+		case <-time.After(every):
+		}
+	}
+}

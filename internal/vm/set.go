@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"time"
@@ -260,16 +261,7 @@ func guestUp(ctx context.Context, in *instance) bool {
 
 // waitGuestUp waits, at most limit, for the guest to show it is running.
 func waitGuestUp(ctx context.Context, in *instance, limit time.Duration) {
-	deadline := time.Now().Add(limit)
-	for !guestUp(ctx, in) && time.Now().Before(deadline) {
-		select {
-		case <-ctx.Done():
-			return
-		case <-in.done:
-			return
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+	_ = waitFor(ctx, in, 200*time.Millisecond, limit, func() (bool, error) { return guestUp(ctx, in), nil })
 }
 
 // resizeDimms plugs or unplugs pc-dimms until want is plugged, or as near
@@ -313,32 +305,29 @@ func (s *Service) resizeDimms(ctx context.Context, in *instance, dimms []int64, 
 // waitDimmTaken waits until the guest has reported, through ACPI _OST,
 // that it took a new pc-dimm: the memory is then online in the guest.
 func (s *Service) waitDimmTaken(ctx context.Context, in *instance, id string) error {
-	deadline := time.Now().Add(balloonStall)
-	for {
+	err := waitFor(ctx, in, 50*time.Millisecond, balloonStall, func() (bool, error) {
 		sts, err := qmp.ACPIOSPMStatus(ctx, in.mon)
 		if err != nil {
-			return fmt.Errorf("set vm %q: memory: %w", in.name, err)
+			return false, err
 		}
 		for _, st := range sts {
 			switch {
 			case st.Device != id || st.Source == 0:
 			case st.Status == 0:
-				return nil
+				return true, nil
 			default:
-				return fmt.Errorf("set vm %q: memory: %w: the guest refused pc-dimm %s (ACPI status %d)", in.name, errdefs.ErrState, id, st.Status)
+				return false, fmt.Errorf("%w: the guest refused pc-dimm %s (ACPI status %d)", errdefs.ErrState, id, st.Status)
 			}
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("set vm %q: memory: %w: the guest has not taken pc-dimm %s in %s (does it support ACPI memory hot-plug?)", in.name, errdefs.ErrState, id, balloonStall)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("set vm %q: memory: %w", in.name, ctx.Err())
-		case <-in.done:
-			return fmt.Errorf("set vm %q: memory: it stopped: %w", in.name, errdefs.ErrState)
-		case <-time.After(50 * time.Millisecond):
-		}
+		return false, nil
+	})
+	if errors.Is(err, errWaitedOut) {
+		err = fmt.Errorf("%w: the guest has not taken pc-dimm %s in %s (does it support ACPI memory hot-plug?)", errdefs.ErrState, id, balloonStall)
 	}
+	if err != nil {
+		return fmt.Errorf("set vm %q: memory: %w", in.name, err)
+	}
+	return nil
 }
 
 // unplugDimm asks the guest to eject a pc-dimm and waits until it has.
@@ -348,29 +337,20 @@ func (s *Service) unplugDimm(ctx context.Context, in *instance, id string) error
 	if err := qmp.DeviceDel(ctx, in.mon, id); err != nil {
 		return fmt.Errorf("set vm %q: memory: unplug %s: %w", in.name, id, err)
 	}
-	deadline := time.Now().Add(balloonStall)
-	for {
+	err := waitFor(ctx, in, 100*time.Millisecond, balloonStall, func() (bool, error) {
 		devs, err := qmp.MemoryDevices(ctx, in.mon)
-		if err != nil {
-			return fmt.Errorf("set vm %q: memory: %w", in.name, err)
-		}
-		if !slices.ContainsFunc(devs, func(d qmp.MemoryDevice) bool { return d.Data.ID == id }) {
-			if err := qmp.DropDimmBackend(ctx, in.mon, id); err != nil {
-				s.log.Warn("free an unplugged pc-dimm's memory", "vm", in.name, "dimm", id, "err", err)
-			}
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("set vm %q: memory: %w: the guest did not give up %s in %s", in.name, errdefs.ErrState, id, balloonStall)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("set vm %q: memory: unplug %s: %w", in.name, id, ctx.Err())
-		case <-in.done:
-			return fmt.Errorf("set vm %q: memory: it stopped: %w", in.name, errdefs.ErrState)
-		case <-time.After(100 * time.Millisecond):
-		}
+		return !slices.ContainsFunc(devs, func(d qmp.MemoryDevice) bool { return d.Data.ID == id }), err
+	})
+	if errors.Is(err, errWaitedOut) {
+		err = fmt.Errorf("%w: the guest did not give up %s in %s", errdefs.ErrState, id, balloonStall)
 	}
+	if err != nil {
+		return fmt.Errorf("set vm %q: memory: unplug %s: %w", in.name, id, err)
+	}
+	if err := qmp.DropDimmBackend(ctx, in.mon, id); err != nil {
+		s.log.Warn("free an unplugged pc-dimm's memory", "vm", in.name, "dimm", id, "err", err)
+	}
+	return nil
 }
 
 // hotMemory is what virtio-mem and the pc-dimms have added to a guest.
@@ -420,7 +400,10 @@ func virtioMem(in *instance, boot int64) gauge {
 		set: func(ctx context.Context, v int64) error {
 			return qmp.SetVirtioMemRequested(ctx, in.mon, qemu.HotplugDevice, v)
 		},
-		get: func(ctx context.Context) (int64, error) { return qmp.VirtioMemSize(ctx, in.mon, qemu.HotplugDevice) }}
+		get: func(ctx context.Context) (int64, error) {
+			h, err := pluggedMemory(ctx, in.mon)
+			return h.virtioMem, err
+		}}
 }
 
 // approach sets a gauge to target and waits until the guest is there. A

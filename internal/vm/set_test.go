@@ -70,14 +70,6 @@ func (b *fakeBalloon) install(vm *qemutest.VM) {
 		_ = json.Unmarshal(raw, &a)
 		b.mu.Lock()
 		defer b.mu.Unlock()
-		if a.Property == "size" {
-			if b.noVirtioMem {
-				return b.plugged, nil
-			}
-			want := max(b.requested, min(b.floor, b.plugged))
-			b.plugged += max(min(want-b.plugged, 64<<20), -64<<20)
-			return b.plugged, nil
-		}
 		lastUpdate := 1
 		if b.booting {
 			lastUpdate = 0
@@ -88,6 +80,10 @@ func (b *fakeBalloon) install(vm *qemutest.VM) {
 	vm.Mon.Handle("query-memory-devices", func(json.RawMessage) (any, error) {
 		b.mu.Lock()
 		defer b.mu.Unlock()
+		if !b.noVirtioMem {
+			want := max(b.requested, min(b.floor, b.plugged))
+			b.plugged += max(min(want-b.plugged, 64<<20), -64<<20)
+		}
 		devs := []map[string]any{}
 		if b.plugged > 0 {
 			devs = append(devs, map[string]any{"type": "virtio-mem", "data": map[string]any{"id": "hotmem0", "size": b.plugged}})
