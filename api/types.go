@@ -346,3 +346,17 @@ type SetProject struct {
 	Disk        *int64  `json:"disk,omitempty"`
 	VMs         *int64  `json:"vms,omitempty"`
 }
+
+// ApplyTo gives p the limits and description that s sets.
+func (s SetProject) ApplyTo(p *Project) {
+	for _, f := range []struct{ v, dst *int64 }{
+		{s.Memory, &p.Limits.Memory}, {s.CPUs, &p.Limits.CPUs}, {s.Disk, &p.Limits.Disk}, {s.VMs, &p.Limits.VMs},
+	} {
+		if f.v != nil {
+			*f.dst = *f.v
+		}
+	}
+	if s.Description != nil {
+		p.Description = *s.Description
+	}
+}

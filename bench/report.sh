@@ -163,8 +163,6 @@ if [ -f "$c/density.tsv" ]; then
   echo "| daemon RSS per running VM | $ld | $vd | $(ratio "$ld" "$vd") | < 1024 | $(verdict "$ld < 1024") |"
   echo "| QEMU RSS per VM | $lq | $vq | $(ratio "$lq" "$vq") | | |"
   echo "| host memory used per VM | $lh | $vh | $(ratio "$lh" "$vh") | | |"
-fi
-if [ -f "$c/density.tsv" ]; then
   echo
   echo "Each running VM counts against the limit for its memory and for what its QEMU takes beyond it (\`vm_overhead\`: 40 MiB, plus the 64 MiB TCG code cache here), so the limit admitted no more VMs than the host could carry: with all of them running, the host still had its reserve. Counted on the guest memory alone, the same limit would have admitted 180, which this host cannot run. Lodge caps TCG's code cache at 64 MiB (\`tcg_cache\`) where libvirt leaves QEMU's 1 GiB default, of which a guest keeps about 100 MiB resident after booting: hence the smaller QEMUs. The times to start them all are not comparable (99 against 8 VMs)."
 fi

@@ -32,7 +32,7 @@ func projectCmd(g *globals) *cobra.Command {
 					return err
 				}
 				req := api.Project{Name: args[0]}
-				applyProjectSettings(&req, set)
+				set.ApplyTo(&req)
 				out, err := g.client().CreateProject(cmd.Context(), req)
 				if err != nil {
 					return err
@@ -158,17 +158,4 @@ func parseProjectSettings(words []string) (api.SetProject, error) {
 		}
 	}
 	return req, nil
-}
-
-func applyProjectSettings(p *api.Project, set api.SetProject) {
-	for _, f := range []struct{ v, dst *int64 }{
-		{set.Memory, &p.Limits.Memory}, {set.CPUs, &p.Limits.CPUs}, {set.Disk, &p.Limits.Disk}, {set.VMs, &p.Limits.VMs},
-	} {
-		if f.v != nil {
-			*f.dst = *f.v
-		}
-	}
-	if set.Description != nil {
-		p.Description = *set.Description
-	}
 }

@@ -179,17 +179,7 @@ func (r *Registry) Set(ctx context.Context, name string, req api.SetProject) (ap
 		if err := get(tx, name, &p); err != nil {
 			return err
 		}
-		for _, f := range []struct {
-			v   *int64
-			dst *int64
-		}{{req.Memory, &p.Limits.Memory}, {req.CPUs, &p.Limits.CPUs}, {req.Disk, &p.Limits.Disk}, {req.VMs, &p.Limits.VMs}} {
-			if f.v != nil {
-				*f.dst = *f.v
-			}
-		}
-		if req.Description != nil {
-			p.Description = *req.Description
-		}
+		req.ApplyTo(&p)
 		if err := validate(name, p.Limits); err != nil {
 			return err
 		}

@@ -52,7 +52,8 @@ type record struct {
 	// the balloon moves Memory below it.
 	BootMemory int64 `json:"boot_memory,omitempty"`
 	// BootMaxMemory is the most the running QEMU can reach by hot-plug
-	// (its -m maxmem), BootMemory when it has no virtio-mem device.
+	// (its boot memory and virtio-mem's room), BootMemory when it has no
+	// virtio-mem device.
 	BootMaxMemory int64 `json:"boot_max_memory,omitempty"`
 	// Dimms are the pc-dimms plugged into the running guest, in order,
 	// for a guest without a virtio-mem driver.
