@@ -360,3 +360,42 @@ func (s SetProject) ApplyTo(p *Project) {
 		p.Description = *s.Description
 	}
 }
+
+// ImportOptions are the query parameters of POST /v1/import and the body
+// of POST /v1/transfers.
+type ImportOptions struct {
+	// Name renames the VM; by default it keeps the bundle's name.
+	Name string `json:"name,omitempty"`
+	// KeepIdentity keeps UUID, MACs, instance-id and hostname, for a move.
+	KeepIdentity bool   `json:"keep_identity,omitempty"`
+	Project      string `json:"project,omitempty"`
+	Pool         string `json:"pool,omitempty"`
+}
+
+// Transfer is a receiving daemon's view of a bundle being sent to it.
+type Transfer struct {
+	ID string `json:"id"`
+	// Next is the chunk the sender must resume from.
+	Next uint64 `json:"next"`
+	Done bool   `json:"done"`
+	// VM is the imported VM, once done.
+	VM *VM `json:"vm,omitempty"`
+}
+
+// SendVM is the body of POST /v1/vms/{name}/send.
+type SendVM struct {
+	// To is the receiving daemon's address: https://HOST:PORT.
+	To string `json:"to"`
+	// Token is the receiver's access token (`lodge host token` there).
+	Token       string `json:"token"`
+	Move        bool   `json:"move,omitempty"`
+	Compression string `json:"compression,omitempty"`
+	ImportOptions
+}
+
+// HostToken is GET /v1/host/token: how remote daemons reach this one.
+type HostToken struct {
+	// Listen is the HTTPS address, "" without a TCP listener.
+	Listen string `json:"listen"`
+	Token  string `json:"token"`
+}

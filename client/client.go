@@ -39,9 +39,12 @@ func IsNotFound(err error) bool {
 	return errors.As(err, &e) && e.Code == "not_found"
 }
 
-// Client talks to one daemon over its unix socket.
+// Client talks to one daemon: over its unix socket, or over HTTPS to a
+// remote one (NewRemote).
 type Client struct {
 	socket string
+	base   string
+	token  string
 	http   *http.Client
 }
 
@@ -54,7 +57,7 @@ func New(socket string) *Client {
 		},
 		MaxIdleConns: 4,
 	}
-	return &Client{socket: socket, http: &http.Client{Transport: tr}}
+	return &Client{socket: socket, base: "http://lodge", http: &http.Client{Transport: tr}}
 }
 
 // Socket is the path the client dials.
@@ -69,19 +72,8 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 		}
 		rd = bytes.NewReader(raw)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://lodge"+path, rd)
+	resp, err := c.send(ctx, method, path, rd, "application/json", body != nil)
 	if err != nil {
-		return err
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		var ne *net.OpError
-		if errors.As(err, &ne) && ne.Op == "dial" {
-			return fmt.Errorf("%w (no answer on %s)", ErrDaemonDown, c.socket)
-		}
 		return err
 	}
 	defer func() { _ = resp.Body.Close() }()
@@ -96,6 +88,33 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 		return err
 	}
 	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+// send makes one request; a reply of 300 or more is returned as is.
+func (c *Client) send(ctx context.Context, method, path string, body io.Reader, contentType string, hasBody bool) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return nil, err
+	}
+	if hasBody {
+		req.Header.Set("Content-Type", contentType)
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		var ne *net.OpError
+		if errors.As(err, &ne) && ne.Op == "dial" {
+			where := c.socket
+			if where == "" {
+				where = c.base
+			}
+			return nil, fmt.Errorf("%w (no answer on %s)", ErrDaemonDown, where)
+		}
+		return nil, err
+	}
+	return resp, nil
 }
 
 func decodeError(resp *http.Response) error {

@@ -11,7 +11,8 @@ import (
 )
 
 func daemonCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
+	var listen string
+	cmd := &cobra.Command{
 		Use:   "daemon",
 		Short: "Run the host daemon in the foreground",
 		Args:  cobra.NoArgs,
@@ -23,6 +24,9 @@ func daemonCmd(g *globals) *cobra.Command {
 			}
 			if g.socket != "" {
 				cfg.Socket = g.socket
+			}
+			if listen != "" {
+				cfg.Listen = listen
 			}
 			cfg.Default()
 			if err := cfg.Validate(); err != nil {
@@ -38,4 +42,6 @@ func daemonCmd(g *globals) *cobra.Command {
 			return d.Run(cmd.Context())
 		},
 	}
+	cmd.Flags().StringVar(&listen, "listen", "", "also serve the API over HTTPS on HOST:PORT, for other daemons (env LODGE_LISTEN)")
+	return cmd
 }

@@ -22,6 +22,21 @@ import (
 func hostCmd(g *globals) *cobra.Command {
 	host := &cobra.Command{Use: "host", Short: "This host's resources and accelerator"}
 	host.AddCommand(&cobra.Command{
+		Use:   "token",
+		Short: "Print the access token other daemons use to send VMs here (needs --listen)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			t, err := g.client().HostToken(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if g.output != "table" {
+				return g.emit(os.Stdout, t, nil)
+			}
+			fmt.Printf("address: https://%s\ntoken:   %s\n", t.Listen, t.Token)
+			return nil
+		},
+	}, &cobra.Command{
 		Use:   "info",
 		Short: "Accelerator (kvm or tcg) and why, CPUs, memory and pools",
 		Args:  cobra.NoArgs,

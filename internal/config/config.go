@@ -7,6 +7,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -41,6 +42,9 @@ func (s *Size) UnmarshalYAML(n *yaml.Node) error {
 type Config struct {
 	Home   string `yaml:"-"`
 	Socket string `yaml:"socket"`
+	// Listen is a TCP address (HOST:PORT) to serve the API on over HTTPS,
+	// for other daemons and remote clients; empty serves only the socket.
+	Listen string `yaml:"listen"`
 	// Accel is auto (probe KVM, fall back to TCG), kvm or tcg.
 	Accel   string `yaml:"accel"`
 	QEMU    string `yaml:"qemu"`
@@ -125,6 +129,9 @@ func Load(home string) (Config, error) {
 	if v := os.Getenv("LODGE_SOCKET"); v != "" {
 		c.Socket = v
 	}
+	if v := os.Getenv("LODGE_LISTEN"); v != "" {
+		c.Listen = v
+	}
 	if v := os.Getenv("LODGE_ACCEL"); v != "" {
 		c.Accel = v
 	}
@@ -186,6 +193,11 @@ func (c *Config) Default() {
 
 // Validate refuses settings that cannot work.
 func (c *Config) Validate() error {
+	if c.Listen != "" {
+		if _, port, err := net.SplitHostPort(c.Listen); err != nil || port == "" {
+			return fmt.Errorf("config listen %q: want HOST:PORT", c.Listen)
+		}
+	}
 	switch c.Accel {
 	case AccelAuto, AccelKVM, AccelTCG:
 	default:

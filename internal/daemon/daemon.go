@@ -46,6 +46,11 @@ type Daemon struct {
 	limitsMu sync.Mutex
 	limits   hostLimits
 
+	// token and listenAddr are set when the API is served over TCP.
+	token      string
+	listenAddr string
+	transfers  *transfers
+
 	accelMu sync.Mutex
 	accel   qemu.Accel
 	// accelSettled is closed once there is a verdict and no probe is
@@ -120,7 +125,16 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	d.transfers = newTransfers(ctx, d)
+	handler := d.routes()
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return ctx }}
+	var remote *http.Server
+	if d.cfg.Listen != "" {
+		if remote, err = d.serveRemote(ctx, handler); err != nil {
+			_ = ln.Close()
+			return err
+		}
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	d.log.Info("serving", "socket", d.cfg.Socket, "home", d.cfg.Home, "pid", os.Getpid())
@@ -132,6 +146,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	if remote != nil {
+		_ = remote.Shutdown(sctx)
+	}
 	_ = srv.Shutdown(sctx)
 	d.shutdown()
 	return nil

@@ -14,8 +14,10 @@ import (
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/bundle"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/image"
+	"github.com/lodge-vm/lodge/internal/nbd"
 	"github.com/lodge-vm/lodge/internal/storage"
 	"github.com/lodge-vm/lodge/internal/vm"
 )
@@ -27,6 +29,14 @@ func (d *Daemon) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/host", d.hostInfo)
 	mux.HandleFunc("PATCH /v1/host", d.setHost)
+	mux.HandleFunc("GET /v1/host/token", d.hostToken)
+	mux.HandleFunc("GET /v1/vms/{name}/export", d.exportVM)
+	mux.HandleFunc("POST /v1/vms/{name}/send", d.sendVM)
+	mux.HandleFunc("POST /v1/import", d.importVM)
+	mux.HandleFunc("POST /v1/transfers", d.createTransfer)
+	mux.HandleFunc("GET /v1/transfers/{id}", d.getTransfer)
+	mux.HandleFunc("PUT /v1/transfers/{id}", d.putTransfer)
+	mux.HandleFunc("DELETE /v1/transfers/{id}", d.deleteTransfer)
 	mux.HandleFunc("GET /v1/vms", d.listVMs)
 	mux.HandleFunc("POST /v1/vms", d.createVM)
 	mux.HandleFunc("GET /v1/vms/{name}", d.getVM)
@@ -81,11 +91,11 @@ func codeOf(err error) string {
 		return "limit"
 	case errors.Is(err, errdefs.ErrQuota):
 		return "quota"
-	case errors.Is(err, errdefs.ErrInvalid), errors.Is(err, storage.ErrUnsafeImage):
+	case errors.Is(err, errdefs.ErrInvalid), errors.Is(err, storage.ErrUnsafeImage), errors.Is(err, bundle.ErrCorrupt):
 		return "bad_request"
 	case errors.Is(err, errdefs.ErrNoAgent):
 		return "no_agent"
-	case errors.Is(err, errdefs.ErrNoSpace):
+	case errors.Is(err, errdefs.ErrNoSpace), errors.Is(err, nbd.ErrNoSpace):
 		return "no_space"
 	}
 	return "internal"

@@ -337,3 +337,60 @@ func ACPIOSPMStatus(ctx context.Context, m Monitor) ([]OSPMStatus, error) {
 	err := m.Execute(ctx, "query-acpi-ospm-status", nil, &out)
 	return out, err
 }
+
+// FleeceSpec is one disk's point-in-time view: target is a new qcow2
+// node layered on source, which takes a copy of each block before the
+// guest overwrites it, so reading target gives the disk as it was.
+type FleeceSpec struct {
+	JobID, Source, Target string
+}
+
+// AddFleeceNode opens the qcow2 file at path as node name, with node
+// backing as its backing file.
+func AddFleeceNode(ctx context.Context, m Monitor, name, path, backing string) error {
+	return m.Execute(ctx, "blockdev-add", map[string]any{
+		"driver": "qcow2", "node-name": name, "backing": backing,
+		"file": map[string]any{"driver": "file", "filename": path},
+	}, nil)
+}
+
+// StartFleecing starts, in one transaction so that all disks share one
+// point in time, a copy-before-write (backup sync=none) job per disk.
+func StartFleecing(ctx context.Context, m Monitor, specs []FleeceSpec) error {
+	actions := make([]map[string]any, 0, len(specs))
+	for _, s := range specs {
+		actions = append(actions, map[string]any{"type": "blockdev-backup", "data": map[string]any{
+			"job-id": s.JobID, "device": s.Source, "target": s.Target, "sync": "none",
+		}})
+	}
+	return m.Execute(ctx, "transaction", map[string]any{"actions": actions}, nil)
+}
+
+// BlockdevDel closes a node added with blockdev-add.
+func BlockdevDel(ctx context.Context, m Monitor, name string) error {
+	return m.Execute(ctx, "blockdev-del", map[string]any{"node-name": name}, nil)
+}
+
+// NBDServerStart starts QEMU's NBD server on a unix socket.
+func NBDServerStart(ctx context.Context, m Monitor, socket string) error {
+	return m.Execute(ctx, "nbd-server-start", map[string]any{
+		"addr": map[string]any{"type": "unix", "data": map[string]any{"path": socket}},
+	}, nil)
+}
+
+// NBDServerStop stops it, ending its exports.
+func NBDServerStop(ctx context.Context, m Monitor) error {
+	return m.Execute(ctx, "nbd-server-stop", nil, nil)
+}
+
+// ExportNBD exports node read-only under name on the NBD server.
+func ExportNBD(ctx context.Context, m Monitor, id, node, name string) error {
+	return m.Execute(ctx, "block-export-add", map[string]any{
+		"type": "nbd", "id": id, "node-name": node, "name": name, "writable": false,
+	}, nil)
+}
+
+// UnexportNBD removes an export, even with clients connected.
+func UnexportNBD(ctx context.Context, m Monitor, id string) error {
+	return m.Execute(ctx, "block-export-del", map[string]any{"id": id, "mode": "hard"}, nil)
+}

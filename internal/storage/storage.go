@@ -152,10 +152,15 @@ func CheckSelfContained(path string, info Info) error {
 // CreateOverlay makes a thin qcow2 at path on top of backing. size 0 keeps
 // the backing file's size. With a size, the backing file is not opened:
 // it may be a layer that a running QEMU holds, and the caller knows it.
-// An existing file at path is never overwritten.
+// An existing file at path is never overwritten. An empty backing makes
+// a standalone empty disk of size bytes.
 func (q *QEMUImg) CreateOverlay(ctx context.Context, backing, path string, size int64) error {
 	if _, err := os.Lstat(path); err == nil {
 		return fmt.Errorf("create overlay %s: %w", path, os.ErrExist)
+	}
+	if backing == "" {
+		_, err := q.run(ctx, false, "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", path, strconv.FormatInt(size, 10))
+		return err
 	}
 	args := []string{"create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", "-F", "qcow2", "-b", backing}
 	if size > 0 {

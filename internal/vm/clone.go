@@ -14,7 +14,6 @@ import (
 
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
-	"github.com/lodge-vm/lodge/internal/qga"
 	"github.com/lodge-vm/lodge/internal/qmp"
 	"github.com/lodge-vm/lodge/internal/storage"
 	"github.com/lodge-vm/lodge/internal/store"
@@ -276,33 +275,8 @@ func (s *Service) snapshotRunning(ctx context.Context, op string, r record, next
 	if in == nil {
 		return fmt.Errorf("%s vm %q: it stopped: %w", op, r.Name, errdefs.ErrState)
 	}
-	st, err := qmp.QueryStatus(ctx, in.mon)
-	if err != nil {
-		return fmt.Errorf("%s vm %q: %w", op, r.Name, err)
-	}
-	frozen := false
-	if st.Running && in.agentUp() {
-		fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
-		err := s.withAgent(fctx, r.Name, 0, func(a qga.Agent) error { _, err := a.FSFreeze(fctx); return err })
-		cancel()
-		if err == nil {
-			frozen = true
-		} else {
-			s.log.Warn("filesystems not frozen: the "+op+" is crash-consistent", "vm", r.Name, "err", err)
-		}
-	} else if st.Running {
-		s.log.Warn("no guest agent: the "+op+" is crash-consistent", "vm", r.Name)
-	}
-	if frozen {
-		defer func() {
-			tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), freezeTimeout)
-			defer cancel()
-			if err := s.withAgent(tctx, r.Name, 0, func(a qga.Agent) error { _, err := a.FSThaw(tctx); return err }); err != nil {
-				s.log.Error("thaw filesystems", "vm", r.Name, "err", err)
-			}
-		}()
-	}
-	return s.switchTops(ctx, op, r, in, next, switched)
+	_, err := s.atFrozenPoint(ctx, op, r, in, func() error { return s.switchTops(ctx, op, r, in, next, switched) })
+	return err
 }
 
 // switchTops makes QEMU put new overlays (where next is set) on top of a

@@ -1,0 +1,500 @@
+package vm
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/nbd"
+	"github.com/lodge-vm/lodge/internal/project"
+	"github.com/lodge-vm/lodge/internal/qga"
+	"github.com/lodge-vm/lodge/internal/qmp"
+	"github.com/lodge-vm/lodge/internal/store"
+	"github.com/lodge-vm/lodge/internal/units"
+)
+
+// Exports and imports move a VM's disks through NBD: qemu-nbd for files
+// no QEMU has open, and the VM's own QEMU for a running one, which serves
+// a point-in-time view of each disk (a "fleecing" node that keeps a copy
+// of each block before the guest overwrites it). The guest keeps running
+// and its disks' chains are left exactly as they were.
+
+// ExportDisk is one disk of an export, readable over NBD.
+type ExportDisk struct {
+	api.Disk
+	Conn *nbd.Conn
+	// URI names the same view for QEMU's tools (qemu-img), as raw.
+	URI string
+}
+
+// Export is a VM held at one point in time for reading.
+type Export struct {
+	VM        api.VM
+	CloudInit string
+	// Consistency is "stopped", "frozen" or "crash".
+	Consistency string
+	Disks       []ExportDisk
+	release     []func()
+}
+
+// Close lets go of the point in time and the VM.
+func (e *Export) Close() {
+	for _, d := range e.Disks {
+		if d.Conn != nil {
+			_ = d.Conn.Close()
+		}
+	}
+	for i := len(e.release) - 1; i >= 0; i-- {
+		e.release[i]()
+	}
+	e.release = nil
+}
+
+// socketDir makes a private directory for NBD sockets. It is not under
+// LODGE_HOME, whose path may be too long for a unix socket.
+func socketDir() (string, func(), error) {
+	dir, err := os.MkdirTemp("", "lodge-nbd-")
+	if err != nil {
+		return "", nil, fmt.Errorf("socket directory: %w", err)
+	}
+	return dir, func() { _ = os.RemoveAll(dir) }, nil
+}
+
+// OpenExport holds VM name at the present moment for reading, until
+// Close. A stopped VM is kept from starting; a running one keeps running,
+// with its filesystems frozen through the agent for the instant the point
+// is taken.
+func (s *Service) OpenExport(ctx context.Context, name string) (_ *Export, err error) {
+	unlock, err := s.lock(name, "export")
+	if err != nil {
+		return nil, err
+	}
+	e := &Export{release: []func(){unlock}}
+	defer func() {
+		if err != nil {
+			e.Close()
+		}
+	}()
+	r, err := s.load(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if r.Intent != "" {
+		return nil, fmt.Errorf("export vm %q: %w: it is being %s", name, errdefs.ErrState, r.Intent)
+	}
+	e.VM, e.CloudInit = s.view(r), r.CloudInit
+	dir, rmDir, err := socketDir()
+	if err != nil {
+		return nil, err
+	}
+	e.release = append(e.release, rmDir)
+	if in := s.instance(name); in != nil {
+		err = s.fleece(ctx, e, r, in, dir)
+	} else {
+		err = s.serveStopped(ctx, e, r, dir)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("export vm %q: %w", name, err)
+	}
+	return e, nil
+}
+
+// serveStopped serves each disk's chain with qemu-nbd, read-only.
+func (s *Service) serveStopped(ctx context.Context, e *Export, r record, dir string) error {
+	e.Consistency = "stopped"
+	for i, d := range r.Disks {
+		srv, err := nbd.Serve(ctx, nbd.ServerOptions{
+			Path: d.Path, Format: "qcow2", ReadOnly: true,
+			Socket: filepath.Join(dir, "disk"+strconv.Itoa(i)+".sock"),
+		})
+		if err != nil {
+			return fmt.Errorf("disk %q: %w", d.Name, err)
+		}
+		e.release = append(e.release, func() { _ = srv.Stop() })
+		c, err := srv.Dial(ctx, nbd.ContextAllocation)
+		if err != nil {
+			return fmt.Errorf("disk %q: %w", d.Name, err)
+		}
+		e.Disks = append(e.Disks, ExportDisk{Disk: d, Conn: c, URI: "nbd+unix:///?socket=" + filepath.Join(dir, "disk"+strconv.Itoa(i)+".sock")})
+	}
+	return nil
+}
+
+// Names of the QEMU objects an export adds; a prefix lets a later export
+// clear what a killed daemon left.
+const (
+	fleecePrefix   = "lodge-fleece"
+	fleeceJobTag   = "lodge-export"
+	fleeceFileTail = ".fleece.qcow2"
+)
+
+// fleece sets up a point-in-time view of each disk of a running VM in its
+// QEMU and serves it from QEMU's NBD server.
+func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance, dir string) error {
+	s.clearFleece(ctx, in)
+	devs, err := qmp.QueryBlock(ctx, in.mon)
+	if err != nil {
+		return err
+	}
+	var specs []qmp.FleeceSpec
+	for i, d := range r.Disks {
+		top := topNode(devs, "disk"+strconv.Itoa(i)+"-dev")
+		if top == "" {
+			return fmt.Errorf("disk %q: QEMU lists no such device", d.Name)
+		}
+		path := d.Path + fleeceFileTail
+		if err := s.cfg.Volumes.CreateOverlay(ctx, "", path, d.Size); err != nil {
+			return fmt.Errorf("disk %q: fleecing file: %w", d.Name, err)
+		}
+		e.release = append(e.release, func() { _ = os.Remove(path) })
+		node := fleecePrefix + strconv.Itoa(i)
+		if err := qmp.AddFleeceNode(ctx, in.mon, node, path, top); err != nil {
+			return fmt.Errorf("disk %q: %w", d.Name, err)
+		}
+		e.release = append(e.release, func() {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+			defer cancel()
+			if err := qmp.BlockdevDel(cctx, in.mon, node); err != nil {
+				s.log.Warn("remove fleecing node", "vm", r.Name, "node", node, "err", err)
+			}
+		})
+		specs = append(specs, qmp.FleeceSpec{JobID: fleeceJobTag + strconv.Itoa(i), Source: top, Target: node})
+	}
+	e.Consistency, err = s.atFrozenPoint(ctx, "export", r, in, func() error { return qmp.StartFleecing(ctx, in.mon, specs) })
+	if err != nil {
+		return err
+	}
+	e.release = append(e.release, func() { s.cancelJobs(context.WithoutCancel(ctx), in, specs) })
+	sock := filepath.Join(dir, "qemu.sock")
+	if err := qmp.NBDServerStart(ctx, in.mon, sock); err != nil {
+		return err
+	}
+	e.release = append(e.release, func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		_ = qmp.NBDServerStop(cctx, in.mon)
+	})
+	for i, sp := range specs {
+		id, name := fleecePrefix+"-export"+strconv.Itoa(i), "disk"+strconv.Itoa(i)
+		if err := qmp.ExportNBD(ctx, in.mon, id, sp.Target, name); err != nil {
+			return fmt.Errorf("disk %q: %w", r.Disks[i].Name, err)
+		}
+		e.release = append(e.release, func() {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+			defer cancel()
+			_ = qmp.UnexportNBD(cctx, in.mon, id)
+		})
+		c, err := nbd.Dial(ctx, "unix", sock, nbd.Options{Export: name, MetaContexts: []string{nbd.ContextAllocation}})
+		if err != nil {
+			return fmt.Errorf("disk %q: %w", r.Disks[i].Name, err)
+		}
+		e.Disks = append(e.Disks, ExportDisk{Disk: r.Disks[i], Conn: c, URI: "nbd+unix:///" + name + "?socket=" + sock})
+	}
+	return nil
+}
+
+// cancelJobs stops the copy-before-write jobs and waits until they are
+// gone, so their nodes can be closed.
+func (s *Service) cancelJobs(ctx context.Context, in *instance, specs []qmp.FleeceSpec) {
+	for _, sp := range specs {
+		_ = qmp.JobCancel(ctx, in.mon, sp.JobID)
+	}
+	_ = waitFor(ctx, in, 50*time.Millisecond, 30*time.Second, func() (bool, error) {
+		jobs, err := qmp.QueryJobs(ctx, in.mon)
+		if err != nil {
+			return false, err
+		}
+		for _, j := range jobs {
+			for _, sp := range specs {
+				if j.ID == sp.JobID {
+					if j.Status == "concluded" {
+						_ = qmp.JobDismiss(ctx, in.mon, j.ID)
+					}
+					return false, nil
+				}
+			}
+		}
+		return true, nil
+	})
+}
+
+// clearFleece removes what an export killed with its daemon left in a
+// running QEMU, so the next one can start.
+func (s *Service) clearFleece(ctx context.Context, in *instance) {
+	jobs, err := qmp.QueryJobs(ctx, in.mon)
+	if err != nil {
+		return
+	}
+	var stale []qmp.FleeceSpec
+	for _, j := range jobs {
+		if len(j.ID) > len(fleeceJobTag) && j.ID[:len(fleeceJobTag)] == fleeceJobTag {
+			stale = append(stale, qmp.FleeceSpec{JobID: j.ID})
+		}
+	}
+	if len(stale) == 0 {
+		return
+	}
+	s.log.Warn("clearing an interrupted export", "vm", in.name)
+	_ = qmp.NBDServerStop(ctx, in.mon)
+	s.cancelJobs(ctx, in, stale)
+	nodes, err := qmp.QueryNamedBlockNodes(ctx, in.mon)
+	if err != nil {
+		return
+	}
+	for _, n := range nodes {
+		if len(n.NodeName) > len(fleecePrefix) && n.NodeName[:len(fleecePrefix)] == fleecePrefix {
+			_ = qmp.BlockdevDel(ctx, in.mon, n.NodeName)
+			if n.File != "" {
+				_ = os.Remove(n.File)
+			}
+		}
+	}
+}
+
+// atFrozenPoint runs fn with the guest's filesystems frozen through its
+// agent, and says how consistent the point is: "frozen", or "crash" when
+// there is no agent to freeze with (what a power cut would leave).
+func (s *Service) atFrozenPoint(ctx context.Context, op string, r record, in *instance, fn func() error) (string, error) {
+	st, err := qmp.QueryStatus(ctx, in.mon)
+	if err != nil {
+		return "", fmt.Errorf("%s vm %q: %w", op, r.Name, err)
+	}
+	consistency := "crash"
+	if st.Running && in.agentUp() {
+		fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
+		err := s.withAgent(fctx, r.Name, 0, func(a qga.Agent) error { _, err := a.FSFreeze(fctx); return err })
+		cancel()
+		if err == nil {
+			consistency = "frozen"
+		} else {
+			s.log.Warn("filesystems not frozen: the "+op+" is crash-consistent", "vm", r.Name, "err", err)
+		}
+	} else if st.Running {
+		s.log.Warn("no guest agent: the "+op+" is crash-consistent", "vm", r.Name)
+	}
+	if consistency == "frozen" {
+		defer func() {
+			tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), freezeTimeout)
+			defer cancel()
+			if err := s.withAgent(tctx, r.Name, 0, func(a qga.Agent) error { _, err := a.FSThaw(tctx); return err }); err != nil {
+				s.log.Error("thaw filesystems", "vm", r.Name, "err", err)
+			}
+		}()
+	}
+	return consistency, fn()
+}
+
+// ImportSpec is a VM to recreate from a bundle.
+type ImportSpec struct {
+	api.VM
+	CloudInit string
+	// KeepIdentity keeps UUID, MACs, instance-id and hostname (a move);
+	// otherwise the VM gets new ones, as a clone does.
+	KeepIdentity bool
+	Pool         string
+	// Data is how many bytes will be written, for the space check.
+	Data int64
+}
+
+// Import is a VM being filled from a bundle: its record exists with a
+// creating intent, so a crash half-way is undone by Recover.
+type Import struct {
+	s       *Service
+	r       record
+	unlock  func()
+	servers []*nbd.Server
+	conns   map[string]*nbd.Conn
+	rmDir   func()
+	done    bool
+}
+
+// BeginImport creates the VM's record and empty disks and opens them for
+// writing.
+func (s *Service) BeginImport(ctx context.Context, spec ImportSpec) (_ *Import, err error) {
+	name := spec.Name
+	if err := ValidateName("vm", name); err != nil {
+		return nil, err
+	}
+	if spec.Pool == "" {
+		spec.Pool = "default"
+	}
+	pool, err := s.cfg.Pools.Get(ctx, spec.Pool)
+	if err != nil {
+		return nil, fmt.Errorf("import vm %q: %w", name, err)
+	}
+	if err := pool.Check(); err != nil {
+		return nil, fmt.Errorf("import vm %q: %w", name, err)
+	}
+	if free, err := freeBytes(pool.Path); err == nil && free < spec.Data+snapshotSlack {
+		return nil, fmt.Errorf("import vm %q: %w: pool %q has %s free, the disks need %s", name, errdefs.ErrNoSpace, pool.Name, units.FormatSize(free), units.FormatSize(spec.Data))
+	}
+	if total := s.hostMemory(); total > 0 && max(spec.Memory, spec.MaxMemory) > total {
+		return nil, fmt.Errorf("import vm %q: memory %s is more than the host has (%s): %w", name, units.FormatSize(max(spec.Memory, spec.MaxMemory)), units.FormatSize(total), errdefs.ErrLimit)
+	}
+	unlock, err := s.lock(name, "import")
+	if err != nil {
+		return nil, err
+	}
+	im := &Import{s: s, unlock: unlock, conns: map[string]*nbd.Conn{}}
+	r := record{
+		VM: api.VM{
+			Name: name, UUID: spec.UUID, InstanceID: spec.InstanceID, Hostname: spec.Hostname,
+			CPUs: spec.CPUs, MaxCPUs: spec.MaxCPUs, Memory: spec.Memory, MaxMemory: max(spec.MaxMemory, spec.Memory), MinMemory: spec.MinMemory,
+			State: api.StateStopped, CreatedAt: time.Now().UTC(),
+		},
+		Pool: pool.Name, CloudInit: spec.CloudInit, Intent: intentCreating, Wanted: api.StateStopped,
+	}
+	r.Project = project.Name(spec.Project)
+	for _, n := range spec.NICs {
+		// Only the built-in network exists so far.
+		r.NICs = append(r.NICs, api.NIC{Network: "nat", MAC: n.MAC})
+	}
+	for _, d := range spec.Disks {
+		r.Disks = append(r.Disks, api.Disk{Name: d.Name, Bus: d.Bus, Size: d.Size, Pool: pool.Name, Path: pool.NewVolumePath(name, d.Name)})
+	}
+	if !spec.KeepIdentity {
+		r.Hostname, r.IdentityPending = name, true
+	} else if r.Hostname == "" {
+		r.Hostname = name
+	}
+	err = s.insert(ctx, &r, !spec.KeepIdentity, func(tx store.Tx) error {
+		if !spec.KeepIdentity {
+			return nil
+		}
+		return identityFree(tx, r)
+	})
+	if err != nil {
+		unlock()
+		return nil, fmt.Errorf("import vm %q: %w", name, err)
+	}
+	im.r = r
+	defer func() {
+		if err != nil {
+			im.Abort(context.WithoutCancel(ctx))
+		}
+	}()
+	dir, rmDir, err := socketDir()
+	if err != nil {
+		return nil, err
+	}
+	im.rmDir = rmDir
+	for i, d := range r.Disks {
+		if err := s.cfg.Volumes.CreateOverlay(ctx, "", d.Path, d.Size); err != nil {
+			return nil, fmt.Errorf("import vm %q: disk %q: %w", name, d.Name, err)
+		}
+		srv, err := nbd.Serve(ctx, nbd.ServerOptions{Path: d.Path, Format: "qcow2", Writeback: true, Socket: filepath.Join(dir, "disk"+strconv.Itoa(i)+".sock")})
+		if err != nil {
+			return nil, fmt.Errorf("import vm %q: disk %q: %w", name, d.Name, err)
+		}
+		im.servers = append(im.servers, srv)
+		c, err := srv.Dial(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("import vm %q: disk %q: %w", name, d.Name, err)
+		}
+		im.conns[d.Name] = c
+	}
+	return im, nil
+}
+
+// identityFree refuses a kept identity that a VM on this host already
+// has: two machines with one UUID or MAC confuse DHCP, licences and
+// monitoring alike.
+func identityFree(tx store.Tx, r record) error {
+	others, err := store.ListJSON[record](tx, bucket)
+	if err != nil {
+		return err
+	}
+	for _, o := range others {
+		if o.UUID == r.UUID {
+			return fmt.Errorf("%w: vm %q already has uuid %s; import without --keep-identity to get a new one", errdefs.ErrExists, o.Name, r.UUID)
+		}
+		for _, on := range o.NICs {
+			for _, n := range r.NICs {
+				if n.MAC == on.MAC {
+					return fmt.Errorf("%w: vm %q already has mac %s; import without --keep-identity to get a new one", errdefs.ErrExists, o.Name, n.MAC)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// VM is the record as created, with the identity it got.
+func (im *Import) VM() api.VM { return im.s.view(im.r) }
+
+// Disk is where disk name's data goes.
+func (im *Import) Disk(name string) (*nbd.Conn, error) {
+	c, ok := im.conns[name]
+	if !ok {
+		return nil, fmt.Errorf("import vm %q: no disk %q", im.r.Name, name)
+	}
+	return c, nil
+}
+
+func (im *Import) closeDisks(ctx context.Context, flush bool) error {
+	var first error
+	for name, c := range im.conns {
+		if flush {
+			if err := c.Flush(ctx); err != nil && first == nil {
+				first = fmt.Errorf("disk %q: flush: %w", name, err)
+			}
+		}
+		_ = c.Close()
+	}
+	im.conns = map[string]*nbd.Conn{}
+	for _, srv := range im.servers {
+		if err := srv.Stop(); err != nil && first == nil && flush {
+			first = err
+		}
+	}
+	im.servers = nil
+	if im.rmDir != nil {
+		im.rmDir()
+		im.rmDir = nil
+	}
+	return first
+}
+
+// Commit makes the imported VM real: disks flushed, seed written, intent
+// cleared.
+func (im *Import) Commit(ctx context.Context) (api.VM, error) {
+	s, r := im.s, im.r
+	if err := im.closeDisks(ctx, true); err != nil {
+		im.Abort(context.WithoutCancel(ctx))
+		return api.VM{}, fmt.Errorf("import vm %q: %w", r.Name, err)
+	}
+	if err := os.MkdirAll(s.vmDir(r.Name), 0o750); err != nil {
+		im.Abort(context.WithoutCancel(ctx))
+		return api.VM{}, fmt.Errorf("import vm %q: %w", r.Name, err)
+	}
+	if err := s.writeSeed(ctx, r); err != nil {
+		im.Abort(context.WithoutCancel(ctx))
+		return api.VM{}, err
+	}
+	r, err := s.update(ctx, r.Name, func(x *record) error { x.Intent = ""; return nil })
+	if err != nil {
+		im.Abort(context.WithoutCancel(ctx))
+		return api.VM{}, err
+	}
+	im.done = true
+	im.unlock()
+	s.publish(r.Name, "vm-created", r.State, "imported from a bundle")
+	s.log.Info("imported", "vm", r.Name, "uuid", r.UUID)
+	return s.view(r), nil
+}
+
+// Abort removes everything the import made.
+func (im *Import) Abort(ctx context.Context) {
+	if im.done {
+		return
+	}
+	im.done = true
+	_ = im.closeDisks(ctx, false)
+	im.s.discard(ctx, im.r)
+	im.unlock()
+}

@@ -1,0 +1,285 @@
+package integration
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+)
+
+// rawRegion is where the tests write data straight to the disk, past the
+// guest's partitions: 200 MiB at 1 GiB into a 4 GiB disk.
+const rawRegion = "bs=1M seek=1024 count=200"
+
+func (h *host) rawSum(name string) string {
+	h.t.Helper()
+	return strings.Fields(h.exec(name, "sh", "-c", "dd if=/dev/vda bs=1M skip=1024 count=200 2>/dev/null | sha256sum"))[0]
+}
+
+// poolFiles lists what a host's default pool holds.
+func (h *host) poolFiles() []string {
+	files, _ := filepath.Glob(filepath.Join(h.home, "pools", "default", "*"))
+	return files
+}
+
+// TestBundleExportImport exports a running VM with a 4 GiB disk holding
+// 200 MiB of data and imports it on a second daemon that does not even
+// have its image: the data comes along, the identity does not (unless
+// kept), and damaged bundles are refused without a trace.
+func TestBundleExportImport(t *testing.T) {
+	t.Parallel()
+	src := newHost(t)
+	src.vm("web", "--disk", "4G")
+	src.exec("web", "sh", "-c", "echo carried-in-a-bundle >/root/note && echo b >/root/before && dd if=/dev/urandom of=/dev/vda "+rawRegion+" conv=fsync 2>/dev/null && sync")
+	want := src.rawSum("web")
+	before := src.identity("web")
+
+	dir := t.TempDir()
+	file := filepath.Join(dir, "web.lodge")
+	src.must("export", "web", file)
+	if v := src.show("web"); v.State != api.StateRunning {
+		t.Fatalf("web after a live export: %s", v.State)
+	}
+	st, err := os.Stat(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Sparse and compressed: the 200 MiB of random data, not 4 GiB.
+	if st.Size() > 260<<20 || st.Size() < 200<<20 {
+		t.Errorf("bundle is %d MiB for 200 MiB of random data on a 4 GiB disk", st.Size()>>20)
+	}
+	leftovers, _ := filepath.Glob(filepath.Join(src.home, "pools", "default", "*.fleece.qcow2"))
+	if len(leftovers) > 0 {
+		t.Errorf("the export left %v behind", leftovers)
+	}
+
+	dst := newHost(t)
+	dst.must("import", file, "--name", "copy")
+	dst.must("start", "copy")
+	dst.waitAgent("copy")
+	if got := dst.exec("copy", "cat", "/root/note"); got != "carried-in-a-bundle" {
+		t.Errorf("file in the imported VM: %q", got)
+	}
+	if got := dst.rawSum("copy"); got != want {
+		t.Errorf("raw data in the imported VM: sha256 %s, want %s", got, want)
+	}
+	eventually(t, 90*time.Second, "the copy takes a new identity", func() bool {
+		id := dst.identity("copy")
+		return id.hostname == "copy" && id.machineID != before.machineID && id.sshKey != before.sshKey
+	})
+	after := dst.identity("copy")
+	if after.uuid == before.uuid || after.mac == before.mac {
+		t.Errorf("imported copy kept uuid %s / mac %s", after.uuid, after.mac)
+	}
+
+	// --keep-identity, for a move: same UUID and MAC.
+	dst.must("import", file, "--name", "moved", "--keep-identity")
+	moved := dst.show("moved")
+	orig := src.show("web")
+	if moved.UUID != orig.UUID || moved.NICs[0].MAC != orig.NICs[0].MAC {
+		t.Errorf("--keep-identity: uuid %s mac %s, want %s %s", moved.UUID, moved.NICs[0].MAC, orig.UUID, orig.NICs[0].MAC)
+	}
+	// A second copy with the same identity on one host is refused.
+	filesBefore := dst.poolFiles()
+	_, errOut, code := dst.lodge("import", file, "--name", "twin", "--keep-identity")
+	if code == 0 || !strings.Contains(errOut, "uuid") {
+		t.Errorf("a duplicate identity was imported: exit %d: %s", code, errOut)
+	}
+	if got := dst.poolFiles(); len(got) != len(filesBefore) {
+		t.Errorf("refused import left files: %v", got)
+	}
+
+	// Damage: a flipped byte and a cut file are refused, naming the disk
+	// and offset, and leave nothing behind.
+	raw, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := filepath.Join(dir, "bad.lodge")
+	flipped := append([]byte(nil), raw...)
+	flipped[len(flipped)/2] ^= 0x10
+	cases := map[string][]byte{"corrupted": flipped, "truncated": raw[:len(raw)*2/3]}
+	for name, b := range cases {
+		if err := os.WriteFile(bad, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, errOut, code := dst.lodge("import", bad, "--name", "bad-"+name)
+		if code != 1 || !strings.Contains(errOut, `disk "root"`) || !strings.Contains(errOut, "offset") {
+			t.Errorf("%s bundle: exit %d: %s", name, code, errOut)
+		}
+		if strings.Count(strings.TrimSpace(errOut), "\n") > 0 {
+			t.Errorf("%s bundle: error is not one line: %q", name, errOut)
+		}
+		if _, _, code := dst.lodge("show", "bad-"+name); code == 0 {
+			t.Errorf("%s bundle left a VM behind", name)
+		}
+		if got := dst.poolFiles(); len(got) != len(filesBefore) {
+			t.Errorf("%s bundle left files: %v", name, got)
+		}
+	}
+}
+
+// TestBundleStdoutAndOVA pipes an export of a stopped VM through stdout
+// into an import, and writes an OVA that qemu-img reads back.
+func TestBundleStdoutAndOVA(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.vm("app")
+	h.exec("app", "sh", "-c", "echo piped >/root/note && sync")
+	h.must("stop", "app")
+	dir := t.TempDir()
+	out, errOut, code := h.lodge("export", "app", "-")
+	if code != 0 {
+		t.Fatalf("export to stdout: %s", errOut)
+	}
+	if _, errOut, code := h.lodgeIn(out, "import", "-", "--name", "piped"); code != 0 {
+		t.Fatalf("import from stdin: %s", errOut)
+	}
+	h.must("start", "piped")
+	h.waitAgent("piped")
+	if got := h.exec("piped", "cat", "/root/note"); got != "piped" {
+		t.Errorf("piped copy holds %q", got)
+	}
+
+	ova := filepath.Join(dir, "app.ova")
+	h.must("export", "app", ova, "--format", "ova")
+	listing, err := tarList(ova)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(listing) != 3 || !strings.HasSuffix(listing[0], ".ovf") || !strings.HasSuffix(listing[1], ".mf") || !strings.HasSuffix(listing[2], ".vmdk") {
+		t.Errorf("OVA holds %v; want .ovf, .mf, .vmdk", listing)
+	}
+	// Lodge's own OVA import reads it back into an image.
+	h.must("image", "import", ova, "--name", "from-ova")
+
+	_, errOut, code = h.lodge("export", "app", filepath.Join(dir, "x"), "--compression", "gzip")
+	if code != 2 || !strings.Contains(errOut, "gzip") {
+		t.Errorf("bad --compression: exit %d: %s", code, errOut)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "x")); err == nil {
+		t.Error("a refused export left a file")
+	}
+}
+
+func tarList(path string) ([]string, error) {
+	out, err := exec.Command("tar", "-tf", path).Output()
+	if err != nil {
+		return nil, fmt.Errorf("tar -tf %s: %w", path, err)
+	}
+	return strings.Fields(string(out)), nil
+}
+
+// cutProxy forwards TCP to target and cuts the first connection once it
+// has carried cutAfter bytes upstream, as a flaky link would.
+type cutProxy struct {
+	ln   net.Listener
+	cuts atomic.Int32
+}
+
+func newCutProxy(t *testing.T, target string, cutAfter int64) *cutProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cutProxy{ln: ln}
+	t.Cleanup(func() { _ = ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go p.serve(c, target, cutAfter)
+		}
+	}()
+	return p
+}
+
+func (p *cutProxy) serve(c net.Conn, target string, cutAfter int64) {
+	defer func() { _ = c.Close() }()
+	up, err := net.Dial("tcp", target)
+	if err != nil {
+		return
+	}
+	defer func() { _ = up.Close() }()
+	go func() { _, _ = io.Copy(c, up) }()
+	if p.cuts.Load() == 0 {
+		if n, _ := io.CopyN(up, c, cutAfter); n == cutAfter && p.cuts.CompareAndSwap(0, 1) {
+			return // cut: both ends see the connection drop mid-stream
+		}
+	}
+	_, _ = io.Copy(up, c)
+}
+
+// TestSend streams a VM between two daemons through a link that drops
+// in the middle: the sender resumes, and the receiver gets it whole.
+// --move then hands over a second VM with its identity.
+func TestSend(t *testing.T) {
+	t.Parallel()
+	src := newHost(t)
+	dst := newHostNoDaemon(t)
+	port := freePort(t)
+	dst.env = append(dst.env, "LODGE_LISTEN=127.0.0.1:"+port)
+	dst.startDaemon()
+	t.Cleanup(dst.cleanup)
+	var tok api.HostToken
+	mustJSON(t, dst.must("host", "token", "-o", "json"), &tok)
+
+	src.vm("db", "--disk", "4G")
+	src.exec("db", "sh", "-c", "echo sent-over >/root/note && dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=64 conv=fsync 2>/dev/null && sync")
+	want := strings.Fields(src.exec("db", "sh", "-c", "dd if=/dev/vda bs=1M skip=1024 count=64 2>/dev/null | sha256sum"))[0]
+
+	proxy := newCutProxy(t, "127.0.0.1:"+port, 24<<20)
+	to := "https://" + proxy.ln.Addr().String()
+
+	// A wrong token is refused up front.
+	_, errOut, code := src.lodge("send", "db", "--to", to, "--token", strings.Replace(tok.Token, tok.Token[len(tok.Token)-4:], "0000", 1))
+	if code == 0 || !strings.Contains(errOut, "token") {
+		t.Errorf("send with a wrong token: exit %d: %s", code, errOut)
+	}
+
+	src.must("send", "db", "--to", to, "--token", tok.Token, "--name", "db2")
+	if proxy.cuts.Load() != 1 {
+		t.Errorf("the link was cut %d times; the test meant to cut it once", proxy.cuts.Load())
+	}
+	if !strings.Contains(src.log.String(), "resuming send") {
+		t.Errorf("the sender did not resume; log:\n%s", src.log.String())
+	}
+	dst.must("start", "db2")
+	dst.waitAgent("db2")
+	if got := dst.exec("db2", "cat", "/root/note"); got != "sent-over" {
+		t.Errorf("sent VM holds %q", got)
+	}
+	if got := strings.Fields(dst.exec("db2", "sh", "-c", "dd if=/dev/vda bs=1M skip=1024 count=64 2>/dev/null | sha256sum"))[0]; got != want {
+		t.Errorf("sent disk data: %s, want %s", got, want)
+	}
+
+	// --move: the source goes only after the receiver has the VM.
+	orig := src.show("db")
+	src.must("send", "db", "--to", to, "--token", tok.Token, "--move")
+	if _, _, code := src.lodge("show", "db"); code == 0 {
+		t.Error("--move left the VM on the sender")
+	}
+	moved := dst.show("db")
+	if moved.UUID != orig.UUID || moved.NICs[0].MAC != orig.NICs[0].MAC {
+		t.Errorf("moved VM: uuid %s mac %s, want %s %s", moved.UUID, moved.NICs[0].MAC, orig.UUID, orig.NICs[0].MAC)
+	}
+}
+
+func freePort(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = ln.Close() }()
+	return fmt.Sprint(ln.Addr().(*net.TCPAddr).Port)
+}
