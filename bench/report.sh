@@ -166,3 +166,26 @@ if [ -f "$c/density.tsv" ]; then
   echo
   echo "Each running VM counts against the limit for its memory and for what its QEMU takes beyond it (\`vm_overhead\`: 40 MiB, plus the 64 MiB TCG code cache here), so the limit admitted no more VMs than the host could carry: with all of them running, the host still had its reserve. Counted on the guest memory alone, the same limit would have admitted 180, which this host cannot run. Lodge caps TCG's code cache at 64 MiB (\`tcg_cache\`) where libvirt leaves QEMU's 1 GiB default, of which a guest keeps about 100 MiB resident after booting: hence the smaller QEMUs. The times to start them all are not comparable (99 against 8 VMs)."
 fi
+if [ -f "$c/bundle-export.tsv" ]; then
+  f=$c/bundle-export.tsv
+  a=$(col "$f" 2 ""); q=$(col "$f" 3 ""); z=$(col "$f" 4 "")
+  lb=$(col "$f" 5 ""); qb=$(col "$f" 6 ""); zb=$(col "$f" 7 ""); ib=$(col "$f" 8 "")
+  mib() { awk -v x="$1" 'BEGIN{printf "%.0f", x/1048576}'; }
+  echo
+  echo "## Bundles"
+  echo
+  echo "A stopped VM's 4 GiB disk holding 1 GiB of random data and 1 GiB of text (Go source), exported with \`lodge export\` (compression fast) against standard tools on the same disk. Medians of $(($(wc -l <"$f") - 1)) runs, alternated; \`sync\` before each."
+  echo
+  echo "| measure | Lodge | comparison | Lodge / comparison | target | result |"
+  echo "|---|---|---|---|---|---|"
+  echo "| export against \`qemu-img convert -O qcow2 -c\` (s) | $a | $q | $(ratio "$a" "$q") | ≤ 1.2 | $(verdict "$a <= 1.2 * $q") |"
+  echo "| export against \`tar -S \| zstd -1\` (s) | $a | $z | $(ratio "$a" "$z") | < 1 | $(verdict "$a < $z") |"
+  echo "| bundle size against random + zstd -1 of the text (MiB) | $(mib "$lb") | $(mib "$ib") | $(ratio "$lb" "$ib") | ≤ 1.05 | $(verdict "$lb <= 1.05 * $ib") |"
+  echo "| size of qemu-img -c's qcow2, of tar+zstd (MiB) | | $(mib "$qb"), $(mib "$zb") | | | |"
+fi
+if [ -f "$c/bundle-import.tsv" ]; then
+  f=$c/bundle-import.tsv
+  a=$(col "$f" 2 ""); b=$(col "$f" 3 ""); s=$(col "$f" 4 "")
+  echo "| import against \`cp\` of the bundle (s) | $a | $b | $(ratio "$a" "$b") | ≤ 1.2 | $(verdict "$a <= 1.2 * $b") |"
+  echo "| import against \`cp\` + \`sync\` (s) | $a | $s | $(ratio "$a" "$s") | | |"
+fi
