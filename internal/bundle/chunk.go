@@ -102,8 +102,8 @@ func newEncoder(out io.Writer, level Compression, total uint64, skip uint64, onC
 	}
 	e.written = 8 + startLen
 	n := workers()
-	e.jobs = make(chan *job, n)
-	e.order = make(chan *job, 2*n)
+	e.jobs = make(chan *job, 2*n)
+	e.order = make(chan *job, 4*n)
 	e.werr = make(chan error, 1)
 	for range n {
 		e.wg.Add(1)
@@ -113,10 +113,29 @@ func newEncoder(out io.Writer, level Compression, total uint64, skip uint64, onC
 	return e, nil
 }
 
+// incompressible samples a chunk: encrypted or already compressed data
+// (most of a real disk's bulk) is stored as is, at copying speed, rather
+// than run through the compressor to gain nothing.
+func (e *encoder) incompressible(raw []byte) bool {
+	const sample = 64 << 10
+	if e.level == CompressBest || len(raw) < 4*sample {
+		return false
+	}
+	// Two samples, a quarter and three quarters in, so one run of zeros
+	// or text at the start does not decide for the whole chunk.
+	for _, at := range []int{len(raw) / 4, len(raw) * 3 / 4} {
+		out := e.zenc.EncodeAll(raw[at:at+sample], make([]byte, 0, sample+1024))
+		if len(out) < sample*31/32 {
+			return false
+		}
+	}
+	return true
+}
+
 func (e *encoder) work() {
 	defer e.wg.Done()
 	for j := range e.jobs {
-		if e.zenc == nil {
+		if e.zenc == nil || e.incompressible(j.raw) {
 			j.out = rawFrame(make([]byte, 0, len(j.raw)+len(j.raw)/(128<<10)*3+16), j.raw)
 		} else {
 			j.out = e.zenc.EncodeAll(j.raw, make([]byte, 0, len(j.raw)/2+1024))

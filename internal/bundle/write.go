@@ -175,8 +175,8 @@ func checkExtents(ext []Extent, size int64) error {
 // readPiece is how much one read asks the disk for; several are in flight
 // so a source with latency (an NBD socket) keeps streaming.
 const (
-	readPiece    = 1 << 20
-	readInFlight = 4
+	readPiece    = 2 << 20
+	readInFlight = 8
 )
 
 type piece struct {

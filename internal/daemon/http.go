@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"syscall"
 	"runtime"
 	"strconv"
 	"time"
@@ -95,7 +96,7 @@ func codeOf(err error) string {
 		return "bad_request"
 	case errors.Is(err, errdefs.ErrNoAgent):
 		return "no_agent"
-	case errors.Is(err, errdefs.ErrNoSpace), errors.Is(err, nbd.ErrNoSpace):
+	case errors.Is(err, errdefs.ErrNoSpace), errors.Is(err, nbd.ErrNoSpace), errors.Is(err, syscall.ENOSPC):
 		return "no_space"
 	}
 	return "internal"

@@ -283,3 +283,73 @@ func freePort(t *testing.T) string {
 	defer func() { _ = ln.Close() }()
 	return fmt.Sprint(ln.Addr().(*net.TCPAddr).Port)
 }
+
+// TestBundleKill kills the daemon in the middle of an export of a running
+// VM and in the middle of an import: the VM keeps running, the next
+// export works, and the half import leaves no VM and no disk behind.
+func TestBundleKill(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.vm("k", "--disk", "4G")
+	h.exec("k", "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=64 conv=fsync 2>/dev/null && sync")
+
+	// An export held mid-stream by a reader that stops reading.
+	exp := exec.Command(h.bin, "export", "k", "-")
+	exp.Env = h.env
+	out, err := exp.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := exp.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(out, make([]byte, 1<<20)); err != nil {
+		t.Fatalf("export started no stream: %v", err)
+	}
+	h.killDaemon()
+	_ = exp.Process.Kill()
+	_ = exp.Wait()
+	h.startDaemon()
+	if v := h.show("k"); v.State != api.StateRunning {
+		t.Fatalf("k after the daemon was killed mid-export: %s", v.State)
+	}
+	file := filepath.Join(t.TempDir(), "k.lodge")
+	h.must("export", "k", file)
+	if left, _ := filepath.Glob(filepath.Join(h.home, "pools", "default", "*.fleece.qcow2")); len(left) > 0 {
+		t.Errorf("fleecing files left after the next export: %v", left)
+	}
+	h.exec("k", "true")
+
+	// An import fed half its bundle, then the daemon killed.
+	filesBefore := h.poolFiles()
+	raw, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	imp := exec.Command(h.bin, "import", "-", "--name", "half")
+	imp.Env = h.env
+	in, err := imp.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := imp.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := in.Write(raw[:len(raw)/2]); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "the half import to create its VM", func() bool {
+		_, _, code := h.lodge("show", "half")
+		return code == 0
+	})
+	h.killDaemon()
+	_ = in.Close()
+	_ = imp.Wait()
+	h.startDaemon()
+	if _, _, code := h.lodge("show", "half"); code == 0 {
+		t.Error("a half import survived the daemon's restart")
+	}
+	eventually(t, 10*time.Second, "the half import's disk to go", func() bool {
+		return len(h.poolFiles()) == len(filesBefore)
+	})
+}
