@@ -9,9 +9,9 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"syscall"
 	"runtime"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
