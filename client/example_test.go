@@ -1,6 +1,7 @@
 package client_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -32,6 +33,13 @@ func fakeDaemon() (socket string, stop func()) {
 	mux.HandleFunc("GET /v1/vms/ghost", func(w http.ResponseWriter, _ *http.Request) {
 		w.WriteHeader(http.StatusNotFound)
 		_ = json.NewEncoder(w).Encode(api.Error{Error: `vm "ghost": not found`, Code: "not_found"})
+	})
+	mux.HandleFunc("GET /v1/vms/web/export", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("a bundle's bytes"))
+	})
+	mux.HandleFunc("POST /v1/import", func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusCreated)
+		_ = json.NewEncoder(w).Encode(api.VM{Name: r.URL.Query().Get("name"), UUID: "0a1b2c3d-4e5f-4071-8899-aabbccddeeff"})
 	})
 	srv := &http.Server{Handler: mux}
 	go func() { _ = srv.Serve(ln) }()
@@ -76,4 +84,27 @@ func ExampleClient_Host() {
 	fmt.Println(err)
 	// Output:
 	// the lodge daemon is not running (no answer on /nonexistent/lodge.sock)
+}
+
+// Export a VM to a bundle and import it again under another name, with a
+// new identity.
+func ExampleClient_ExportVM() {
+	socket, stop := fakeDaemon()
+	defer stop()
+	ctx := context.Background()
+	c := client.New(socket)
+
+	var bundle bytes.Buffer
+	if err := c.ExportVM(ctx, "web", "lodge", "fast", &bundle); err != nil {
+		fmt.Println(err)
+		return
+	}
+	vm, err := c.ImportVM(ctx, &bundle, api.ImportOptions{Name: "web-copy"})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	fmt.Println(vm.Name)
+	// Output:
+	// web-copy
 }

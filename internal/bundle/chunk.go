@@ -445,7 +445,7 @@ func (d *Decoder) Feed(ctx context.Context, in io.Reader, deliver func(raw []byt
 				readErr <- corrupt("byte %d: chunk %d runs past the announced archive length %d", at, h.Seq, s.TotalRaw)
 				return
 			}
-			j := &job{hdr: h, raw: make([]byte, h.StoredLen), done: make(chan struct{})}
+			j := &job{hdr: h, raw: getBuf(int(h.StoredLen)), done: make(chan struct{})}
 			if _, err := io.ReadFull(cr, j.raw); err != nil {
 				if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 					err = truncated("the bundle ends at byte %d, inside chunk %d", cr.n, h.Seq)
@@ -525,7 +525,9 @@ func (d *Decoder) unpack(j *job) ([]byte, error) {
 	if !h.HasFCS || h.FrameContentSize != uint64(j.hdr.RawLen) {
 		return nil, corrupt("zstd frame declares %d bytes, the chunk %d", h.FrameContentSize, j.hdr.RawLen)
 	}
-	out, err := d.zdec.DecodeAll(j.raw, make([]byte, 0, j.hdr.RawLen))
+	out, err := d.zdec.DecodeAll(j.raw, getBuf(int(j.hdr.RawLen))[:0])
+	putBuf(j.raw)
+	j.raw = nil
 	if err != nil {
 		return nil, corrupt("decompress: %v", err)
 	}
@@ -544,4 +546,23 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	c.n += int64(n)
 	return n, err
+}
+
+// Chunk buffers are recycled: a fresh 4 MiB slice per chunk is zeroed
+// by the runtime first, which cost a sixth of an import's CPU.
+var bufPool = sync.Pool{New: func() any { return make([]byte, 0, storedBound(ChunkSize)) }}
+
+// getBuf returns a buffer of length n (its contents undefined).
+func getBuf(n int) []byte {
+	b := bufPool.Get().([]byte)
+	if cap(b) < n {
+		return make([]byte, n)
+	}
+	return b[:n]
+}
+
+func putBuf(b []byte) {
+	if cap(b) >= int(storedBound(ChunkSize)) {
+		bufPool.Put(b[:0]) //nolint:staticcheck // the pool hands out capacity; a slice header is fine
+	}
 }

@@ -29,6 +29,7 @@ type Target interface {
 type Stream struct {
 	ch     chan delivered
 	cur    []byte
+	buf    []byte // the chunk cur is in, recycled once read
 	sums   [][32]byte
 	done   chan struct{}
 	once   sync.Once
@@ -71,16 +72,20 @@ func (s *Stream) Close(err error) {
 
 // Read implements io.Reader.
 func (s *Stream) Read(p []byte) (int, error) {
+	if len(s.cur) == 0 && s.buf != nil {
+		putBuf(s.buf)
+		s.buf = nil
+	}
 	if len(s.cur) == 0 {
 		select {
 		case d := <-s.ch:
-			s.cur = d.raw
+			s.cur, s.buf = d.raw, d.raw
 			s.sums = append(s.sums, d.sum)
 		case <-s.done:
 			// Take a chunk that raced with Close.
 			select {
 			case d := <-s.ch:
-				s.cur = d.raw
+				s.cur, s.buf = d.raw, d.raw
 				s.sums = append(s.sums, d.sum)
 			default:
 				s.mu.Lock()

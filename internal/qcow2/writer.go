@@ -16,6 +16,9 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -43,7 +46,13 @@ type Writer struct {
 	l2     map[int64][]uint64 // L1 index → the L2 table's entries
 	next   int64              // next free host cluster
 	closed bool
+	// dirty counts bytes written since writeback was last started.
+	dirty atomic.Int64
 }
+
+// writebackEvery is how much is written before the kernel is asked to
+// start writing it out, so that the sync in Close has little left to do.
+const writebackEvery = 64 << 20
 
 // Create makes a new image file at path (which must not exist) for a
 // disk of size bytes.
@@ -62,24 +71,29 @@ func Create(path string, size int64) (*Writer, error) {
 // Size is the disk's virtual size.
 func (w *Writer) Size() int64 { return w.size }
 
-// hostCluster returns where guest cluster c lives in the file, giving it
-// the next free cluster if it has none yet.
-func (w *Writer) hostCluster(c int64) (int64, error) {
+// hostClusters returns where guest clusters first..last live in the
+// file, giving those without a place the next free clusters, in order, so
+// that a run of new guest clusters is a run in the file too.
+func (w *Writer) hostClusters(first, last int64) ([]int64, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.closed {
-		return 0, errors.New("qcow2: write after close")
+		return nil, errors.New("qcow2: write after close")
 	}
-	t := w.l2[c/l2Entries]
-	if t == nil {
-		t = make([]uint64, l2Entries)
-		w.l2[c/l2Entries] = t
+	out := make([]int64, 0, last-first+1)
+	for c := first; c <= last; c++ {
+		t := w.l2[c/l2Entries]
+		if t == nil {
+			t = make([]uint64, l2Entries)
+			w.l2[c/l2Entries] = t
+		}
+		if t[c%l2Entries] == 0 {
+			t[c%l2Entries] = uint64(w.next*clusterSize) | copiedFlag
+			w.next++
+		}
+		out = append(out, int64(t[c%l2Entries]&^copiedFlag))
 	}
-	if t[c%l2Entries] == 0 {
-		t[c%l2Entries] = uint64(w.next*clusterSize) | copiedFlag
-		w.next++
-	}
-	return int64(t[c%l2Entries] &^ copiedFlag), nil
+	return out, nil
 }
 
 // WriteAt writes guest data at guest offset off. Regions never written
@@ -88,19 +102,35 @@ func (w *Writer) WriteAt(p []byte, off int64) (int, error) {
 	if off < 0 || off > w.size-int64(len(p)) {
 		return 0, fmt.Errorf("qcow2 %s: write of %d bytes at %d is outside the %d-byte disk", w.f.Name(), len(p), off, w.size)
 	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	first, last := off/clusterSize, (off+int64(len(p))-1)/clusterSize
+	hosts, err := w.hostClusters(first, last)
+	if err != nil {
+		return 0, err
+	}
+	// One write per run of clusters that are adjacent in the file.
 	done := 0
-	for done < len(p) {
-		at := off + int64(done)
-		in := at % clusterSize
-		n := min(int64(len(p)-done), clusterSize-in)
-		host, err := w.hostCluster(at / clusterSize)
-		if err != nil {
-			return done, err
+	for i := 0; i < len(hosts); {
+		j := i + 1
+		for j < len(hosts) && hosts[j] == hosts[j-1]+clusterSize {
+			j++
 		}
-		if _, err := w.f.WriteAt(p[done:done+int(n)], host+in); err != nil {
+		at := off + int64(done)
+		end := min(off+int64(len(p)), (first+int64(j))*clusterSize)
+		n := int(end - at)
+		if _, err := w.f.WriteAt(p[done:done+n], hosts[i]+at%clusterSize); err != nil {
 			return done, fmt.Errorf("qcow2 %s: %w", w.f.Name(), err)
 		}
-		done += int(n)
+		done += n
+		i = j
+	}
+	if w.dirty.Add(int64(done)) >= writebackEvery {
+		w.dirty.Store(0)
+		// Start writeback of everything dirty without waiting for it;
+		// a filesystem that cannot is simply left to Close's sync.
+		_ = unix.SyncFileRange(int(w.f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
 	}
 	return done, nil
 }
