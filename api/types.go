@@ -390,6 +390,8 @@ type SendVM struct {
 	Token       string `json:"token"`
 	Move        bool   `json:"move,omitempty"`
 	Compression string `json:"compression,omitempty"`
+	// WithSnapshots sends the snapshot tree too (a stopped VM only).
+	WithSnapshots bool `json:"with_snapshots,omitempty"`
 	ImportOptions
 }
 
@@ -398,4 +400,13 @@ type HostToken struct {
 	// Listen is the HTTPS address, "" without a TCP listener.
 	Listen string `json:"listen"`
 	Token  string `json:"token"`
+}
+
+// ExportOptions are the query parameters of GET /v1/vms/{name}/export.
+type ExportOptions struct {
+	// Format is "lodge" (default) or "ova".
+	Format      string `json:"format,omitempty"`
+	Compression string `json:"compression,omitempty"`
+	// WithSnapshots carries the snapshot tree (a stopped VM only).
+	WithSnapshots bool `json:"snapshots,omitempty"`
 }

@@ -89,14 +89,16 @@ func (c *Client) HostToken(ctx context.Context) (api.HostToken, error) {
 
 // ExportVM writes a bundle of the VM to w. A bundle cut short by a
 // failure is reported as an error, never as a short success.
-// format is "lodge" (or "") for a Lodge bundle, "ova" for an OVA.
-func (c *Client) ExportVM(ctx context.Context, name, format, compression string, w io.Writer) error {
+func (c *Client) ExportVM(ctx context.Context, name string, opts api.ExportOptions, w io.Writer) error {
 	q := url.Values{}
-	if compression != "" {
-		q.Set("compression", compression)
+	if opts.Compression != "" {
+		q.Set("compression", opts.Compression)
 	}
-	if format != "" {
-		q.Set("format", format)
+	if opts.Format != "" {
+		q.Set("format", opts.Format)
+	}
+	if opts.WithSnapshots {
+		q.Set("snapshots", "1")
 	}
 	resp, err := c.send(ctx, http.MethodGet, "/v1/vms/"+url.PathEscape(name)+"/export?"+q.Encode(), nil, "", false)
 	if err != nil {

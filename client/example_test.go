@@ -95,7 +95,7 @@ func ExampleClient_ExportVM() {
 	c := client.New(socket)
 
 	var bundle bytes.Buffer
-	if err := c.ExportVM(ctx, "web", "lodge", "fast", &bundle); err != nil {
+	if err := c.ExportVM(ctx, "web", api.ExportOptions{Compression: "fast"}, &bundle); err != nil {
 		fmt.Println(err)
 		return
 	}

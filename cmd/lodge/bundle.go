@@ -17,6 +17,7 @@ import (
 
 func exportCmd(g *globals) *cobra.Command {
 	var compression, format string
+	var withSnapshots bool
 	cmd := &cobra.Command{
 		Use:   "export VM FILE|-",
 		Short: "Write a VM to one portable bundle file (or stdout), running or stopped",
@@ -25,6 +26,10 @@ stands alone (it holds the whole disk, not only what differs from the
 image), and only the disks' data is stored: holes and zeros cost nothing.
 A running VM keeps running; its filesystems are frozen through the guest
 agent for the instant the point in time is taken.
+
+--with-snapshots carries the snapshot tree as well (memory states
+included), as the layers Lodge keeps it in, so nothing is stored twice;
+it needs the VM stopped. Without it a bundle holds the VM as it is now.
 
 A bundle is a zstd-compressed tar archive: 'tar --zstd -xSf FILE' unpacks
 lodge.json and each disk as a sparse raw image. --format ova writes an OVA
@@ -56,7 +61,7 @@ lodge.json and each disk as a sparse raw image. --format ova writes an OVA
 				}()
 			}
 			bar := newByteProgress("export "+name, format == "lodge")
-			err := g.client().ExportVM(cmd.Context(), name, format, compression, bar.writer(out))
+			err := g.client().ExportVM(cmd.Context(), name, api.ExportOptions{Format: format, Compression: compression, WithSnapshots: withSnapshots}, bar.writer(out))
 			bar.finish()
 			if err != nil {
 				return err
@@ -79,6 +84,7 @@ lodge.json and each disk as a sparse raw image. --format ova writes an OVA
 	}
 	cmd.Flags().StringVar(&compression, "compression", "fast", "none, fast or best")
 	cmd.Flags().StringVar(&format, "format", "lodge", "lodge (a Lodge bundle) or ova (for other hypervisors)")
+	cmd.Flags().BoolVar(&withSnapshots, "with-snapshots", false, "carry the snapshot tree too (the VM must be stopped)")
 	return cmd
 }
 
@@ -163,6 +169,7 @@ here only once the receiver has verified and registered it.`,
 	f.StringVar(&req.Compression, "compression", "fast", "none, fast or best")
 	f.StringVar(&req.Name, "name", "", "its name on the receiver")
 	f.BoolVar(&req.KeepIdentity, "keep-identity", false, "keep UUID, MACs, hostname and instance-id")
+	f.BoolVar(&req.WithSnapshots, "with-snapshots", false, "send the snapshot tree too (the VM must be stopped)")
 	return cmd
 }
 

@@ -76,7 +76,9 @@ func (w memWriter) WriteAt(p []byte, off int64) (int, error) {
 	return copy(w.t.disks[w.name][off:], p), nil
 }
 
-func (t *memTarget) Disk(name string) (io.WriterAt, error) { return memWriter{t, name}, nil }
+func (t *memTarget) Entry(name string) (io.WriterAt, error) {
+	return memWriter{t, strings.TrimSuffix(strings.TrimPrefix(name, "disks/"), ".raw")}, nil
+}
 
 func testManifest() Manifest {
 	return Manifest{
@@ -331,5 +333,103 @@ func TestWatch(t *testing.T) {
 	}
 	if calls < int(st.Chunks) {
 		t.Errorf("%d progress calls for %d chunks", calls, st.Chunks)
+	}
+}
+
+// entryTarget keeps every entry by name.
+type entryTarget struct {
+	mu      sync.Mutex
+	m       Manifest
+	entries map[string][]byte
+}
+
+func (t *entryTarget) Begin(_ context.Context, m Manifest) error {
+	t.m, t.entries = m, map[string][]byte{}
+	for _, e := range m.Entries() {
+		t.entries[e.Name] = make([]byte, e.RealSize)
+	}
+	return nil
+}
+
+type entryWriter struct {
+	t    *entryTarget
+	name string
+}
+
+func (w entryWriter) WriteAt(p []byte, off int64) (int, error) {
+	w.t.mu.Lock()
+	defer w.t.mu.Unlock()
+	return copy(w.t.entries[w.name][off:], p), nil
+}
+
+func (t *entryTarget) Entry(name string) (io.WriterAt, error) { return entryWriter{t, name}, nil }
+
+// A bundle with snapshots carries the base, each layer and each memory
+// state, and refuses a tree that does not hang together.
+func TestSnapshotTree(t *testing.T) {
+	m := testManifest()
+	m.Disks = []Disk{{Name: "root", Bus: "virtio", Size: 64 << 20, Base: BaseEntry("root"), BaseSize: 64 << 20, Top: "l2"}}
+	m.Layers = []Layer{
+		{ID: "l1", Disk: "root", Entry: LayerEntry("l1"), Size: 8 << 20},
+		{ID: "l2", Disk: "root", Parent: "l1", Entry: LayerEntry("l2"), Size: 4 << 20},
+	}
+	m.Snapshots = []Snapshot{{Name: "before", CreatedAt: m.CreatedAt, Layers: map[string]string{"root": "l1"},
+		Memory: &MemoryState{Entry: MemoryEntry("before"), Size: 2 << 20, CPUs: 1, MemorySize: 256 << 20}}}
+	m.CurrentSnapshot = "before"
+	base := newDisk(t, 64<<20, []Extent{{0, 1 << 20}, {4 << 20, 1 << 20}, {32 << 20, 1 << 20}})
+	l1 := newDisk(t, 8<<20, []Extent{{0, 2 << 20}})
+	l2 := newDisk(t, 4<<20, []Extent{{1 << 20, 1 << 20}})
+	mem := newDisk(t, 2<<20, []Extent{{0, 2 << 20}})
+	srcs := []Source{
+		{Entry: BaseEntry("root"), Size: 64 << 20, Extents: base.extents, Data: base},
+		{Entry: LayerEntry("l1"), Size: 8 << 20, Extents: l1.extents, Data: l1},
+		{Entry: LayerEntry("l2"), Size: 4 << 20, Extents: l2.extents, Data: l2},
+		{Entry: MemoryEntry("before"), Size: 2 << 20, Extents: mem.extents, Data: mem},
+	}
+	var buf bytes.Buffer
+	if _, err := Write(context.Background(), &buf, m, srcs, WriteOptions{}); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	var tg entryTarget
+	got, err := Import(context.Background(), bytes.NewReader(buf.Bytes()), &tg, ReadOptions{})
+	if err != nil {
+		t.Fatalf("import: %v", err)
+	}
+	if got.CurrentSnapshot != "before" || len(got.Layers) != 2 || got.Snapshots[0].Memory.Data != 2<<20 {
+		t.Errorf("manifest came back as %+v", got)
+	}
+	for name, want := range map[string]*memDisk{BaseEntry("root"): base, LayerEntry("l1"): l1, LayerEntry("l2"): l2, MemoryEntry("before"): mem} {
+		if !bytes.Equal(tg.entries[name], want.data) {
+			t.Errorf("entry %s differs after the round trip", name)
+		}
+	}
+
+	broken := map[string]func(*Manifest){
+		"parent after child":      func(m *Manifest) { m.Layers[0].Parent = "l2" },
+		"top is a snapshot layer": func(m *Manifest) { m.Disks[0].Top = "l1" },
+		"unknown current":         func(m *Manifest) { m.CurrentSnapshot = "nope" },
+		"snapshot on a top":       func(m *Manifest) { m.Snapshots[0].Layers["root"] = "l2" },
+		"snapshot parent unknown": func(m *Manifest) { m.Snapshots[0].Parent = "ghost" },
+		"flattened and layered":   func(m *Manifest) { m.Disks[0].Entry = DiskEntry("root") },
+		"layer entry elsewhere":   func(m *Manifest) { m.Layers[1].Entry = "../l2.qcow2" },
+	}
+	good := got
+	if err := good.Validate(); err != nil {
+		t.Fatalf("the imported manifest does not validate: %v", err)
+	}
+	for name, mutate := range broken {
+		t.Run(name, func(t *testing.T) {
+			bm := good
+			bm.Disks = append([]Disk(nil), good.Disks...)
+			bm.Layers = append([]Layer(nil), good.Layers...)
+			sn := good.Snapshots[0]
+			sn.Layers = map[string]string{"root": "l1"}
+			bm.Snapshots = []Snapshot{sn}
+			mutate(&bm)
+			err := bm.Validate()
+			if err == nil || !errors.Is(err, ErrCorrupt) || strings.Contains(err.Error(), "format") {
+				t.Errorf("got %v, want the tree refused", err)
+			}
+		})
 	}
 }

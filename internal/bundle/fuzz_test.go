@@ -18,7 +18,10 @@ type boundTarget struct{ sizes map[string]int64 }
 func (b *boundTarget) Begin(_ context.Context, m Manifest) error {
 	b.sizes = map[string]int64{}
 	for _, d := range m.Disks {
-		b.sizes[d.Name] = d.Size
+		b.sizes[d.Entry] = d.Size
+	}
+	for _, e := range m.Entries() {
+		b.sizes[e.Name] = e.RealSize
 	}
 	return nil
 }
@@ -32,7 +35,7 @@ func (w boundWriter) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-func (b *boundTarget) Disk(name string) (io.WriterAt, error) {
+func (b *boundTarget) Entry(name string) (io.WriterAt, error) {
 	return boundWriter{b.sizes[name]}, nil
 }
 

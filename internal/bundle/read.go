@@ -18,9 +18,9 @@ import (
 // whatever Begin made.
 type Target interface {
 	Begin(ctx context.Context, m Manifest) error
-	// Disk returns where the named disk's data goes. Regions never
-	// written read as zeros.
-	Disk(name string) (io.WriterAt, error)
+	// Entry returns where the named entry's data goes (see
+	// Manifest.Entries). Regions never written read as zeros.
+	Entry(name string) (io.WriterAt, error)
 }
 
 // Stream is the archive a Decoder delivers, as an io.Reader, keeping each
@@ -159,26 +159,28 @@ func Read(ctx context.Context, s *Stream, t Target, opts ReadOptions) (Manifest,
 		return m, err
 	}
 	var total, done int64
-	for _, d := range m.Disks {
+	entries := m.Entries()
+	for _, d := range entries {
 		total += d.Data
 	}
-	for _, d := range m.Disks {
+	for _, d := range entries {
+		what := entryWhat(m, d.Name)
 		entryStart = s.mark()
 		e, err := tr.next()
 		if err != nil {
-			return m, fmt.Errorf("disk %q: %w", d.Name, noEOF(err, "the archive ends before it"))
+			return m, fmt.Errorf("%s: %w", what, noEOF(err, "the archive ends before it"))
 		}
 		switch {
-		case e.Name != d.Entry:
-			return m, corrupt("entry %q where disk %q's entry %q belongs", e.Name, d.Name, d.Entry)
+		case e.Name != d.Name:
+			return m, corrupt("entry %q where %s (%q) belongs", e.Name, what, d.Name)
 		case !e.Sparse:
-			return m, corrupt("disk %q: entry %q is not a sparse entry", d.Name, e.Name)
-		case e.RealSize != d.Size:
-			return m, corrupt("disk %q: the entry holds a %d-byte disk, the manifest says %d", d.Name, e.RealSize, d.Size)
+			return m, corrupt("%s: entry %q is not a sparse entry", what, e.Name)
+		case e.RealSize != d.RealSize:
+			return m, corrupt("%s: the entry holds %d bytes, the manifest says %d", what, e.RealSize, d.RealSize)
 		case dataLen(e.Extents) != d.Data:
-			return m, corrupt("disk %q: the entry stores %d bytes, the manifest says %d", d.Name, dataLen(e.Extents), d.Data)
+			return m, corrupt("%s: the entry stores %d bytes, the manifest says %d", what, dataLen(e.Extents), d.Data)
 		}
-		w, err := t.Disk(d.Name)
+		w, err := t.Entry(d.Name)
 		if err != nil {
 			return m, err
 		}
@@ -189,12 +191,12 @@ func Read(ctx context.Context, s *Stream, t Target, opts ReadOptions) (Manifest,
 			}
 		}); err != nil {
 			// writeExtents's errors start with where they happened.
-			return m, fmt.Errorf("disk %q %w", d.Name, err)
+			return m, fmt.Errorf("%s %w", what, err)
 		}
 		if err := tr.skipRest(); err != nil {
-			return m, fmt.Errorf("disk %q: %w", d.Name, err)
+			return m, fmt.Errorf("%s: %w", what, err)
 		}
-		digests[d.Entry] = entryDigest(s.sums[entryStart:])
+		digests[d.Name] = entryDigest(s.sums[entryStart:])
 	}
 	e, err = tr.next()
 	if err != nil {
@@ -219,6 +221,22 @@ func Read(ctx context.Context, s *Stream, t Target, opts ReadOptions) (Manifest,
 	return m, nil
 }
 
+// entryWhat names an entry for messages: `disk "root"` for a disk's
+// data, which is what a user knows it by.
+func entryWhat(m Manifest, entry string) string {
+	for _, d := range m.Disks {
+		if d.Entry == entry || d.Base == entry {
+			return fmt.Sprintf("disk %q", d.Name)
+		}
+	}
+	for _, l := range m.Layers {
+		if l.Entry == entry {
+			return fmt.Sprintf("disk %q layer %q", l.Disk, l.ID)
+		}
+	}
+	return fmt.Sprintf("entry %q", entry)
+}
+
 func noEOF(err error, msg string) error {
 	if errors.Is(err, io.EOF) {
 		return corrupt("%s", msg)
@@ -230,11 +248,12 @@ func noEOF(err error, msg string) error {
 // its entries' data, with room for headers and sparse maps.
 func archiveBound(m Manifest, manifestLen int) int64 {
 	n := fileEntrySize(ManifestName, int64(manifestLen)) + fileEntrySize(SumsName, maxSmallEntry) + int64(len(endOfArchive))
-	for _, d := range m.Disks {
+	for _, d := range m.Entries() {
 		// A sparse map line is at most two 20-digit numbers; regions are
-		// at least one byte, so there are at most Data of them, and with
-		// cluster-sized data far fewer, but the bound must hold for any.
-		regions := min(d.Data, maxSparseMap) + 1
+		// at least one block, so there are at most Data/512 of them, and
+		// with cluster-sized data far fewer, but the bound must hold for
+		// any.
+		regions := min(d.Data/block, maxSparseMap) + 1
 		n += 4*block + d.Data + min(regions*42+block, sparseMapLimit+block)
 	}
 	return n

@@ -11,10 +11,13 @@ import (
 	"github.com/zeebo/blake3"
 )
 
-// Source is one disk to export: where its data is and how to read it.
+// Source is one entry to export: a disk (Name, Bus) in a bundle without
+// snapshots; with them, the base, layer or memory entry named by Entry.
+// Extents are where its data is, Data how to read it.
 type Source struct {
 	Name    string
 	Bus     string
+	Entry   string
 	Size    int64
 	Extents []Extent
 	Data    io.ReaderAt
@@ -52,16 +55,29 @@ func Write(ctx context.Context, w io.Writer, m Manifest, disks []Source, opts Wr
 		opts.Compression = CompressFast
 	}
 	m.Format = FormatVersion
-	m.Disks = nil
+	if len(m.Layers) == 0 {
+		m.Disks = nil
+		for i, d := range disks {
+			m.Disks = append(m.Disks, Disk{Name: d.Name, Bus: d.Bus, Size: d.Size, Entry: DiskEntry(d.Name), Data: dataLen(d.Extents)})
+			disks[i].Entry = DiskEntry(d.Name)
+		}
+	}
 	for _, d := range disks {
-		m.Disks = append(m.Disks, Disk{Name: d.Name, Bus: d.Bus, Size: d.Size, Entry: DiskEntry(d.Name), Data: dataLen(d.Extents)})
+		m.setData(d.Entry, dataLen(d.Extents))
 	}
 	if err := m.Validate(); err != nil {
 		return Stats{}, fmt.Errorf("export: %w", err)
 	}
-	for _, d := range disks {
+	want := m.Entries()
+	if len(want) != len(disks) {
+		return Stats{}, fmt.Errorf("export: %d entries given, the manifest has %d", len(disks), len(want))
+	}
+	for i, d := range disks {
+		if d.Entry != want[i].Name || d.Size != want[i].RealSize {
+			return Stats{}, fmt.Errorf("export: entry %d is %q (%d bytes), the manifest wants %q (%d bytes)", i, d.Entry, d.Size, want[i].Name, want[i].RealSize)
+		}
 		if err := checkExtents(d.Extents, d.Size); err != nil {
-			return Stats{}, fmt.Errorf("export disk %q: %w", d.Name, err)
+			return Stats{}, fmt.Errorf("export %s: %w", d.Entry, err)
 		}
 	}
 	man, err := json.MarshalIndent(m, "", "  ")
@@ -72,8 +88,8 @@ func Write(ctx context.Context, w io.Writer, m Manifest, disks []Source, opts Wr
 	names := []string{ManifestName}
 	total := fileEntrySize(ManifestName, int64(len(man)))
 	for _, d := range disks {
-		total += sparseEntrySize(DiskEntry(d.Name), d.Extents, d.Size)
-		names = append(names, DiskEntry(d.Name))
+		total += sparseEntrySize(d.Entry, d.Extents, d.Size)
+		names = append(names, d.Entry)
 	}
 	var sumsLen int64
 	for _, n := range names {
@@ -109,10 +125,10 @@ func Write(ctx context.Context, w io.Writer, m Manifest, disks []Source, opts Wr
 		beginEntry()
 		mp := sparseMap(d.Extents, d.Size)
 		content := int64(len(mp)) + dataLen(d.Extents)
-		_, _ = enc.Write(entryHeader(DiskEntry(d.Name), content, sparsePax(DiskEntry(d.Name), d.Size)))
+		_, _ = enc.Write(entryHeader(d.Entry, content, sparsePax(d.Entry, d.Size)))
 		_, _ = enc.Write(mp)
 		if err := copyExtents(ctx, enc, d); err != nil {
-			return Stats{}, fmt.Errorf("export disk %q: %w", d.Name, err)
+			return Stats{}, fmt.Errorf("export %s: %w", d.Entry, err)
 		}
 		_, _ = enc.Write(make([]byte, padLen(content)))
 	}

@@ -17,12 +17,13 @@ import (
 	"github.com/lodge-vm/lodge/internal/bundle"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/ovf"
+	"github.com/lodge-vm/lodge/internal/storage"
 	"github.com/lodge-vm/lodge/internal/vm"
 )
 
 // bundleSources reads each exported disk's allocation map and returns the
-// bundle's manifest and sources.
-func bundleSources(ctx context.Context, ex *vm.Export) (bundle.Manifest, []bundle.Source, error) {
+// bundle's manifest and sources, and what to close after.
+func bundleSources(ctx context.Context, ex *vm.Export) (bundle.Manifest, []bundle.Source, func(), error) {
 	v := ex.VM
 	m := bundle.Manifest{
 		CreatedAt: time.Now().UTC(), Consistency: ex.Consistency,
@@ -38,26 +39,105 @@ func bundleSources(ctx context.Context, ex *vm.Export) (bundle.Manifest, []bundl
 	for _, n := range v.NICs {
 		m.VM.NICs = append(m.VM.NICs, bundle.NIC{Network: n.Network, MAC: n.MAC})
 	}
+	if ex.Tree != nil {
+		return treeSources(ctx, ex, m)
+	}
 	var srcs []bundle.Source
 	for _, d := range ex.Disks {
-		ext, err := d.Conn.DataExtents(ctx, 0, d.Conn.Size())
+		src, err := nbdSource(ctx, d)
 		if err != nil {
-			return m, nil, fmt.Errorf("export vm %q: disk %q: map its data: %w", v.Name, d.Name, err)
-		}
-		src := bundle.Source{Name: d.Name, Bus: d.Bus, Size: d.Conn.Size(), Data: d.Conn}
-		for _, e := range ext {
-			// Block status is in sectors at least; round outward so a
-			// region never starts or ends inside a tar block.
-			start, end := e.Offset&^511, min((e.Offset+e.Length+511)&^511, src.Size)
-			if n := len(src.Extents); n > 0 && src.Extents[n-1].Offset+src.Extents[n-1].Length >= start {
-				src.Extents[n-1].Length = end - src.Extents[n-1].Offset
-				continue
-			}
-			src.Extents = append(src.Extents, bundle.Extent{Offset: start, Length: end - start})
+			return m, nil, nil, fmt.Errorf("export vm %q: %w", v.Name, err)
 		}
 		srcs = append(srcs, src)
 	}
-	return m, srcs, nil
+	return m, srcs, func() {}, nil
+}
+
+// nbdSource maps the data of one disk served over NBD.
+func nbdSource(ctx context.Context, d vm.ExportDisk) (bundle.Source, error) {
+	ext, err := d.Conn.DataExtents(ctx, 0, d.Conn.Size())
+	if err != nil {
+		return bundle.Source{}, fmt.Errorf("disk %q: map its data: %w", d.Name, err)
+	}
+	src := bundle.Source{Name: d.Name, Bus: d.Bus, Size: d.Conn.Size(), Data: d.Conn}
+	for _, e := range ext {
+		// Block status is in sectors at least; round outward so a
+		// region never starts or ends inside a tar block.
+		start, end := e.Offset&^511, min((e.Offset+e.Length+511)&^511, src.Size)
+		if n := len(src.Extents); n > 0 && src.Extents[n-1].Offset+src.Extents[n-1].Length >= start {
+			src.Extents[n-1].Length = end - src.Extents[n-1].Offset
+			continue
+		}
+		src.Extents = append(src.Extents, bundle.Extent{Offset: start, Length: end - start})
+	}
+	return src, nil
+}
+
+// treeSources adds a snapshot tree to m: each disk's base over NBD, and
+// the layer and memory files as they are.
+func treeSources(ctx context.Context, ex *vm.Export, m bundle.Manifest) (bundle.Manifest, []bundle.Source, func(), error) {
+	t := ex.Tree
+	for _, d := range ex.Disks {
+		bd := bundle.Disk{Name: d.Name, Bus: d.Bus, Size: d.Size, Top: t.Tops[d.Name]}
+		if t.Bases[d.Name] {
+			bd.Base, bd.BaseSize = bundle.BaseEntry(d.Name), d.Conn.Size()
+		}
+		m.Disks = append(m.Disks, bd)
+	}
+	m.Layers, m.Snapshots, m.CurrentSnapshot = t.Layers, t.Snapshots, t.Current
+	var files []*os.File
+	closeAll := func() {
+		for _, f := range files {
+			_ = f.Close()
+		}
+	}
+	var srcs []bundle.Source
+	for _, e := range m.Entries() {
+		if path, ok := t.Files[e.Name]; ok {
+			f, err := os.Open(path)
+			if err != nil {
+				closeAll()
+				return m, nil, nil, fmt.Errorf("export vm %q: %w", m.VM.Name, err)
+			}
+			files = append(files, f)
+			ext, err := storage.DataExtents(f)
+			if err != nil {
+				closeAll()
+				return m, nil, nil, fmt.Errorf("export vm %q: %s: %w", m.VM.Name, path, err)
+			}
+			src := bundle.Source{Entry: e.Name, Size: e.RealSize, Data: zeroPadded{f}}
+			for _, x := range ext {
+				src.Extents = append(src.Extents, bundle.Extent{Offset: x[0], Length: x[1]})
+			}
+			srcs = append(srcs, src)
+			continue
+		}
+		for _, d := range ex.Disks {
+			if bundle.BaseEntry(d.Name) == e.Name {
+				src, err := nbdSource(ctx, d)
+				if err != nil {
+					closeAll()
+					return m, nil, nil, fmt.Errorf("export vm %q: %w", m.VM.Name, err)
+				}
+				src.Entry = e.Name
+				srcs = append(srcs, src)
+			}
+		}
+	}
+	return m, srcs, closeAll, nil
+}
+
+// zeroPadded reads a file as if it went on in zeros, up to the whole
+// block its entry is rounded to.
+type zeroPadded struct{ f *os.File }
+
+func (z zeroPadded) ReadAt(p []byte, off int64) (int, error) {
+	n, err := z.f.ReadAt(p, off)
+	if errors.Is(err, io.EOF) {
+		clear(p[n:])
+		return len(p), nil
+	}
+	return n, err
 }
 
 // exportVM streams a bundle of the VM. Once the stream has begun an
@@ -75,7 +155,12 @@ func (d *Daemon) exportVM(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	name := r.PathValue("name")
-	ex, err := d.vms.OpenExport(r.Context(), name)
+	withSnaps, _ := strconv.ParseBool(r.URL.Query().Get("snapshots"))
+	if withSnaps && format == "ova" {
+		writeErr(w, fmt.Errorf("export: %w: an OVA holds no snapshots", errdefs.ErrInvalid))
+		return
+	}
+	ex, err := d.vms.OpenExport(r.Context(), name, withSnaps)
 	if err != nil {
 		writeErr(w, err)
 		return
@@ -85,11 +170,12 @@ func (d *Daemon) exportVM(w http.ResponseWriter, r *http.Request) {
 		d.exportOVA(w, r, ex)
 		return
 	}
-	m, srcs, err := bundleSources(r.Context(), ex)
+	m, srcs, done, err := bundleSources(r.Context(), ex)
 	if err != nil {
 		writeErr(w, err)
 		return
 	}
+	defer done()
 	lw := &lazyWriter{w: w, contentType: "application/vnd.lodge.bundle"}
 	start := time.Now()
 	st, err := bundle.Write(r.Context(), lw, m, srcs, bundle.WriteOptions{Compression: comp})
@@ -121,7 +207,12 @@ func (t *importTarget) Begin(ctx context.Context, m bundle.Manifest) error {
 	}
 	for _, disk := range m.Disks {
 		spec.Disks = append(spec.Disks, api.Disk{Name: disk.Name, Bus: disk.Bus, Size: disk.Size})
-		spec.Data += disk.Data
+	}
+	for _, e := range m.Entries() {
+		spec.Data += e.Data
+	}
+	if len(m.Layers) > 0 {
+		spec.Tree = &m
 	}
 	im, err := t.d.vms.BeginImport(ctx, spec)
 	if err != nil {
@@ -131,7 +222,7 @@ func (t *importTarget) Begin(ctx context.Context, m bundle.Manifest) error {
 	return nil
 }
 
-func (t *importTarget) Disk(name string) (io.WriterAt, error) { return t.im.Disk(name) }
+func (t *importTarget) Entry(name string) (io.WriterAt, error) { return t.im.Entry(name) }
 
 // finish commits a whole import or undoes a failed one.
 func (t *importTarget) finish(ctx context.Context, err error) (api.VM, error) {
@@ -384,15 +475,16 @@ func (d *Daemon) send(ctx context.Context, o *operation, name string, remote *cl
 			return api.VM{}, fmt.Errorf("send vm %q: stop it before the move: %w", name, err)
 		}
 	}
-	ex, err := d.vms.OpenExport(ctx, name)
+	ex, err := d.vms.OpenExport(ctx, name, req.WithSnapshots)
 	if err != nil {
 		return api.VM{}, err
 	}
-	m, srcs, err := bundleSources(ctx, ex)
+	m, srcs, done, err := bundleSources(ctx, ex)
 	if err != nil {
 		ex.Close()
 		return api.VM{}, err
 	}
+	defer done()
 	opts := req.ImportOptions
 	if req.Move {
 		opts.KeepIdentity = true

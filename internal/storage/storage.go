@@ -16,6 +16,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // dieWithParent ends a qemu-img whose daemon was killed, so a half-made
@@ -263,4 +265,65 @@ func (q *QEMUImg) ConvertProgress(ctx context.Context, src, srcFormat, dst strin
 		return imgError("convert", stderr.String(), err)
 	}
 	return nil
+}
+
+// SetBacking records backing as path's backing file without reading
+// either (qemu-img rebase -u): for a layer whose data already is what it
+// must be over that backing file, such as one just received whole.
+func (q *QEMUImg) SetBacking(ctx context.Context, path, backing string) error {
+	args := []string{"rebase", "-u", "-f", "qcow2", "-b", backing}
+	if backing != "" {
+		args = append(args, "-F", "qcow2")
+	}
+	_, err := q.run(ctx, true, append(args, path)...)
+	return err
+}
+
+// Check runs qemu-img check on one file, without its backing chain,
+// under the same limits as Info: a crafted image's metadata is refused
+// rather than trusted.
+func (q *QEMUImg) Check(ctx context.Context, path string) error {
+	spec, err := json.Marshal(map[string]any{
+		"driver": "qcow2", "backing": nil,
+		"file": map[string]any{"driver": "file", "filename": path},
+	})
+	if err != nil {
+		return err
+	}
+	_, err = q.run(ctx, true, "check", "-q", "-U", "json:"+string(spec))
+	return err
+}
+
+// DataExtents lists the regions of an ordinary file that hold data, from
+// the filesystem's own map (SEEK_DATA/SEEK_HOLE), each widened to whole
+// 512-byte blocks. A filesystem without that map reports the whole file.
+func DataExtents(f *os.File) ([][2]int64, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	size := fi.Size()
+	var out [][2]int64
+	fd := int(f.Fd())
+	for off := int64(0); off < size; {
+		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break
+		}
+		if err != nil {
+			return [][2]int64{{0, size}}, nil //nolint:nilerr // no map: the whole file is data
+		}
+		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
+		if err != nil {
+			hole = size
+		}
+		start, end := data&^511, min((hole+511)&^511, (size+511)&^511)
+		if n := len(out); n > 0 && out[n-1][0]+out[n-1][1] >= start {
+			out[n-1][1] = end - out[n-1][0]
+		} else {
+			out = append(out, [2]int64{start, end - start})
+		}
+		off = hole
+	}
+	return out, nil
 }

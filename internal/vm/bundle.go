@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/bundle"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/nbd"
 	"github.com/lodge-vm/lodge/internal/project"
@@ -41,7 +42,10 @@ type Export struct {
 	// Consistency is "stopped", "frozen" or "crash".
 	Consistency string
 	Disks       []ExportDisk
-	release     []func()
+	// Tree is set for an export with snapshots; each ExportDisk's Conn
+	// then serves the disk's base, if it has one.
+	Tree    *ExportTree
+	release []func()
 }
 
 // Close lets go of the point in time and the VM.
@@ -71,7 +75,8 @@ func socketDir() (string, func(), error) {
 // Close. A stopped VM is kept from starting; a running one keeps running,
 // with its filesystems frozen through the agent for the instant the point
 // is taken.
-func (s *Service) OpenExport(ctx context.Context, name string) (_ *Export, err error) {
+// withSnapshots carries the snapshot tree too; it needs a stopped VM.
+func (s *Service) OpenExport(ctx context.Context, name string, withSnapshots bool) (_ *Export, err error) {
 	unlock, err := s.lock(name, "export")
 	if err != nil {
 		return nil, err
@@ -95,9 +100,15 @@ func (s *Service) OpenExport(ctx context.Context, name string) (_ *Export, err e
 		return nil, err
 	}
 	e.release = append(e.release, rmDir)
-	if in := s.instance(name); in != nil {
+	in := s.instance(name)
+	switch {
+	case withSnapshots && in != nil:
+		return nil, fmt.Errorf("export vm %q with snapshots: %w: stop it first (a running VM is exported without its snapshots)", name, errdefs.ErrState)
+	case withSnapshots:
+		err = s.exportTree(ctx, e, r, dir)
+	case in != nil:
 		err = s.fleece(ctx, e, r, in, dir)
-	} else {
+	default:
 		err = s.serveStopped(ctx, e, r, dir)
 	}
 	if err != nil {
@@ -307,6 +318,9 @@ type ImportSpec struct {
 	Pool         string
 	// Data is how many bytes will be written, for the space check.
 	Data int64
+	// Tree, for a bundle with snapshots, is its manifest: the disks are
+	// recreated as its tree of layers.
+	Tree *bundle.Manifest
 }
 
 // Import is a VM being filled from a bundle: its record exists with a
@@ -317,7 +331,9 @@ type Import struct {
 	s       *Service
 	r       record
 	unlock  func()
-	writers map[string]*qcow2.Writer
+	writers map[string]*qcow2.Writer // by entry name
+	tree    *treeImport
+	spec    ImportSpec
 	done    bool
 }
 
@@ -348,7 +364,7 @@ func (s *Service) BeginImport(ctx context.Context, spec ImportSpec) (_ *Import, 
 	if err != nil {
 		return nil, err
 	}
-	im := &Import{s: s, unlock: unlock, writers: map[string]*qcow2.Writer{}}
+	im := &Import{s: s, unlock: unlock, writers: map[string]*qcow2.Writer{}, spec: spec}
 	r := record{
 		VM: api.VM{
 			Name: name, UUID: spec.UUID, InstanceID: spec.InstanceID, Hostname: spec.Hostname,
@@ -370,11 +386,28 @@ func (s *Service) BeginImport(ctx context.Context, spec ImportSpec) (_ *Import, 
 	} else if r.Hostname == "" {
 		r.Hostname = name
 	}
+	var ls []layer
+	var srs []snapRecord
+	if spec.Tree != nil {
+		im.tree, ls, srs = s.planTree(&r, spec, func(disk string) string { return pool.NewVolumePath(name, disk) })
+	}
 	err = s.insert(ctx, &r, !spec.KeepIdentity, func(tx store.Tx) error {
-		if !spec.KeepIdentity {
-			return nil
+		if spec.KeepIdentity {
+			if err := identityFree(tx, r); err != nil {
+				return err
+			}
 		}
-		return identityFree(tx, r)
+		// The tree's files are on record from the start, so that a crash
+		// half-way is undone by Recover like any other part of the VM.
+		if err := putLayers(tx, ls); err != nil {
+			return err
+		}
+		for _, sr := range srs {
+			if err := store.PutJSON(tx, snapBucket, snapKey(r.Name, sr.Name), sr); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		unlock()
@@ -386,12 +419,18 @@ func (s *Service) BeginImport(ctx context.Context, spec ImportSpec) (_ *Import, 
 			im.Abort(context.WithoutCancel(ctx))
 		}
 	}()
+	if im.tree != nil {
+		if err := im.openTree(spec); err != nil {
+			return nil, fmt.Errorf("import vm %q: %w", name, err)
+		}
+		return im, nil
+	}
 	for _, d := range r.Disks {
 		w, err := qcow2.Create(d.Path, d.Size)
 		if err != nil {
 			return nil, fmt.Errorf("import vm %q: disk %q: %w", name, d.Name, err)
 		}
-		im.writers[d.Name] = w
+		im.writers[bundle.DiskEntry(d.Name)] = w
 	}
 	return im, nil
 }
@@ -422,13 +461,17 @@ func identityFree(tx store.Tx, r record) error {
 // VM is the record as created, with the identity it got.
 func (im *Import) VM() api.VM { return im.s.view(im.r) }
 
-// Disk is where disk name's data goes.
-func (im *Import) Disk(name string) (io.WriterAt, error) {
-	w, ok := im.writers[name]
-	if !ok {
-		return nil, fmt.Errorf("import vm %q: no disk %q", im.r.Name, name)
+// Entry is where a bundle entry's data goes.
+func (im *Import) Entry(name string) (io.WriterAt, error) {
+	if w, ok := im.writers[name]; ok {
+		return w, nil
 	}
-	return w, nil
+	if im.tree != nil {
+		if w, ok := im.treeEntry(name); ok {
+			return w, nil
+		}
+	}
+	return nil, fmt.Errorf("import vm %q: no place for %s", im.r.Name, name)
 }
 
 // closeDisks finishes the disks as images (synced), or with keep false
@@ -456,6 +499,13 @@ func (im *Import) Commit(ctx context.Context) (api.VM, error) {
 		im.Abort(context.WithoutCancel(ctx))
 		return api.VM{}, fmt.Errorf("import vm %q: %w", r.Name, err)
 	}
+	if im.tree != nil {
+		if err := im.finishTree(ctx, im.spec); err != nil {
+			im.Abort(context.WithoutCancel(ctx))
+			return api.VM{}, fmt.Errorf("import vm %q: %w", r.Name, err)
+		}
+		im.freezeTree()
+	}
 	if err := os.MkdirAll(s.vmDir(r.Name), 0o750); err != nil {
 		im.Abort(context.WithoutCancel(ctx))
 		return api.VM{}, fmt.Errorf("import vm %q: %w", r.Name, err)
@@ -482,7 +532,9 @@ func (im *Import) Abort(ctx context.Context) {
 		return
 	}
 	im.done = true
+	im.closeTree()
 	_ = im.closeDisks(false)
 	im.s.discard(ctx, im.r)
+	im.s.collectLayers(ctx)
 	im.unlock()
 }

@@ -81,6 +81,8 @@ type Volumes interface {
 	HasData(ctx context.Context, path string) (bool, error)
 	Rebase(ctx context.Context, path, backing string) error
 	Info(ctx context.Context, path string) (storage.Info, error)
+	SetBacking(ctx context.Context, path, backing string) error
+	Check(ctx context.Context, path string) error
 }
 
 var (

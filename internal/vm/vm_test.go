@@ -97,6 +97,12 @@ func (f fakeVolumes) Rebase(_ context.Context, path, backing string) error {
 	return os.WriteFile(path, []byte(backing+"\n"+data+oldData), 0o600)
 }
 
+func (f fakeVolumes) SetBacking(_ context.Context, path, backing string) error {
+	return f.Rebase(context.Background(), path, backing)
+}
+
+func (f fakeVolumes) Check(context.Context, string) error { return f.fail }
+
 func (f fakeVolumes) Info(_ context.Context, path string) (storage.Info, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/bundle"
 )
 
 // rawRegion is where the tests write data straight to the disk, past the
@@ -352,4 +354,132 @@ func TestBundleKill(t *testing.T) {
 	eventually(t, 10*time.Second, "the half import's disk to go", func() bool {
 		return len(h.poolFiles()) == len(filesBefore)
 	})
+}
+
+// TestBundleSnapshots moves a VM with its snapshot tree, one snapshot with
+// memory and one without, and reverts to each on the other host.
+func TestBundleSnapshots(t *testing.T) {
+	t.Parallel()
+	src := newHost(t)
+	src.vm("tree")
+	src.exec("tree", "sh", "-c", "echo one >/root/f && sync")
+	src.must("snapshot", "create", "tree", "s1")
+	src.exec("tree", "sh", "-c", "echo two >/root/f && sync")
+	src.must("snapshot", "create", "tree", "s2", "--no-memory")
+	src.exec("tree", "sh", "-c", "echo three >/root/f && sync")
+
+	file := filepath.Join(t.TempDir(), "tree.lodge")
+	_, errOut, code := src.lodge("export", "tree", file, "--with-snapshots")
+	if code != 1 || !strings.Contains(errOut, "stop it first") {
+		t.Errorf("--with-snapshots of a running VM: exit %d: %s", code, errOut)
+	}
+	src.must("stop", "tree")
+	src.must("export", "tree", file, "--with-snapshots")
+
+	dst := newHost(t)
+	dst.must("import", file, "--keep-identity")
+	var snaps []api.Snapshot
+	mustJSON(t, dst.must("snapshot", "list", "tree", "-o", "json"), &snaps)
+	if len(snaps) != 2 || snaps[0].Name != "s1" || !snaps[0].Memory || snaps[1].Name != "s2" || snaps[1].Memory || snaps[1].Parent != "s1" || !snaps[1].Current {
+		t.Fatalf("imported snapshot tree: %+v", snaps)
+	}
+	dst.must("start", "tree")
+	dst.waitAgent("tree")
+	if got := dst.exec("tree", "cat", "/root/f"); got != "three" {
+		t.Errorf("current state after import: %q", got)
+	}
+	dst.must("snapshot", "revert", "tree", "s1")
+	if v := dst.show("tree"); v.State != api.StateRunning {
+		t.Errorf("after reverting to a memory snapshot: %s", v.State)
+	}
+	if got := dst.exec("tree", "cat", "/root/f"); got != "one" {
+		t.Errorf("after revert to s1: %q", got)
+	}
+	dst.must("snapshot", "revert", "tree", "s2")
+	dst.must("start", "tree")
+	dst.waitAgent("tree")
+	if got := dst.exec("tree", "cat", "/root/f"); got != "two" {
+		t.Errorf("after revert to s2: %q", got)
+	}
+
+	// A new identity drops the memory states: they hold the old one.
+	dst.must("import", file, "--name", "fresh")
+	mustJSON(t, dst.must("snapshot", "list", "fresh", "-o", "json"), &snaps)
+	if len(snaps) != 2 || snaps[0].Memory {
+		t.Errorf("snapshots of an import with a new identity: %+v", snaps)
+	}
+}
+
+// fileSource serves a whole file as a bundle entry.
+type fileSource struct{ b []byte }
+
+func (f fileSource) ReadAt(p []byte, off int64) (int, error) {
+	n := copy(p, f.b[min(off, int64(len(f.b))):])
+	clear(p[n:])
+	return len(p), nil
+}
+
+// layerBundle writes a bundle whose one disk is a single qcow2 layer.
+func layerBundle(t *testing.T, path string, layer []byte) {
+	t.Helper()
+	m := bundle.Manifest{
+		CreatedAt: time.Now().UTC(), Consistency: "stopped",
+		VM:     bundle.VMSpec{Name: "evil", UUID: "0a1b2c3d-4e5f-4071-8899-aabbccddeeff", CPUs: 1, Memory: 256 << 20},
+		Disks:  []bundle.Disk{{Name: "root", Bus: "virtio", Size: 64 << 20, Top: "l0"}},
+		Layers: []bundle.Layer{{ID: "l0", Disk: "root", Entry: bundle.LayerEntry("l0"), Size: int64(len(layer))}},
+	}
+	size := bundle.RoundBlock(int64(len(layer)))
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = f.Close() }()
+	src := []bundle.Source{{Entry: bundle.LayerEntry("l0"), Size: size, Extents: []bundle.Extent{{Offset: 0, Length: size}}, Data: fileSource{layer}}}
+	if _, err := bundle.Write(context.Background(), f, m, src, bundle.WriteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestBundleHostileLayer imports bundles whose qcow2 layers point at host
+// files: one through an external data file is refused and leaves nothing;
+// one with a backing file gets Lodge's own instead.
+func TestBundleHostileLayer(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	dir := t.TempDir()
+	img := func(name string, opts ...string) []byte {
+		p := filepath.Join(dir, name)
+		args := append([]string{"create", "-q", "-f", "qcow2"}, opts...)
+		if out, err := exec.Command("qemu-img", append(args, p, "64M")...).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img create: %v: %s", err, out)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	before := h.poolFiles()
+	layerBundle(t, filepath.Join(dir, "datafile.lodge"), img("d.qcow2", "-o", "data_file=/etc/hostname,data_file_raw=on"))
+	_, errOut, code := h.lodge("import", filepath.Join(dir, "datafile.lodge"))
+	if code != 1 || !strings.Contains(errOut, "names other files") {
+		t.Errorf("a layer with an external data file: exit %d: %s", code, errOut)
+	}
+	if _, _, code := h.lodge("show", "evil"); code == 0 {
+		t.Error("the refused import left a VM")
+	}
+	if got := h.poolFiles(); len(got) != len(before) {
+		t.Errorf("the refused import left files: %v", got)
+	}
+
+	layerBundle(t, filepath.Join(dir, "backing.lodge"), img("b.qcow2", "-b", "/etc/shadow", "-F", "raw", "-u"))
+	h.must("import", filepath.Join(dir, "backing.lodge"))
+	v := h.show("evil")
+	out, err := exec.Command("qemu-img", "info", "-U", "--output=json", v.Disks[0].Path).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(out), "shadow") || strings.Contains(string(out), "backing-filename") {
+		t.Errorf("the imported layer still names a backing file: %s", out)
+	}
 }
