@@ -9,7 +9,7 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
-	"github.com/zeebo/blake3"
+	"lukechampine.com/blake3"
 )
 
 // Compression is how hard the writer compresses.

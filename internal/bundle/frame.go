@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/zeebo/blake3"
+	"lukechampine.com/blake3"
 )
 
 // ChunkSize is how much of the tar stream one chunk holds at most.
@@ -204,7 +204,7 @@ func rawFrame(dst, p []byte) []byte {
 // rootHash folds the chunk digests, in order, into one.
 type rootHash struct{ h *blake3.Hasher }
 
-func newRootHash() rootHash { return rootHash{h: blake3.New()} }
+func newRootHash() rootHash { return rootHash{h: blake3.New(32, nil)} }
 
 func (r rootHash) add(sum [32]byte) { _, _ = r.h.Write(sum[:]) }
 
