@@ -99,6 +99,23 @@ func (c *Client) send(ctx context.Context, method, path string, body io.Reader, 
 	if hasBody {
 		req.Header.Set("Content-Type", contentType)
 	}
+	return c.roundTrip(req)
+}
+
+// sendSized sends a bundle stream, with its length when known.
+func (c *Client) sendSized(ctx context.Context, method, path string, body io.Reader, size int64) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/vnd.lodge.bundle")
+	if size >= 0 {
+		req.ContentLength = size
+	}
+	return c.roundTrip(req)
+}
+
+func (c *Client) roundTrip(req *http.Request) (*http.Response, error) {
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
 	}

@@ -99,7 +99,7 @@ func ExampleClient_ExportVM() {
 		fmt.Println(err)
 		return
 	}
-	vm, err := c.ImportVM(ctx, &bundle, api.ImportOptions{Name: "web-copy"})
+	vm, err := c.ImportVM(ctx, &bundle, int64(bundle.Len()), api.ImportOptions{Name: "web-copy"})
 	if err != nil {
 		fmt.Println(err)
 		return

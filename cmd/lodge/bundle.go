@@ -101,16 +101,20 @@ keys), unless --keep-identity keeps them, as for a move.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var in io.Reader = os.Stdin
+			size := int64(-1)
 			if args[0] != "-" {
 				f, err := os.Open(args[0])
 				if err != nil {
 					return fmt.Errorf("import %s: %w", args[0], err)
 				}
 				defer func() { _ = f.Close() }()
+				if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() {
+					size = fi.Size()
+				}
 				in = f
 			}
 			bar := newByteProgress("import", true)
-			v, err := g.client().ImportVM(cmd.Context(), bar.reader(in), opts)
+			v, err := g.client().ImportVM(cmd.Context(), bar.reader(in), size, opts)
 			bar.finish()
 			if err != nil {
 				return err
