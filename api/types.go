@@ -410,3 +410,142 @@ type ExportOptions struct {
 	// WithSnapshots carries the snapshot tree (a stopped VM only).
 	WithSnapshots bool `json:"snapshots,omitempty"`
 }
+
+// BackupRepo is a registered backup repository.
+type BackupRepo struct {
+	Name string `json:"name"`
+	Path string `json:"path"`
+	// MirrorOf names a repository whose new backups are copied here
+	// after each one is made.
+	MirrorOf string `json:"mirror_of,omitempty"`
+	Backups  int    `json:"backups"`
+	// Size is what the repository's chunks take on disk.
+	Size   int64  `json:"size"`
+	Chunks int    `json:"chunks"`
+	Error  string `json:"error,omitempty"`
+}
+
+// Backup is one backup point of a VM in a repository.
+type Backup struct {
+	ID        string    `json:"id"`
+	VM        string    `json:"vm"`
+	VMUUID    string    `json:"vm_uuid,omitempty"`
+	Repo      string    `json:"repo"`
+	CreatedAt time.Time `json:"created_at"`
+	// Kind is "full" or "incremental": how it was read. Every backup can
+	// be restored alone.
+	Kind   string `json:"kind"`
+	Parent string `json:"parent,omitempty"`
+	// Reason says why a backup is full when an earlier one existed.
+	Reason      string `json:"reason,omitempty"`
+	Consistency string `json:"consistency"`
+	// Size is the data the backup holds (its non-zero chunks), NewData
+	// what it added to the repository (compressed), Read what was read
+	// from the VM.
+	Size     int64        `json:"size"`
+	NewData  int64        `json:"new_data"`
+	Read     int64        `json:"read"`
+	Duration float64      `json:"duration_seconds"`
+	Disks    []BackupDisk `json:"disks,omitempty"`
+	// Chain lists the backups this one was read on top of, newest first.
+	Chain []string `json:"chain,omitempty"`
+}
+
+// BackupDisk is one disk in a backup.
+type BackupDisk struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+}
+
+// CreateBackupRepo registers a repository.
+type CreateBackupRepo struct {
+	Name     string `json:"name"`
+	Path     string `json:"path"`
+	MirrorOf string `json:"mirror_of,omitempty"`
+}
+
+// CreateBackup backs a VM up.
+type CreateBackup struct {
+	Repo string `json:"repo,omitempty"`
+}
+
+// RestoreBackup makes a VM from a backup.
+type RestoreBackup struct {
+	// VM is the name the backup was taken of; it is restored under it,
+	// with its identity, unless As gives another name (and a new
+	// identity).
+	VM    string `json:"vm"`
+	As    string `json:"as,omitempty"`
+	Repo  string `json:"repo,omitempty"`
+	Pool  string `json:"pool,omitempty"`
+	Start bool   `json:"start,omitempty"`
+}
+
+// BackupKeep is a retention policy: how many backups to keep per VM, by
+// recency and by period. All zero keeps everything.
+type BackupKeep struct {
+	Last    int `json:"last,omitempty"`
+	Hourly  int `json:"hourly,omitempty"`
+	Daily   int `json:"daily,omitempty"`
+	Weekly  int `json:"weekly,omitempty"`
+	Monthly int `json:"monthly,omitempty"`
+}
+
+// PruneBackups applies a retention policy to one VM's backups in a
+// repository, then collects the chunks nothing uses.
+type PruneBackups struct {
+	VM     string     `json:"vm"`
+	Repo   string     `json:"repo,omitempty"`
+	Keep   BackupKeep `json:"keep"`
+	DryRun bool       `json:"dry_run,omitempty"`
+}
+
+// PruneResult says what a prune kept and removed.
+type PruneResult struct {
+	Kept    []string `json:"kept"`
+	Removed []string `json:"removed"`
+	// Freed is what garbage collection gave back.
+	Freed int64 `json:"freed"`
+}
+
+// SyncBackups copies the backups To lacks from From.
+type SyncBackups struct {
+	From string `json:"from"`
+	To   string `json:"to"`
+}
+
+// SyncResult says what a sync copied.
+type SyncResult struct {
+	Backups int   `json:"backups"`
+	Chunks  int   `json:"chunks"`
+	Bytes   int64 `json:"bytes"`
+}
+
+// VerifyResult says what a verify read and what it found wrong.
+type VerifyResult struct {
+	Backups int      `json:"backups"`
+	Chunks  int      `json:"chunks"`
+	Bytes   int64    `json:"bytes"`
+	Bad     []string `json:"bad,omitempty"`
+}
+
+// GCResult says what garbage collection removed.
+type GCResult struct {
+	Chunks  int   `json:"chunks"`
+	Removed int   `json:"removed"`
+	Freed   int64 `json:"freed"`
+}
+
+// BackupSchedule makes the daemon back a VM up on a schedule and prune
+// by a retention policy after each backup.
+type BackupSchedule struct {
+	VM   string `json:"vm"`
+	Repo string `json:"repo,omitempty"`
+	// Schedule is an interval ("1h", "1d") or a cron expression
+	// ("0 3 * * *").
+	Schedule  string     `json:"schedule"`
+	Keep      BackupKeep `json:"keep"`
+	LastRun   *time.Time `json:"last_run,omitempty"`
+	NextRun   *time.Time `json:"next_run,omitempty"`
+	LastError string     `json:"last_error,omitempty"`
+}

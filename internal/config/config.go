@@ -61,7 +61,10 @@ type Config struct {
 	// IdentityGrace is how long a clone's guest may take to adopt its new
 	// identity from the seed before Lodge applies it through the agent.
 	IdentityGrace time.Duration `yaml:"identity_grace"`
-	AutoBalloon   AutoBalloon   `yaml:"auto_balloon"`
+	// BackupTick is how often the daemon looks for scheduled backups
+	// that are due.
+	BackupTick  time.Duration `yaml:"backup_tick"`
+	AutoBalloon AutoBalloon   `yaml:"auto_balloon"`
 	// TCGCache caps each TCG guest's translated-code cache, which stays
 	// resident while the VM runs (QEMU's own default is 1 GiB).
 	TCGCache Size `yaml:"tcg_cache"`
@@ -177,6 +180,9 @@ func (c *Config) Default() {
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
+	if c.BackupTick == 0 {
+		c.BackupTick = 30 * time.Second
+	}
 	if c.IdentityGrace == 0 {
 		c.IdentityGrace = 60 * time.Second
 	}
@@ -211,6 +217,9 @@ func (c *Config) Validate() error {
 	}
 	if c.StopTimeout < time.Second {
 		return fmt.Errorf("config stop_timeout %v: must be at least 1s", c.StopTimeout)
+	}
+	if c.BackupTick < 100*time.Millisecond || c.BackupTick > time.Minute {
+		return fmt.Errorf("config backup_tick %v: must be between 100ms and 1m", c.BackupTick)
 	}
 	if c.IdentityGrace < time.Second {
 		return fmt.Errorf("config identity_grace %v: must be at least 1s", c.IdentityGrace)

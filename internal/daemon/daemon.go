@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lodge-vm/lodge/internal/backup/manager"
 	"github.com/lodge-vm/lodge/internal/config"
 	"github.com/lodge-vm/lodge/internal/identity"
 	"github.com/lodge-vm/lodge/internal/image"
@@ -50,6 +51,7 @@ type Daemon struct {
 	token      string
 	listenAddr string
 	transfers  *transfers
+	backups    *manager.Manager
 
 	accelMu sync.Mutex
 	accel   qemu.Accel
@@ -93,6 +95,10 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, err
 	})
 	d.images.Users = d.vms.UsersOfImage
 	d.pools.Users = d.vms.UsersOfPool
+	if d.backups, err = manager.New(ctx, cfg.Home, st, d.vms, log); err != nil {
+		_ = st.Close()
+		return nil, err
+	}
 	d.projects = project.New(st)
 	d.projects.Usage, d.projects.Members = d.vms.ProjectUsage, vm.ProjectMembersTx
 	if v, err := d.driver.Version(ctx); err == nil {
@@ -121,6 +127,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.ops = newOperations(ctx, d.events)
 	d.initAccel(ctx)
 	go d.autoBalloonLoop(ctx)
+	go d.backupLoop(ctx)
 	ln, err := listen(d.cfg.Socket)
 	if err != nil {
 		return err

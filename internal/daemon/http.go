@@ -69,6 +69,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("GET /v1/operations/{id}/wait", d.waitOp)
 	mux.HandleFunc("DELETE /v1/operations/{id}", d.cancelOp)
 	mux.HandleFunc("GET /v1/events", d.streamEvents)
+	d.backupRoutes(mux)
 	return mux
 }
 

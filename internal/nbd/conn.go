@@ -266,19 +266,29 @@ func (c *Conn) BlockStatus(ctx context.Context, metaContext string, off, length 
 // negotiated. Adjacent ranges are merged. It asks as many times as it
 // takes to cover the range.
 func (c *Conn) DataExtents(ctx context.Context, off, length int64) ([]Extent, error) {
+	return c.extentsWhere(ctx, ContextAllocation, off, length, func(flags uint32) bool { return flags&(StateHole|StateZero) == 0 })
+}
+
+// DirtyExtents lists the ranges in [off, off+length) that dirty bitmap
+// name marks as written; Dial must have negotiated ContextBitmap(name).
+func (c *Conn) DirtyExtents(ctx context.Context, name string, off, length int64) ([]Extent, error) {
+	return c.extentsWhere(ctx, ContextBitmap(name), off, length, func(flags uint32) bool { return flags&StateDirty != 0 })
+}
+
+func (c *Conn) extentsWhere(ctx context.Context, metaContext string, off, length int64, keep func(uint32) bool) ([]Extent, error) {
 	size := c.Size()
 	if off < 0 || length < 0 || off > size {
-		return nil, fmt.Errorf("nbd data extents %d bytes at %d: outside the export (size %d)", length, off, size)
+		return nil, fmt.Errorf("nbd %s extents %d bytes at %d: outside the export (size %d)", metaContext, length, off, size)
 	}
 	end := off + min(length, size-off)
 	var out []Extent
 	for pos := off; pos < end; {
-		ext, err := c.BlockStatus(ctx, ContextAllocation, pos, end-pos)
+		ext, err := c.BlockStatus(ctx, metaContext, pos, end-pos)
 		if err != nil {
 			return nil, err
 		}
 		for _, e := range ext {
-			if e.Flags&(StateHole|StateZero) == 0 {
+			if keep(e.Flags) {
 				if n := len(out); n > 0 && out[n-1].Offset+out[n-1].Length == e.Offset {
 					out[n-1].Length += e.Length
 				} else {

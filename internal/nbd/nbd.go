@@ -40,6 +40,13 @@ const (
 // allocated; DataExtents needs it.
 const ContextAllocation = "base:allocation"
 
+// ContextBitmap is the meta context in which QEMU serves dirty bitmap
+// name: StateDirty marks the ranges written since it was added.
+func ContextBitmap(name string) string { return "qemu:dirty-bitmap:" + name }
+
+// StateDirty is the one status bit of a dirty-bitmap context.
+const StateDirty uint32 = 1
+
 // Options choose what Dial negotiates.
 type Options struct {
 	// Export is the export name; "" is the server's default export.

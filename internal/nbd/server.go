@@ -51,6 +51,9 @@ type ServerOptions struct {
 	Socket string
 	// Export is the export name; "" is the default export.
 	Export string
+	// Bitmap is a persistent dirty bitmap of the image to offer as the
+	// meta context "qemu:dirty-bitmap:NAME".
+	Bitmap string
 }
 
 // Server is a running qemu-nbd.
@@ -134,6 +137,8 @@ func serverArgs(o ServerOptions) ([]string, error) {
 		return nil, errors.New("force-share needs a read-only export")
 	case len(o.Export) > maxErrString:
 		return nil, errors.New("export name too long")
+	case o.Bitmap != "" && !formatRE.MatchString(o.Bitmap):
+		return nil, fmt.Errorf("bitmap name %q: only lower-case letters, digits, - and _", o.Bitmap)
 	}
 	args := []string{
 		"--socket=" + o.Socket,
@@ -149,6 +154,9 @@ func serverArgs(o ServerOptions) ([]string, error) {
 	}
 	if o.Writeback {
 		args = append(args, "--cache=writeback")
+	}
+	if o.Bitmap != "" {
+		args = append(args, "--bitmap="+o.Bitmap)
 	}
 	if o.ReadOnly {
 		args = append(args, "--read-only")

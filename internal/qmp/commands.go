@@ -152,9 +152,23 @@ func MigrateCancel(ctx context.Context, m Monitor) error {
 
 // BlockNode is one entry of query-named-block-nodes.
 type BlockNode struct {
-	NodeName string `json:"node-name"`
-	Driver   string `json:"drv"`
-	File     string `json:"file"`
+	NodeName     string        `json:"node-name"`
+	Driver       string        `json:"drv"`
+	File         string        `json:"file"`
+	DirtyBitmaps []DirtyBitmap `json:"dirty-bitmaps,omitempty"`
+}
+
+// DirtyBitmap is a node's record of the clusters written since the bitmap
+// was added. One QEMU could not save (it was killed) comes back
+// Inconsistent and no longer says anything.
+type DirtyBitmap struct {
+	Name         string `json:"name"`
+	Recording    bool   `json:"recording"`
+	Persistent   bool   `json:"persistent"`
+	Inconsistent bool   `json:"inconsistent"`
+	Busy         bool   `json:"busy"`
+	Count        int64  `json:"count"`
+	Granularity  int64  `json:"granularity"`
 }
 
 // QueryNamedBlockNodes lists every block node, including the backing
@@ -354,16 +368,49 @@ func AddFleeceNode(ctx context.Context, m Monitor, name, path, backing string) e
 	}, nil)
 }
 
+// Action is one step of a transaction.
+type Action map[string]any
+
+func action(kind string, data map[string]any) Action {
+	return Action{"type": kind, "data": data}
+}
+
+// AddBitmap adds a dirty bitmap to node. A persistent one is saved in the
+// qcow2 file when QEMU closes it; a disabled one records nothing more.
+func AddBitmap(node, name string, persistent, disabled bool) Action {
+	return action("block-dirty-bitmap-add", map[string]any{"node": node, "name": name, "persistent": persistent, "disabled": disabled})
+}
+
+// MergeBitmaps adds the bits of sources, bitmaps of the same node, to
+// target.
+func MergeBitmaps(node, target string, sources ...string) Action {
+	return action("block-dirty-bitmap-merge", map[string]any{"node": node, "target": target, "bitmaps": sources})
+}
+
 // StartFleecing starts, in one transaction so that all disks share one
 // point in time, a copy-before-write (backup sync=none) job per disk.
-func StartFleecing(ctx context.Context, m Monitor, specs []FleeceSpec) error {
-	actions := make([]map[string]any, 0, len(specs))
+// extra actions run in the same transaction, at the same instant.
+func StartFleecing(ctx context.Context, m Monitor, specs []FleeceSpec, extra ...Action) error {
+	actions := make([]Action, 0, len(specs)+len(extra))
+	actions = append(actions, extra...)
 	for _, s := range specs {
-		actions = append(actions, map[string]any{"type": "blockdev-backup", "data": map[string]any{
+		actions = append(actions, action("blockdev-backup", map[string]any{
 			"job-id": s.JobID, "device": s.Source, "target": s.Target, "sync": "none",
-		}})
+		}))
 	}
 	return m.Execute(ctx, "transaction", map[string]any{"actions": actions}, nil)
+}
+
+// RemoveBitmap drops a dirty bitmap, from the qcow2 file too if it is
+// persistent.
+func RemoveBitmap(ctx context.Context, m Monitor, node, name string) error {
+	return m.Execute(ctx, "block-dirty-bitmap-remove", map[string]any{"node": node, "name": name}, nil)
+}
+
+// BitmapRef names a dirty bitmap of a node.
+type BitmapRef struct {
+	Node string `json:"node"`
+	Name string `json:"name"`
 }
 
 // BlockdevDel closes a node added with blockdev-add.
@@ -383,11 +430,15 @@ func NBDServerStop(ctx context.Context, m Monitor) error {
 	return m.Execute(ctx, "nbd-server-stop", nil, nil)
 }
 
-// ExportNBD exports node read-only under name on the NBD server.
-func ExportNBD(ctx context.Context, m Monitor, id, node, name string) error {
-	return m.Execute(ctx, "block-export-add", map[string]any{
-		"type": "nbd", "id": id, "node-name": node, "name": name, "writable": false,
-	}, nil)
+// ExportNBD exports node read-only under name on the NBD server. Each
+// bitmap, of node or a node below it, can then be read by clients as the
+// meta context "qemu:dirty-bitmap:NAME".
+func ExportNBD(ctx context.Context, m Monitor, id, node, name string, bitmaps ...BitmapRef) error {
+	args := map[string]any{"type": "nbd", "id": id, "node-name": node, "name": name, "writable": false}
+	if len(bitmaps) > 0 {
+		args["bitmaps"] = bitmaps
+	}
+	return m.Execute(ctx, "block-export-add", args, nil)
 }
 
 // UnexportNBD removes an export, even with clients connected.

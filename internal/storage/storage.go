@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -47,9 +48,23 @@ type Info struct {
 			Extents []struct {
 				Filename string `json:"filename"`
 			} `json:"extents,omitempty"`
+			// Bitmaps are a qcow2's persistent dirty bitmaps.
+			Bitmaps []Bitmap `json:"bitmaps,omitempty"`
 		} `json:"data"`
 	} `json:"format-specific"`
 }
+
+// Bitmap is a persistent dirty bitmap as qemu-img reports it. The flag
+// "in-use" on a file no QEMU has open means the QEMU that had it was
+// killed before saving it: the bitmap no longer says anything.
+type Bitmap struct {
+	Name        string   `json:"name"`
+	Flags       []string `json:"flags"`
+	Granularity int64    `json:"granularity"`
+}
+
+// Inconsistent says whether the bitmap was left unsaved.
+func (b Bitmap) Inconsistent() bool { return slices.Contains(b.Flags, "in-use") }
 
 // QEMUImg runs qemu-img.
 type QEMUImg struct {
@@ -276,6 +291,19 @@ func (q *QEMUImg) SetBacking(ctx context.Context, path, backing string) error {
 		args = append(args, "-F", "qcow2")
 	}
 	_, err := q.run(ctx, true, append(args, path)...)
+	return err
+}
+
+// AddBitmap adds a persistent dirty bitmap to the qcow2 at path, which
+// from then on records every cluster written to it.
+func (q *QEMUImg) AddBitmap(ctx context.Context, path, name string) error {
+	_, err := q.run(ctx, false, "bitmap", "--add", "-f", "qcow2", path, name)
+	return err
+}
+
+// RemoveBitmap removes one.
+func (q *QEMUImg) RemoveBitmap(ctx context.Context, path, name string) error {
+	_, err := q.run(ctx, false, "bitmap", "--remove", "-f", "qcow2", path, name)
 	return err
 }
 

@@ -107,9 +107,9 @@ func (s *Service) OpenExport(ctx context.Context, name string, withSnapshots boo
 	case withSnapshots:
 		err = s.exportTree(ctx, e, r, dir)
 	case in != nil:
-		err = s.fleece(ctx, e, r, in, dir)
+		err = s.fleece(ctx, e, r, in, dir, fleeceHooks{})
 	default:
-		err = s.serveStopped(ctx, e, r, dir)
+		err = s.serveStopped(ctx, e, r, dir, nil)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("export vm %q: %w", name, err)
@@ -117,19 +117,28 @@ func (s *Service) OpenExport(ctx context.Context, name string, withSnapshots boo
 	return e, nil
 }
 
-// serveStopped serves each disk's chain with qemu-nbd, read-only.
-func (s *Service) serveStopped(ctx context.Context, e *Export, r record, dir string) error {
+// serveStopped serves each disk's chain with qemu-nbd, read-only, with
+// the persistent dirty bitmap bitmaps[i] of disk i, if there is one.
+func (s *Service) serveStopped(ctx context.Context, e *Export, r record, dir string, bitmaps []string) error {
 	e.Consistency = "stopped"
 	for i, d := range r.Disks {
+		var bitmap string
+		if i < len(bitmaps) {
+			bitmap = bitmaps[i]
+		}
 		srv, err := nbd.Serve(ctx, nbd.ServerOptions{
-			Path: d.Path, Format: "qcow2", ReadOnly: true,
+			Path: d.Path, Format: "qcow2", ReadOnly: true, Bitmap: bitmap,
 			Socket: filepath.Join(dir, "disk"+strconv.Itoa(i)+".sock"),
 		})
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", d.Name, err)
 		}
 		e.release = append(e.release, func() { _ = srv.Stop() })
-		c, err := srv.Dial(ctx, nbd.ContextAllocation)
+		contexts := []string{nbd.ContextAllocation}
+		if bitmap != "" {
+			contexts = append(contexts, nbd.ContextBitmap(bitmap))
+		}
+		c, err := srv.Dial(ctx, contexts...)
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", d.Name, err)
 		}
@@ -146,19 +155,34 @@ const (
 	fleeceFileTail = ".fleece.qcow2"
 )
 
+// fleeceHooks add to the point a running VM's disks are held at.
+type fleeceHooks struct {
+	// actions for disk i, whose active layer is node top, run in the
+	// transaction that takes the point.
+	actions func(i int, top string) []qmp.Action
+	// bitmap names a dirty bitmap of top to serve with disk i's view.
+	bitmap func(i int, top string) string
+}
+
 // fleece sets up a point-in-time view of each disk of a running VM in its
 // QEMU and serves it from QEMU's NBD server.
-func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance, dir string) error {
+func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance, dir string, hooks fleeceHooks) error {
 	s.clearFleece(ctx, in)
 	devs, err := qmp.QueryBlock(ctx, in.mon)
 	if err != nil {
 		return err
 	}
 	var specs []qmp.FleeceSpec
+	var actions []qmp.Action
+	tops := make([]string, len(r.Disks))
 	for i, d := range r.Disks {
 		top := topNode(devs, "disk"+strconv.Itoa(i)+"-dev")
 		if top == "" {
 			return fmt.Errorf("disk %q: QEMU lists no such device", d.Name)
+		}
+		tops[i] = top
+		if hooks.actions != nil {
+			actions = append(actions, hooks.actions(i, top)...)
 		}
 		path := d.Path + fleeceFileTail
 		// One left by an export whose daemon was killed: the VM lock says
@@ -184,7 +208,7 @@ func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance,
 		})
 		specs = append(specs, qmp.FleeceSpec{JobID: fleeceJobTag + strconv.Itoa(i), Source: top, Target: node})
 	}
-	e.Consistency, err = s.atFrozenPoint(ctx, "export", r, in, func() error { return qmp.StartFleecing(ctx, in.mon, specs) })
+	e.Consistency, err = s.atFrozenPoint(ctx, "export", r, in, func() error { return qmp.StartFleecing(ctx, in.mon, specs, actions...) })
 	if err != nil {
 		return err
 	}
@@ -200,7 +224,15 @@ func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance,
 	})
 	for i, sp := range specs {
 		id, name := fleecePrefix+"-export"+strconv.Itoa(i), "disk"+strconv.Itoa(i)
-		if err := qmp.ExportNBD(ctx, in.mon, id, sp.Target, name); err != nil {
+		var bitmaps []qmp.BitmapRef
+		contexts := []string{nbd.ContextAllocation}
+		if hooks.bitmap != nil {
+			if b := hooks.bitmap(i, tops[i]); b != "" {
+				bitmaps = append(bitmaps, qmp.BitmapRef{Node: tops[i], Name: b})
+				contexts = append(contexts, nbd.ContextBitmap(b))
+			}
+		}
+		if err := qmp.ExportNBD(ctx, in.mon, id, sp.Target, name, bitmaps...); err != nil {
 			return fmt.Errorf("disk %q: %w", r.Disks[i].Name, err)
 		}
 		e.release = append(e.release, func() {
@@ -208,7 +240,7 @@ func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance,
 			defer cancel()
 			_ = qmp.UnexportNBD(cctx, in.mon, id)
 		})
-		c, err := nbd.Dial(ctx, "unix", sock, nbd.Options{Export: name, MetaContexts: []string{nbd.ContextAllocation}})
+		c, err := nbd.Dial(ctx, "unix", sock, nbd.Options{Export: name, MetaContexts: contexts})
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", r.Disks[i].Name, err)
 		}

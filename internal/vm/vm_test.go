@@ -480,3 +480,6 @@ func TestFullDiskPausesWithReason(t *testing.T) {
 		t.Fatalf("reason after resume = %q", v.StateReason)
 	}
 }
+
+func (f fakeVolumes) AddBitmap(context.Context, string, string) error    { return f.fail }
+func (f fakeVolumes) RemoveBitmap(context.Context, string, string) error { return f.fail }

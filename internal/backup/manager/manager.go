@@ -1,0 +1,772 @@
+// Package manager runs backups: it keeps the registry of repositories,
+// takes a VM's point in time from the vm service and stores it in a
+// repository (package backup), restores VMs from any backup point, keeps
+// schedules, and applies retention.
+package manager
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/backup"
+	"github.com/lodge-vm/lodge/internal/bundle"
+	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/nbd"
+	"github.com/lodge-vm/lodge/internal/store"
+	"github.com/lodge-vm/lodge/internal/vm"
+)
+
+const (
+	repoBucket     = "backup-repos"
+	scheduleBucket = "backup-schedules"
+	// DefaultRepo lives in $LODGE_HOME/backups and always exists.
+	DefaultRepo = "default"
+)
+
+// VMs is what the manager needs of the vm service.
+type VMs interface {
+	Get(ctx context.Context, name string) (api.VM, error)
+	OpenBackup(ctx context.Context, name string, opts vm.BackupOptions) (*vm.BackupPoint, error)
+	BeginImport(ctx context.Context, spec vm.ImportSpec) (*vm.Import, error)
+}
+
+var _ VMs = (*vm.Service)(nil)
+
+// Progress reports a long job's stage and bytes.
+type Progress func(stage string, done, total int64)
+
+// Manager runs backups for one host.
+type Manager struct {
+	home  string
+	store store.Store
+	vms   VMs
+	log   *slog.Logger
+
+	mu    sync.Mutex
+	repos map[string]*backup.Repo // opened, by path
+}
+
+// New returns a manager and makes sure the default repository exists.
+func New(ctx context.Context, home string, st store.Store, vms VMs, log *slog.Logger) (*Manager, error) {
+	m := &Manager{home: home, store: st, vms: vms, log: log.With("component", "backup"), repos: map[string]*backup.Repo{}}
+	def := repoRecord{Name: DefaultRepo, Path: filepath.Join(home, "backups")}
+	err := st.Update(ctx, func(tx store.Tx) error {
+		if _, err := tx.Get(repoBucket, def.Name); err == nil {
+			return nil
+		}
+		return store.PutJSON(tx, repoBucket, def.Name, def)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("default backup repository: %w", err)
+	}
+	return m, nil
+}
+
+// repoRecord is a registered repository.
+type repoRecord struct {
+	Name     string `json:"name"`
+	Path     string `json:"path"`
+	MirrorOf string `json:"mirror_of,omitempty"`
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
+
+// AddRepo registers a directory as a repository: an existing repository
+// (one another host wrote, say) is taken as it is, and an empty or
+// missing directory becomes a new one.
+func (m *Manager) AddRepo(ctx context.Context, req api.CreateBackupRepo) (api.BackupRepo, error) {
+	if !nameRE.MatchString(req.Name) {
+		return api.BackupRepo{}, fmt.Errorf("backup repository name %q: %w: use letters, digits, '-' and '_'", req.Name, errdefs.ErrInvalid)
+	}
+	if !filepath.IsAbs(req.Path) {
+		return api.BackupRepo{}, fmt.Errorf("backup repository %q: path %q: %w: must be absolute", req.Name, req.Path, errdefs.ErrInvalid)
+	}
+	rec := repoRecord{Name: req.Name, Path: filepath.Clean(req.Path), MirrorOf: req.MirrorOf}
+	if rec.MirrorOf != "" {
+		src, err := m.repoRecord(ctx, rec.MirrorOf)
+		if err != nil {
+			return api.BackupRepo{}, fmt.Errorf("backup repository %q: mirror of: %w", req.Name, err)
+		}
+		if src.Path == rec.Path {
+			return api.BackupRepo{}, fmt.Errorf("backup repository %q: %w: it cannot mirror %q, which has the same path", req.Name, errdefs.ErrInvalid, src.Name)
+		}
+	}
+	if _, err := m.repoRecord(ctx, req.Name); err == nil {
+		return api.BackupRepo{}, fmt.Errorf("backup repository %q: %w", req.Name, errdefs.ErrExists)
+	}
+	others, err := m.repoRecords(ctx)
+	if err != nil {
+		return api.BackupRepo{}, err
+	}
+	for _, o := range others {
+		if o.Path == rec.Path {
+			return api.BackupRepo{}, fmt.Errorf("backup repository %q: %w: %s is already repository %q", req.Name, errdefs.ErrExists, rec.Path, o.Name)
+		}
+	}
+	if _, err := m.openPath(rec.Path, true); err != nil {
+		return api.BackupRepo{}, fmt.Errorf("backup repository %q: %w", req.Name, err)
+	}
+	err = m.store.Update(ctx, func(tx store.Tx) error {
+		if _, err := tx.Get(repoBucket, rec.Name); err == nil {
+			return fmt.Errorf("backup repository %q: %w", rec.Name, errdefs.ErrExists)
+		}
+		return store.PutJSON(tx, repoBucket, rec.Name, rec)
+	})
+	if err != nil {
+		return api.BackupRepo{}, err
+	}
+	m.log.Info("repository added", "repo", rec.Name, "path", rec.Path)
+	return m.describe(rec), nil
+}
+
+// RemoveRepo forgets a repository; its files stay where they are.
+func (m *Manager) RemoveRepo(ctx context.Context, name string) error {
+	if name == DefaultRepo {
+		return fmt.Errorf("backup repository %q: %w: the default repository cannot be removed", name, errdefs.ErrInvalid)
+	}
+	return m.store.Update(ctx, func(tx store.Tx) error {
+		if _, err := tx.Get(repoBucket, name); err != nil {
+			return fmt.Errorf("backup repository %q: %w", name, errdefs.ErrNotFound)
+		}
+		recs, err := store.ListJSON[repoRecord](tx, repoBucket)
+		if err != nil {
+			return err
+		}
+		for _, r := range recs {
+			if r.MirrorOf == name {
+				return fmt.Errorf("backup repository %q: %w: repository %q mirrors it", name, errdefs.ErrInUse, r.Name)
+			}
+		}
+		scheds, err := store.ListJSON[api.BackupSchedule](tx, scheduleBucket)
+		if err != nil {
+			return err
+		}
+		for _, s := range scheds {
+			if s.Repo == name {
+				return fmt.Errorf("backup repository %q: %w: vm %q is scheduled to back up there", name, errdefs.ErrInUse, s.VM)
+			}
+		}
+		return tx.Delete(repoBucket, name)
+	})
+}
+
+// Repos lists the repositories with what they hold.
+func (m *Manager) Repos(ctx context.Context) ([]api.BackupRepo, error) {
+	recs, err := m.repoRecords(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.BackupRepo, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, m.describe(r))
+	}
+	return out, nil
+}
+
+func (m *Manager) describe(rec repoRecord) api.BackupRepo {
+	out := api.BackupRepo{Name: rec.Name, Path: rec.Path, MirrorOf: rec.MirrorOf}
+	repo, err := m.openPath(rec.Path, rec.Name == DefaultRepo)
+	if err != nil {
+		out.Error = err.Error()
+		return out
+	}
+	if bs, err := repo.Backups(); err == nil {
+		out.Backups = len(bs)
+	} else {
+		out.Error = err.Error()
+	}
+	out.Chunks, out.Size, _ = repo.Usage()
+	return out
+}
+
+func (m *Manager) repoRecord(ctx context.Context, name string) (repoRecord, error) {
+	var rec repoRecord
+	err := m.store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, repoBucket, name, &rec) })
+	if errors.Is(err, store.ErrNotFound) {
+		return rec, fmt.Errorf("backup repository %q: %w (see lodge backup repo list)", name, errdefs.ErrNotFound)
+	}
+	return rec, err
+}
+
+func (m *Manager) repoRecords(ctx context.Context) ([]repoRecord, error) {
+	var out []repoRecord
+	err := m.store.View(ctx, func(tx store.Tx) error {
+		var err error
+		out, err = store.ListJSON[repoRecord](tx, repoBucket)
+		return err
+	})
+	sort.Slice(out, func(i, j int) bool {
+		return out[i].Name == DefaultRepo || (out[j].Name != DefaultRepo && out[i].Name < out[j].Name)
+	})
+	return out, err
+}
+
+// openPath opens the repository at path once; create makes one there if
+// there is none.
+func (m *Manager) openPath(path string, create bool) (*backup.Repo, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if r, ok := m.repos[path]; ok {
+		return r, nil
+	}
+	r, err := backup.Open(path)
+	if err != nil && create && !isRepo(path) {
+		r, err = backup.Init(path)
+	}
+	if err != nil {
+		return nil, err
+	}
+	m.repos[path] = r
+	return r, nil
+}
+
+func isRepo(path string) bool {
+	_, err := os.Stat(filepath.Join(path, "lodge-repo.json"))
+	return err == nil
+}
+
+func (m *Manager) open(ctx context.Context, name string) (repoRecord, *backup.Repo, error) {
+	if name == "" {
+		name = DefaultRepo
+	}
+	rec, err := m.repoRecord(ctx, name)
+	if err != nil {
+		return rec, nil, err
+	}
+	r, err := m.openPath(rec.Path, name == DefaultRepo)
+	if err != nil {
+		return rec, nil, fmt.Errorf("backup repository %q: %w", name, err)
+	}
+	return rec, r, nil
+}
+
+// latest is the newest backup of the VM with uuid in repo, or nil.
+func latest(repo *backup.Repo, uuid string) (*backup.Manifest, error) {
+	bs, err := repo.Backups()
+	if err != nil {
+		return nil, err
+	}
+	for i := len(bs) - 1; i >= 0; i-- {
+		if bs[i].VMUUID == uuid {
+			return &bs[i], nil
+		}
+	}
+	return nil, nil
+}
+
+// spec is what a backup keeps of the VM's settings, for a restore.
+type spec struct {
+	VM        api.VM `json:"vm"`
+	CloudInit string `json:"cloud_init,omitempty"`
+}
+
+// Create backs VM name up to repository repoName: incrementally if its
+// disks tracked their writes since its last backup there, fully
+// otherwise.
+func (m *Manager) Create(ctx context.Context, name, repoName string, progress Progress) (api.Backup, error) {
+	rec, repo, err := m.open(ctx, repoName)
+	if err != nil {
+		return api.Backup{}, fmt.Errorf("backup vm %q: %w", name, err)
+	}
+	v, err := m.vms.Get(ctx, name)
+	if err != nil {
+		return api.Backup{}, err
+	}
+	parent, err := latest(repo, v.UUID)
+	if err != nil {
+		return api.Backup{}, fmt.Errorf("backup vm %q: repository %q: %w", name, rec.Name, err)
+	}
+	opts := vm.BackupOptions{ID: backup.NewID(time.Now())}
+	if parent != nil {
+		opts.Parent = parent.ID
+	}
+	others, err := m.repoRecords(ctx)
+	if err != nil {
+		return api.Backup{}, err
+	}
+	for _, o := range others {
+		if o.Name == rec.Name {
+			continue
+		}
+		if r, err := m.openPath(o.Path, false); err == nil {
+			if b, err := latest(r, v.UUID); err == nil && b != nil {
+				opts.Keep = append(opts.Keep, b.ID)
+			}
+		}
+	}
+	start := time.Now()
+	progress("freeze", 0, 0)
+	p, err := m.vms.OpenBackup(ctx, name, opts)
+	if err != nil {
+		return api.Backup{}, err
+	}
+	defer p.Close()
+	man, err := m.store1(ctx, repo, p, parent, opts, progress)
+	if err != nil {
+		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
+	}
+	man.Stats.Duration = time.Since(start)
+	w, err := repo.BeginWrite(ctx)
+	if err != nil {
+		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
+	}
+	defer func() { _ = w.Close() }()
+	if err := w.Commit(ctx, &man); err != nil {
+		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
+	}
+	if err := p.Commit(context.WithoutCancel(ctx)); err != nil {
+		m.log.Warn("backup stored, change tracking not moved on", "vm", name, "backup", man.ID, "err", err)
+	}
+	m.log.Info("backed up", "vm", name, "repo", rec.Name, "backup", man.ID, "kind", man.Kind,
+		"read", man.Stats.Read, "stored", man.Stats.Stored, "seconds", man.Stats.Duration.Seconds(), "reason", man.Reason)
+	m.mirror(ctx, rec.Name, progress)
+	return view(rec.Name, man, nil), nil
+}
+
+// store1 reads the point's disks into the repository and returns the
+// backup's manifest, not yet committed.
+func (m *Manager) store1(ctx context.Context, repo *backup.Repo, p *vm.BackupPoint, parent *backup.Manifest, opts vm.BackupOptions, progress Progress) (backup.Manifest, error) {
+	raw, err := json.Marshal(spec{VM: p.VM, CloudInit: p.CloudInit})
+	if err != nil {
+		return backup.Manifest{}, err
+	}
+	man := backup.Manifest{
+		Format: 1, ID: opts.ID, VM: p.VM.Name, VMUUID: p.VM.UUID, CreatedAt: time.Now().UTC(),
+		Kind: backup.KindIncremental, Consistency: p.Consistency, Spec: raw,
+	}
+	if parent != nil {
+		man.Parent = parent.ID
+	}
+	type job struct {
+		in   backup.DiskInput
+		disk string
+	}
+	var jobs []job
+	var total int64
+	var full int
+	var reasons []string
+	for _, d := range p.Disks {
+		in := backup.DiskInput{Name: d.Name, Size: d.Size, Reader: d.Conn}
+		if !d.Full {
+			if pd := parentDisk(parent, d.Name, d.Size); pd != nil {
+				in.Parent = pd.Chunks
+			} else {
+				// A disk the parent does not hold, or held at another
+				// size, is read whole.
+				d.Full, d.Reason = true, fmt.Sprintf("disk %q is not in backup %s at this size", d.Name, parent.ID)
+				if d.Read, err = d.Conn.DataExtents(ctx, 0, d.Size); err != nil {
+					return man, fmt.Errorf("disk %q: %w", d.Name, err)
+				}
+			}
+		}
+		if d.Full {
+			full++
+			if d.Reason != "" {
+				reasons = append(reasons, d.Reason)
+			}
+		}
+		in.Read = chunksOf(d.Read, d.Size)
+		total += int64(len(in.Read)) * backup.ChunkSize
+		jobs = append(jobs, job{in: in, disk: d.Name})
+	}
+	// A backup is full when every disk was read whole; it then stands on
+	// no parent. Otherwise the reasons say which disks were.
+	if full == len(p.Disks) {
+		man.Kind, man.Parent = backup.KindFull, ""
+	}
+	man.Reason = strings.Join(reasons, "; ")
+	var done int64
+	var mu sync.Mutex
+	for _, j := range jobs {
+		dm, st, err := w1(ctx, repo, j.in, func(n int64) {
+			mu.Lock()
+			done += n
+			d := done
+			mu.Unlock()
+			progress("read", d, total)
+		})
+		if err != nil {
+			return man, fmt.Errorf("disk %q: %w", j.disk, err)
+		}
+		man.Disks = append(man.Disks, dm)
+		man.Stats.Read += st.Read
+		man.Stats.Stored += st.Stored
+		man.Stats.Data += st.Data
+		man.Stats.Chunks += st.Chunks
+		man.Stats.NewChunks += st.NewChunks
+	}
+	return man, nil
+}
+
+// w1 stores one disk through its own writer registration.
+func w1(ctx context.Context, repo *backup.Repo, in backup.DiskInput, progress func(int64)) (backup.DiskManifest, backup.Stats, error) {
+	w, err := repo.BeginWrite(ctx)
+	if err != nil {
+		return backup.DiskManifest{}, backup.Stats{}, err
+	}
+	defer func() { _ = w.Close() }()
+	return w.BackupDisk(ctx, in, progress)
+}
+
+func parentDisk(parent *backup.Manifest, name string, size int64) *backup.DiskManifest {
+	if parent == nil {
+		return nil
+	}
+	for i := range parent.Disks {
+		if parent.Disks[i].Name == name && parent.Disks[i].Size == size {
+			return &parent.Disks[i]
+		}
+	}
+	return nil
+}
+
+// chunksOf lists, in order, the chunks that ranges touch.
+func chunksOf(ranges []nbd.Extent, size int64) []int64 {
+	var out []int64
+	for _, r := range ranges {
+		if r.Length <= 0 {
+			continue
+		}
+		first := r.Offset / backup.ChunkSize
+		last := min(r.Offset+r.Length-1, size-1) / backup.ChunkSize
+		for c := first; c <= last; c++ {
+			if n := len(out); n == 0 || out[n-1] < c {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+// view is a manifest as the API shows it.
+func view(repo string, b backup.Manifest, chain []string) api.Backup {
+	out := api.Backup{
+		ID: b.ID, VM: b.VM, VMUUID: b.VMUUID, Repo: repo, CreatedAt: b.CreatedAt, Kind: b.Kind, Parent: b.Parent,
+		Reason: b.Reason, Consistency: b.Consistency, Size: b.Stats.Data, NewData: b.Stats.Stored, Read: b.Stats.Read,
+		Duration: b.Stats.Duration.Seconds(), Chain: chain,
+	}
+	for _, d := range b.Disks {
+		out.Disks = append(out.Disks, api.BackupDisk{Name: d.Name, Size: d.Size})
+	}
+	return out
+}
+
+// List returns the backups in every repository (or in repo), of every VM
+// (or of vmName), oldest first.
+func (m *Manager) List(ctx context.Context, vmName, repoName string) ([]api.Backup, error) {
+	recs, err := m.repoRecords(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []api.Backup
+	found := repoName == ""
+	for _, rec := range recs {
+		if repoName != "" && rec.Name != repoName {
+			continue
+		}
+		found = true
+		repo, err := m.openPath(rec.Path, rec.Name == DefaultRepo)
+		if err != nil {
+			return nil, fmt.Errorf("backup repository %q: %w", rec.Name, err)
+		}
+		bs, err := repo.Backups()
+		if err != nil {
+			return nil, fmt.Errorf("backup repository %q: %w", rec.Name, err)
+		}
+		for _, b := range bs {
+			if vmName == "" || b.VM == vmName {
+				out = append(out, view(rec.Name, b, nil))
+			}
+		}
+	}
+	if !found {
+		return nil, fmt.Errorf("backup repository %q: %w (see lodge backup repo list)", repoName, errdefs.ErrNotFound)
+	}
+	sort.SliceStable(out, func(i, j int) bool { return out[i].CreatedAt.Before(out[j].CreatedAt) })
+	return out, nil
+}
+
+// find looks for backup id in repoName, or in every repository.
+func (m *Manager) find(ctx context.Context, id, repoName string) (repoRecord, *backup.Repo, backup.Manifest, error) {
+	if !backup.ValidID(id) {
+		return repoRecord{}, nil, backup.Manifest{}, fmt.Errorf("backup %q: %w: not a backup id (see lodge backup list)", id, errdefs.ErrInvalid)
+	}
+	recs, err := m.repoRecords(ctx)
+	if err != nil {
+		return repoRecord{}, nil, backup.Manifest{}, err
+	}
+	for _, rec := range recs {
+		if repoName != "" && rec.Name != repoName {
+			continue
+		}
+		repo, err := m.openPath(rec.Path, rec.Name == DefaultRepo)
+		if err != nil {
+			continue
+		}
+		b, err := repo.Backup(id)
+		if err == nil {
+			return rec, repo, b, nil
+		}
+		if !errors.Is(err, errdefs.ErrNotFound) {
+			return rec, nil, b, fmt.Errorf("backup %q in repository %q: %w", id, rec.Name, err)
+		}
+	}
+	where := "any repository"
+	if repoName != "" {
+		where = fmt.Sprintf("repository %q", repoName)
+	}
+	return repoRecord{}, nil, backup.Manifest{}, fmt.Errorf("backup %q: %w in %s (see lodge backup list)", id, errdefs.ErrNotFound, where)
+}
+
+// Show returns one backup with the chain of backups it was read on.
+func (m *Manager) Show(ctx context.Context, id, repoName string) (api.Backup, error) {
+	rec, repo, b, err := m.find(ctx, id, repoName)
+	if err != nil {
+		return api.Backup{}, err
+	}
+	var chain []string
+	for p := b.Parent; p != "" && len(chain) < 10000; {
+		chain = append(chain, p)
+		// A parent pruned since ends the chain.
+		next := ""
+		if pb, perr := repo.Backup(p); perr == nil {
+			next = pb.Parent
+		}
+		p = next
+	}
+	return view(rec.Name, b, chain), nil
+}
+
+// Delete forgets one backup; Prune or GC frees its chunks.
+func (m *Manager) Delete(ctx context.Context, id, repoName string) error {
+	_, repo, _, err := m.find(ctx, id, repoName)
+	if err != nil {
+		return err
+	}
+	return repo.Delete(ctx, id)
+}
+
+// Verify reads and checks every chunk of the given backups (all of the
+// repository's if ids is empty).
+func (m *Manager) Verify(ctx context.Context, repoName string, ids []string, progress Progress) (api.VerifyResult, error) {
+	var repo *backup.Repo
+	var err error
+	if len(ids) > 0 {
+		var rec repoRecord
+		if rec, repo, _, err = m.find(ctx, ids[0], repoName); err != nil {
+			return api.VerifyResult{}, err
+		}
+		repoName = rec.Name
+		for _, id := range ids[1:] {
+			if _, err := repo.Backup(id); err != nil {
+				return api.VerifyResult{}, fmt.Errorf("backup %q in repository %q: %w", id, repoName, err)
+			}
+		}
+	} else if _, repo, err = m.open(ctx, repoName); err != nil {
+		return api.VerifyResult{}, err
+	}
+	rep, err := repo.Verify(ctx, ids, func(done, total int64) { progress("verify", done, total) })
+	out := api.VerifyResult{Backups: rep.Backups, Chunks: rep.Chunks, Bytes: rep.Bytes}
+	for _, b := range rep.Bad {
+		out.Bad = append(out.Bad, fmt.Sprintf("backup %s disk %q at offset %d: chunk %s: %s", b.Backup, b.Disk, b.Offset, b.Digest, b.Err))
+	}
+	return out, err
+}
+
+// Restore makes a VM from a backup. Under the VM's own name it keeps its
+// identity (the VM was lost); under another name it gets a new one, as a
+// clone does, so that both can run.
+func (m *Manager) Restore(ctx context.Context, id string, req api.RestoreBackup, progress Progress) (api.VM, error) {
+	_, repo, b, err := m.find(ctx, id, req.Repo)
+	if err != nil {
+		return api.VM{}, err
+	}
+	if req.VM != "" && b.VM != req.VM {
+		return api.VM{}, fmt.Errorf("restore backup %s: %w: it is a backup of vm %q, not %q", id, errdefs.ErrInvalid, b.VM, req.VM)
+	}
+	name := b.VM
+	if req.As != "" {
+		name = req.As
+	}
+	if _, err := m.vms.Get(ctx, name); err == nil {
+		hint := "restore it under another name with --as NAME, or delete it first"
+		if req.As != "" {
+			hint = "choose another name"
+		}
+		return api.VM{}, fmt.Errorf("restore backup %s: vm %q %w: %s", id, name, errdefs.ErrExists, hint)
+	}
+	var sp spec
+	if err := json.Unmarshal(b.Spec, &sp); err != nil {
+		return api.VM{}, fmt.Errorf("restore backup %s: settings: %w: %w", id, backup.ErrCorrupt, err)
+	}
+	sp.VM.Name = name
+	sp.VM.Disks = nil
+	for _, d := range b.Disks {
+		sp.VM.Disks = append(sp.VM.Disks, api.Disk{Name: d.Name, Size: d.Size, Bus: diskBus(sp, d.Name)})
+	}
+	im, err := m.vms.BeginImport(ctx, vm.ImportSpec{VM: sp.VM, CloudInit: sp.CloudInit, KeepIdentity: req.As == "", Pool: req.Pool, Data: b.Stats.Data})
+	if err != nil {
+		return api.VM{}, fmt.Errorf("restore backup %s: %w", id, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			im.Abort(context.WithoutCancel(ctx))
+		}
+	}()
+	var done int64
+	for _, d := range b.Disks {
+		w, err := im.Entry(bundle.DiskEntry(d.Name))
+		if err != nil {
+			return api.VM{}, fmt.Errorf("restore backup %s: %w", id, err)
+		}
+		err = repo.ReadDisk(ctx, d, func(off int64, data []byte) error {
+			if _, err := w.WriteAt(data, off); err != nil {
+				return err
+			}
+			done += int64(len(data))
+			progress("restore", done, b.Stats.Data)
+			return nil
+		})
+		if err != nil {
+			return api.VM{}, fmt.Errorf("restore backup %s: %w", id, err)
+		}
+	}
+	v, err := im.Commit(ctx)
+	if err != nil {
+		return api.VM{}, fmt.Errorf("restore backup %s: %w", id, err)
+	}
+	ok = true
+	m.log.Info("restored", "backup", id, "vm", v.Name)
+	return v, nil
+}
+
+func diskBus(sp spec, name string) string {
+	for _, d := range sp.VM.Disks {
+		if d.Name == name {
+			return d.Bus
+		}
+	}
+	return ""
+}
+
+// Prune applies a retention policy to one VM's backups in a repository,
+// then collects the chunks nothing uses any more.
+func (m *Manager) Prune(ctx context.Context, req api.PruneBackups) (api.PruneResult, error) {
+	rec, repo, err := m.open(ctx, req.Repo)
+	if err != nil {
+		return api.PruneResult{}, err
+	}
+	keep := keepOf(req.Keep)
+	if keep.IsZero() {
+		return api.PruneResult{}, fmt.Errorf("prune backups of vm %q: %w: give at least one --keep-* rule", req.VM, errdefs.ErrInvalid)
+	}
+	bs, err := repo.Backups()
+	if err != nil {
+		return api.PruneResult{}, fmt.Errorf("prune backups of vm %q: repository %q: %w", req.VM, rec.Name, err)
+	}
+	var mine []backup.Manifest
+	for _, b := range bs {
+		if b.VM == req.VM {
+			mine = append(mine, b)
+		}
+	}
+	kept, drop := backup.Prune(mine, keep)
+	out := api.PruneResult{Kept: ids(kept), Removed: ids(drop)}
+	if req.DryRun {
+		return out, nil
+	}
+	for _, b := range drop {
+		if err := repo.Delete(ctx, b.ID); err != nil {
+			return out, fmt.Errorf("prune backups of vm %q: %w", req.VM, err)
+		}
+	}
+	if len(drop) > 0 {
+		st, err := repo.GC(ctx)
+		if err != nil && !errors.Is(err, errdefs.ErrBusy) {
+			return out, fmt.Errorf("prune backups of vm %q: %w", req.VM, err)
+		}
+		out.Freed = st.Freed
+	}
+	m.log.Info("pruned", "vm", req.VM, "repo", rec.Name, "kept", len(kept), "removed", len(drop), "freed", out.Freed)
+	return out, nil
+}
+
+func ids(bs []backup.Manifest) []string {
+	out := []string{}
+	for _, b := range bs {
+		out = append(out, b.ID)
+	}
+	return out
+}
+
+// GC removes the chunks of a repository that no backup uses.
+func (m *Manager) GC(ctx context.Context, repoName string) (api.GCResult, error) {
+	rec, repo, err := m.open(ctx, repoName)
+	if err != nil {
+		return api.GCResult{}, err
+	}
+	st, err := repo.GC(ctx)
+	if err != nil {
+		return api.GCResult{}, fmt.Errorf("backup repository %q: %w", rec.Name, err)
+	}
+	return api.GCResult{Chunks: st.Chunks, Removed: st.Removed, Freed: st.Freed}, nil
+}
+
+// Sync copies the backups repository to lacks from repository from,
+// moving only the chunks it does not have.
+func (m *Manager) Sync(ctx context.Context, from, to string, progress Progress) (api.SyncResult, error) {
+	if from == to {
+		return api.SyncResult{}, fmt.Errorf("sync backup repository %q to itself: %w", from, errdefs.ErrInvalid)
+	}
+	_, src, err := m.open(ctx, from)
+	if err != nil {
+		return api.SyncResult{}, err
+	}
+	_, dst, err := m.open(ctx, to)
+	if err != nil {
+		return api.SyncResult{}, err
+	}
+	st, err := backup.Sync(ctx, src, dst, func(done, total int64) { progress("sync", done, total) })
+	out := api.SyncResult{Backups: st.Backups, Chunks: st.Chunks, Bytes: st.Bytes}
+	if err != nil {
+		return out, fmt.Errorf("sync backup repository %q to %q: %w", from, to, err)
+	}
+	return out, nil
+}
+
+// mirror copies new backups of repository name to the repositories that
+// mirror it. A mirror that fails is logged: the backup itself is made.
+func (m *Manager) mirror(ctx context.Context, name string, progress Progress) {
+	recs, err := m.repoRecords(ctx)
+	if err != nil {
+		return
+	}
+	for _, r := range recs {
+		if r.MirrorOf != name {
+			continue
+		}
+		st, err := m.Sync(ctx, name, r.Name, progress)
+		if err != nil {
+			m.log.Error("mirror backups", "from", name, "to", r.Name, "err", err)
+			continue
+		}
+		m.log.Info("mirrored", "from", name, "to", r.Name, "backups", st.Backups, "chunks", st.Chunks, "bytes", st.Bytes)
+	}
+}
+
+// keepOf converts the API's policy.
+func keepOf(k api.BackupKeep) backup.Keep {
+	return backup.Keep{Last: k.Last, Hourly: k.Hourly, Daily: k.Daily, Weekly: k.Weekly, Monthly: k.Monthly}
+}

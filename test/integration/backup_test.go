@@ -1,0 +1,364 @@
+package integration
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+)
+
+// backup makes one backup and returns it.
+func (h *host) backup(vm string, args ...string) api.Backup {
+	h.t.Helper()
+	var b api.Backup
+	mustJSON(h.t, h.must(append([]string{"backup", "create", vm, "-o", "json"}, args...)...), &b)
+	return b
+}
+
+// regionSum is the sha256 of the 120 MiB the backup tests write to,
+// straight to the disk past the guest's partitions.
+func (h *host) regionSum(name string) string {
+	h.t.Helper()
+	return strings.Fields(h.exec(name, "sh", "-c", "dd if=/dev/vda bs=1M skip=1024 count=120 2>/dev/null | sha256sum"))[0]
+}
+
+// TestBackupRunning backs up a running VM fully, then incrementally
+// after 50 MiB were written, then again after the VM and the daemon were
+// restarted; restores the first two points as new VMs and finds in each
+// exactly what the guest held at that point. A QEMU killed outright loses
+// its change tracking: the next backup is full and says why.
+func TestBackupRunning(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.vm("db", "--disk", "4G")
+	h.exec("db", "sh", "-c", "echo point-one >/root/one && dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=20 conv=fsync 2>/dev/null && sync")
+	sumA := h.regionSum("db")
+
+	b1 := h.backup("db")
+	if b1.Kind != "full" || b1.Consistency != "frozen" || b1.VM != "db" || b1.Repo != "default" {
+		t.Fatalf("first backup: %+v", b1)
+	}
+	if v := h.show("db"); v.State != api.StateRunning {
+		t.Fatalf("db after a backup: %s", v.State)
+	}
+
+	h.exec("db", "sh", "-c", "echo point-two >/root/two && dd if=/dev/urandom of=/dev/vda bs=1M seek=1060 count=50 conv=fsync 2>/dev/null && sync")
+	sumB := h.regionSum("db")
+	b2 := h.backup("db")
+	if b2.Kind != "incremental" || b2.Parent != b1.ID {
+		t.Fatalf("second backup: kind %s parent %s (reason %q), want incremental on %s", b2.Kind, b2.Parent, b2.Reason, b1.ID)
+	}
+	// 50 MiB written, in 4 MiB chunks, and the few the filesystem touched.
+	if b2.Read < 50<<20 || b2.Read > 120<<20 {
+		t.Errorf("incremental backup after 50 MiB written read %d MiB", b2.Read>>20)
+	}
+	if b2.NewData < 45<<20 {
+		t.Errorf("incremental backup stored %d MiB new, want the 50 MiB of random data", b2.NewData>>20)
+	}
+	if b2.Size < b1.Size+45<<20 {
+		t.Errorf("the second backup holds %d MiB, the first %d MiB: it is not logically full", b2.Size>>20, b1.Size>>20)
+	}
+
+	// Change tracking lives in the disk file: neither a VM restart nor a
+	// daemon restart loses it.
+	h.must("restart", "db")
+	h.waitAgent("db")
+	h.killDaemon()
+	h.startDaemon()
+	h.exec("db", "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M seek=1200 count=10 conv=fsync 2>/dev/null && sync")
+	b3 := h.backup("db")
+	if b3.Kind != "incremental" || b3.Parent != b2.ID || b3.Read > 60<<20 {
+		t.Fatalf("backup after a VM and daemon restart: kind %s parent %s read %d MiB (reason %q), want incremental on %s", b3.Kind, b3.Parent, b3.Read>>20, b3.Reason, b2.ID)
+	}
+	var shown api.Backup
+	mustJSON(t, h.must("backup", "show", b3.ID, "-o", "json"), &shown)
+	if strings.Join(shown.Chain, ",") != b2.ID+","+b1.ID {
+		t.Errorf("chain of %s: %v, want [%s %s]", b3.ID, shown.Chain, b2.ID, b1.ID)
+	}
+	var list []api.Backup
+	mustJSON(t, h.must("backup", "list", "db", "-o", "json"), &list)
+	if len(list) != 3 || list[0].ID != b1.ID || list[2].ID != b3.ID {
+		t.Fatalf("backup list: %+v", list)
+	}
+
+	for _, tc := range []struct {
+		id, as, sum string
+		two         bool
+	}{{b1.ID, "p1", sumA, false}, {b2.ID, "p2", sumB, true}} {
+		h.must("backup", "restore", "db", tc.id, "--as", tc.as, "--start")
+		h.waitAgent(tc.as)
+		if got := h.exec(tc.as, "cat", "/root/one"); got != "point-one" {
+			t.Errorf("%s: /root/one is %q", tc.as, got)
+		}
+		_, _, code := h.lodge("exec", tc.as, "--", "test", "-e", "/root/two")
+		if has := code == 0; has != tc.two {
+			t.Errorf("%s: /root/two exists: %v, want %v", tc.as, has, tc.two)
+		}
+		if got := h.regionSum(tc.as); got != tc.sum {
+			t.Errorf("%s: data sha256 %s, want %s", tc.as, got, tc.sum)
+		}
+		if v := h.show(tc.as); v.UUID == h.show("db").UUID {
+			t.Errorf("%s kept the uuid of db", tc.as)
+		}
+		h.must("delete", tc.as, "--force")
+	}
+	var vr api.VerifyResult
+	mustJSON(t, h.must("backup", "verify", "-o", "json"), &vr)
+	if vr.Backups != 3 || len(vr.Bad) != 0 || vr.Chunks == 0 {
+		t.Errorf("verify: %+v", vr)
+	}
+
+	// A QEMU killed outright cannot save its bitmaps.
+	pid, err := os.ReadFile(filepath.Join(h.home, "run", "db", "pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, _ := strconv.Atoi(strings.TrimSpace(string(pid)))
+	_ = syscall.Kill(n, syscall.SIGKILL)
+	eventually(t, 30*time.Second, "db seen stopped", func() bool { return h.show("db").State != api.StateRunning })
+	h.must("start", "db")
+	h.waitAgent("db")
+	b4 := h.backup("db")
+	if b4.Kind != "full" || !strings.Contains(b4.Reason, "lost") {
+		t.Errorf("backup after QEMU was killed: kind %s, reason %q; want full, saying tracking was lost", b4.Kind, b4.Reason)
+	}
+}
+
+// TestBackupKill kills the daemon in the middle of a backup of a running
+// VM: the VM keeps running, the repository still verifies, and the next
+// backups work, the one after incrementally.
+func TestBackupKill(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.vm("app", "--disk", "4G")
+	h.exec("app", "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=300 conv=fsync 2>/dev/null && sync")
+	ctx := context.Background()
+	op, err := h.c.CreateBackup(ctx, "app", api.CreateBackup{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 60*time.Second, "the backup to be reading", func() bool {
+		ops, err := h.c.Operations(ctx)
+		if err != nil {
+			return false
+		}
+		for _, o := range ops {
+			if o.ID != op.ID {
+				continue
+			}
+			if o.State != api.OpRunning {
+				t.Fatalf("the backup ended (%s) before it could be interrupted", o.State)
+			}
+			return o.Stage == "read" && o.Done > 0
+		}
+		return false
+	})
+	h.killDaemon()
+	h.startDaemon()
+	if v := h.show("app"); v.State != api.StateRunning {
+		t.Fatalf("app after the daemon was killed mid-backup: %s", v.State)
+	}
+	h.must("backup", "verify")
+	b1 := h.backup("app")
+	if b1.Kind != "full" {
+		t.Errorf("first completed backup: %s", b1.Kind)
+	}
+	h.exec("app", "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M seek=1400 count=8 conv=fsync 2>/dev/null && sync")
+	b2 := h.backup("app")
+	if b2.Kind != "incremental" || b2.Read > 40<<20 {
+		t.Errorf("backup after the interrupted one: kind %s read %d MiB (reason %q)", b2.Kind, b2.Read>>20, b2.Reason)
+	}
+	leftovers, _ := filepath.Glob(filepath.Join(h.home, "pools", "default", "*.fleece.qcow2"))
+	if len(leftovers) > 0 {
+		t.Errorf("backups left %v behind", leftovers)
+	}
+	var vr api.VerifyResult
+	mustJSON(t, h.must("backup", "verify", "-o", "json"), &vr)
+	if vr.Backups != 2 || len(vr.Bad) != 0 {
+		t.Errorf("verify after the kill: %+v", vr)
+	}
+}
+
+// qemuIO writes to a stopped VM's disk as its guest would.
+func qemuIO(t *testing.T, path, cmd string) {
+	t.Helper()
+	if out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", cmd, path).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io %s %q: %v: %s", path, cmd, err, out)
+	}
+}
+
+// snapshotDisk keeps a copy of what a disk holds now, to compare with a
+// restore later.
+func snapshotDisk(t *testing.T, path, dst string) {
+	t.Helper()
+	if out, err := exec.Command("qemu-img", "convert", "-O", "qcow2", path, dst).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img convert %s: %v: %s", path, err, out)
+	}
+}
+
+func sameDisk(t *testing.T, a, b string) {
+	t.Helper()
+	if out, err := exec.Command("qemu-img", "compare", a, b).CombinedOutput(); err != nil {
+		t.Errorf("%s and %s differ: %v: %s", a, b, err, out)
+	}
+}
+
+// TestBackupRepository runs a stopped VM's backups through a
+// repository's life: incrementals, a sync to a second repository and a
+// restore from it, a mirror, pruning and garbage collection, a schedule
+// the daemon runs, a corrupted chunk, and bad input.
+func TestBackupRepository(t *testing.T) {
+	t.Parallel()
+	requireQEMU(t)
+	waitProbe(t)
+	h := newHostNoDaemon(t)
+	if err := os.WriteFile(filepath.Join(h.home, "config.yaml"), []byte("backup_tick: 500ms\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h.startDaemon()
+	t.Cleanup(h.cleanup)
+	h.importGuest()
+	h.must("create", "vault", "--image", "tiny", "--memory", "256M", "--disk", "2G")
+	disk := h.show("vault").Disks[0].Path
+	refs := t.TempDir()
+
+	var ids []string
+	for i := 0; i < 4; i++ {
+		qemuIO(t, disk, "write -P "+strconv.Itoa(0x40+i)+" "+strconv.Itoa(512+i*16)+"M 6M")
+		snapshotDisk(t, disk, filepath.Join(refs, strconv.Itoa(i)+".qcow2"))
+		b := h.backup("vault")
+		want := "incremental"
+		if i == 0 {
+			want = "full"
+		}
+		if b.Kind != want || b.Consistency != "stopped" {
+			t.Fatalf("backup %d: kind %s consistency %s (reason %q), want %s", i, b.Kind, b.Consistency, b.Reason, want)
+		}
+		if i > 0 && b.Read > 12<<20 {
+			t.Errorf("backup %d read %d MiB after 6 MiB were written", i, b.Read>>20)
+		}
+		ids = append(ids, b.ID)
+	}
+
+	// Bad input changes nothing.
+	offsite := filepath.Join(t.TempDir(), "offsite")
+	notRepo := t.TempDir()
+	if err := os.WriteFile(filepath.Join(notRepo, "precious"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+		code int
+	}{
+		{[]string{"backup", "create", "ghost"}, `vm "ghost"`, 1},
+		{[]string{"backup", "create", "vault", "--repo", "nowhere"}, `repository "nowhere"`, 1},
+		{[]string{"backup", "show", "../../etc"}, `not a backup id`, 1},
+		{[]string{"backup", "restore", "vault", "20200101-000000-abcdef"}, "not found", 1},
+		{[]string{"backup", "restore", "vault", ids[0]}, `vm "vault" already exists`, 1},
+		{[]string{"backup", "restore", "other", ids[0]}, `backup of vm "vault"`, 1},
+		{[]string{"backup", "repo", "add", "junk", notRepo}, "not a lodge backup repository", 1},
+		{[]string{"backup", "repo", "add", "bad name", offsite}, "backup repository name", 1},
+		{[]string{"backup", "schedule", "vault", "--every", "10s"}, "schedule", 1},
+		{[]string{"backup", "schedule", "vault", "--cron", "61 * * * *"}, "schedule", 1},
+		{[]string{"backup", "schedule", "vault"}, "--every", 2},
+		{[]string{"backup", "prune", "vault"}, "--keep", 1},
+		{[]string{"backup", "sync", "default", "default"}, "itself", 1},
+	} {
+		_, errOut, code := h.lodge(tc.args...)
+		if code != tc.code || !strings.Contains(errOut, tc.want) || strings.Count(strings.TrimSpace(errOut), "\n") > 0 {
+			t.Errorf("lodge %s: exit %d, stderr %q; want exit %d and one line with %q", strings.Join(tc.args, " "), code, errOut, tc.code, tc.want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(notRepo, "precious")); err != nil {
+		t.Errorf("a refused repo add touched the directory: %v", err)
+	}
+
+	// Sync copies only what the other side lacks; a restore from the
+	// copy gives the disk exactly as it was at that point.
+	h.must("backup", "repo", "add", "offsite", offsite)
+	var sr api.SyncResult
+	mustJSON(t, h.must("backup", "sync", "default", "offsite", "-o", "json"), &sr)
+	if sr.Backups != 4 || sr.Chunks == 0 {
+		t.Fatalf("first sync: %+v", sr)
+	}
+	mustJSON(t, h.must("backup", "sync", "default", "offsite", "-o", "json"), &sr)
+	if sr.Backups != 0 || sr.Chunks != 0 {
+		t.Errorf("second sync copied %+v", sr)
+	}
+	h.must("backup", "restore", "vault", ids[1], "--as", "from-offsite", "--repo", "offsite")
+	sameDisk(t, h.show("from-offsite").Disks[0].Path, filepath.Join(refs, "1.qcow2"))
+
+	// A mirror gets each new backup as it is made.
+	mirror := filepath.Join(t.TempDir(), "mirror")
+	h.must("backup", "repo", "add", "mirror", mirror, "--mirror-of", "default")
+	qemuIO(t, disk, "write -P 0x55 900M 3M")
+	b5 := h.backup("vault")
+	var inMirror []api.Backup
+	mustJSON(t, h.must("backup", "list", "vault", "--repo", "mirror", "-o", "json"), &inMirror)
+	if len(inMirror) != 5 || inMirror[4].ID != b5.ID {
+		t.Errorf("mirror holds %d backups, want all 5 with %s last", len(inMirror), b5.ID)
+	}
+
+	// Pruning keeps the newest two and frees the rest; what is kept still
+	// verifies and restores.
+	var pr api.PruneResult
+	mustJSON(t, h.must("backup", "prune", "vault", "--keep-last", "2", "-o", "json"), &pr)
+	if len(pr.Kept) != 2 || len(pr.Removed) != 3 {
+		t.Fatalf("prune --keep-last 2: %+v", pr)
+	}
+	h.must("backup", "verify")
+	h.must("backup", "restore", "vault", ids[3], "--as", "latest")
+	sameDisk(t, h.show("latest").Disks[0].Path, filepath.Join(refs, "3.qcow2"))
+
+	// The daemon runs a schedule at once, then prunes by it.
+	h.must("backup", "schedule", "vault", "--every", "1h", "--keep-last", "1")
+	eventually(t, 60*time.Second, "the scheduled backup", func() bool {
+		var bs []api.Backup
+		mustJSON(t, h.must("backup", "list", "vault", "--repo", "default", "-o", "json"), &bs)
+		return len(bs) == 1 && bs[0].ID != ids[3] && bs[0].ID != b5.ID
+	})
+	var scheds []api.BackupSchedule
+	mustJSON(t, h.must("backup", "schedule", "-o", "json"), &scheds)
+	if len(scheds) != 1 || scheds[0].LastRun == nil || scheds[0].LastError != "" || scheds[0].NextRun == nil || scheds[0].NextRun.Sub(*scheds[0].LastRun) < 59*time.Minute {
+		t.Errorf("schedule after its run: %+v", scheds)
+	}
+	h.must("backup", "schedule", "vault", "--off")
+
+	// A damaged chunk is found by verify and refused by restore, which
+	// leaves no VM behind.
+	chunks, _ := filepath.Glob(filepath.Join(h.home, "backups", "chunks", "*", "*"))
+	if len(chunks) == 0 {
+		t.Fatal("no chunks in the default repository")
+	}
+	for _, c := range chunks {
+		raw, err := os.ReadFile(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw[len(raw)/2] ^= 0xff
+		if err := os.WriteFile(c, raw, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, errOut, code := h.lodge("backup", "verify")
+	if code != 1 || !strings.Contains(errOut, "corrupt") || !strings.Contains(errOut, filepath.Base(chunks[0])[:12]) && !strings.Contains(errOut, "chunk") {
+		t.Errorf("verify of a damaged repository: exit %d, %q", code, errOut)
+	}
+	var left []api.Backup
+	mustJSON(t, h.must("backup", "list", "vault", "--repo", "default", "-o", "json"), &left)
+	_, errOut, code = h.lodge("backup", "restore", "vault", left[0].ID, "--as", "broken", "--repo", "default")
+	if code != 1 || !strings.Contains(errOut, "corrupt") {
+		t.Errorf("restore from a damaged chunk: exit %d, %q", code, errOut)
+	}
+	if _, _, code := h.lodge("show", "broken"); code == 0 {
+		t.Error("a failed restore left vm broken behind")
+	}
+}
