@@ -275,6 +275,13 @@ func (c *Conn) DirtyExtents(ctx context.Context, name string, off, length int64)
 	return c.extentsWhere(ctx, ContextBitmap(name), off, length, func(flags uint32) bool { return flags&StateDirty != 0 })
 }
 
+// AllocatedAbove lists the ranges in [off, off+length) that the top depth
+// layers of the export's chain hold; Dial must have negotiated
+// ContextAllocationDepth.
+func (c *Conn) AllocatedAbove(ctx context.Context, depth uint32, off, length int64) ([]Extent, error) {
+	return c.extentsWhere(ctx, ContextAllocationDepth, off, length, func(d uint32) bool { return d >= 1 && d <= depth })
+}
+
 func (c *Conn) extentsWhere(ctx context.Context, metaContext string, off, length int64, keep func(uint32) bool) ([]Extent, error) {
 	size := c.Size()
 	if off < 0 || length < 0 || off > size {

@@ -47,6 +47,11 @@ func ContextBitmap(name string) string { return "qemu:dirty-bitmap:" + name }
 // StateDirty is the one status bit of a dirty-bitmap context.
 const StateDirty uint32 = 1
 
+// ContextAllocationDepth is QEMU's meta context that says, for each range,
+// which layer of the export's backing chain holds it: 1 for the exported
+// node, 2 for its backing file, and so on; 0 for none.
+const ContextAllocationDepth = "qemu:allocation-depth"
+
 // Options choose what Dial negotiates.
 type Options struct {
 	// Export is the export name; "" is the server's default export.

@@ -51,9 +51,11 @@ type ServerOptions struct {
 	Socket string
 	// Export is the export name; "" is the default export.
 	Export string
-	// Bitmap is a persistent dirty bitmap of the image to offer as the
-	// meta context "qemu:dirty-bitmap:NAME".
+	// Bitmap is a persistent dirty bitmap of the image (or of a file
+	// under it) to offer as the meta context "qemu:dirty-bitmap:NAME".
 	Bitmap string
+	// AllocationDepth offers ContextAllocationDepth.
+	AllocationDepth bool
 }
 
 // Server is a running qemu-nbd.
@@ -157,6 +159,9 @@ func serverArgs(o ServerOptions) ([]string, error) {
 	}
 	if o.Bitmap != "" {
 		args = append(args, "--bitmap="+o.Bitmap)
+	}
+	if o.AllocationDepth {
+		args = append(args, "--allocation-depth")
 	}
 	if o.ReadOnly {
 		args = append(args, "--read-only")

@@ -381,9 +381,9 @@ func AddBitmap(node, name string, persistent, disabled bool) Action {
 	return action("block-dirty-bitmap-add", map[string]any{"node": node, "name": name, "persistent": persistent, "disabled": disabled})
 }
 
-// MergeBitmaps adds the bits of sources, bitmaps of the same node, to
-// target.
-func MergeBitmaps(node, target string, sources ...string) Action {
+// MergeBitmaps adds the bits of sources, bitmaps of any node, to bitmap
+// target of node.
+func MergeBitmaps(node, target string, sources ...BitmapRef) Action {
 	return action("block-dirty-bitmap-merge", map[string]any{"node": node, "target": target, "bitmaps": sources})
 }
 
@@ -432,9 +432,10 @@ func NBDServerStop(ctx context.Context, m Monitor) error {
 
 // ExportNBD exports node read-only under name on the NBD server. Each
 // bitmap, of node or a node below it, can then be read by clients as the
-// meta context "qemu:dirty-bitmap:NAME".
+// meta context "qemu:dirty-bitmap:NAME"; and which layer holds each range
+// as "qemu:allocation-depth".
 func ExportNBD(ctx context.Context, m Monitor, id, node, name string, bitmaps ...BitmapRef) error {
-	args := map[string]any{"type": "nbd", "id": id, "node-name": node, "name": name, "writable": false}
+	args := map[string]any{"type": "nbd", "id": id, "node-name": node, "name": name, "writable": false, "allocation-depth": true}
 	if len(bitmaps) > 0 {
 		args["bitmaps"] = bitmaps
 	}

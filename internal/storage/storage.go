@@ -294,6 +294,21 @@ func (q *QEMUImg) SetBacking(ctx context.Context, path, backing string) error {
 	return err
 }
 
+// Chain describes path and every file under it, top first, as qemu-img
+// info --backing-chain does. It reads headers only, so it is safe on
+// files a running QEMU has open.
+func (q *QEMUImg) Chain(ctx context.Context, path string) ([]Info, error) {
+	out, err := q.run(ctx, true, "info", "--output=json", "--force-share", "--backing-chain", path)
+	if err != nil {
+		return nil, err
+	}
+	var chain []Info
+	if err := json.Unmarshal(out, &chain); err != nil {
+		return nil, fmt.Errorf("qemu-img info --backing-chain %s: decode: %w", path, err)
+	}
+	return chain, nil
+}
+
 // AddBitmap adds a persistent dirty bitmap to the qcow2 at path, which
 // from then on records every cluster written to it.
 func (q *QEMUImg) AddBitmap(ctx context.Context, path, name string) error {

@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/nbd"
 	"github.com/lodge-vm/lodge/internal/qmp"
@@ -52,13 +54,21 @@ type BackupOptions struct {
 // BackupDisk is one disk held for a backup.
 type BackupDisk struct {
 	ExportDisk
-	// Read lists the ranges the backup must read: those written since
-	// the parent, or, for a full backup, those that hold data.
+	// Read lists, by offset, the ranges the backup must read (they may
+	// overlap): those written since the parent, or, for a full backup,
+	// those that hold data.
 	Read []nbd.Extent
 	// Full says the disk is read whole; Reason says why when a parent
 	// was given.
 	Full   bool
 	Reason string
+	// above is how many layers of the served chain were made after the
+	// parent's bitmap stopped recording (by a snapshot or a clone, which
+	// put new layers on top): everything they hold changed since too.
+	above uint32
+	// parentOnTop says the parent's bitmap is on the active layer, where
+	// Commit can remove it; one in a lower layer is read-only.
+	parentOnTop bool
 }
 
 // BackupPoint is a VM held at one point in time for a backup.
@@ -67,8 +77,8 @@ type BackupPoint struct {
 	Disks []BackupDisk
 	s     *Service
 	opts  BackupOptions
-	// tracks drop bitmap name of disk i; it is set up per state (running
-	// or stopped) so Commit and Close need not know which.
+	// drop removes bitmap name from disk i's active layer, in QEMU or in
+	// the file, so Commit and Close need not know which.
 	drop func(ctx context.Context, disk int, name string) error
 	// views are the bitmaps served with each disk, "" for a full one.
 	views     []string
@@ -108,7 +118,8 @@ func (s *Service) OpenBackup(ctx context.Context, name string, opts BackupOption
 	e.release = append(e.release, rmDir)
 	p.Disks = make([]BackupDisk, len(r.Disks))
 	p.views = make([]string, len(r.Disks))
-	if in := s.instance(name); in != nil {
+	in := s.instance(name)
+	if in != nil {
 		err = s.backupRunning(ctx, p, r, in, dir)
 	} else {
 		err = s.backupStopped(ctx, p, r, dir)
@@ -119,45 +130,107 @@ func (s *Service) OpenBackup(ctx context.Context, name string, opts BackupOption
 	for i := range p.Disks {
 		d := &p.Disks[i]
 		d.ExportDisk = e.Disks[i]
-		if d.Full {
-			d.Read, err = d.Conn.DataExtents(ctx, 0, d.Size)
-		} else {
-			d.Read, err = d.Conn.DirtyExtents(ctx, p.views[i], 0, d.Size)
-		}
-		if err != nil {
+		if err := d.planReads(ctx, p.views[i], in != nil); err != nil {
 			return nil, fmt.Errorf("backup vm %q: disk %q: %w", name, d.Name, err)
 		}
 	}
 	return p, nil
 }
 
-// plan decides, from the bitmaps a disk's active layer has, whether the
-// disk's backup can be incremental, and lists the bitmaps of ours that
-// nothing needs any more.
-func (p *BackupPoint) plan(i int, have []string, inconsistent []string) (stale []string) {
+// planReads lists what the backup reads of the disk.
+func (d *BackupDisk) planReads(ctx context.Context, view string, running bool) error {
+	var err error
+	if d.Full {
+		d.Read, err = d.Conn.DataExtents(ctx, 0, d.Size)
+		return err
+	}
+	if d.Read, err = d.Conn.DirtyExtents(ctx, view, 0, d.Size); err != nil {
+		return err
+	}
+	if d.above > 0 {
+		// A running VM's view is served from the fleecing node, one
+		// layer above the active one; what that node holds are blocks
+		// the guest overwrote since the point, read again for nothing.
+		depth := d.above
+		if running {
+			depth++
+		}
+		newer, err := d.Conn.AllocatedAbove(ctx, depth, 0, d.Size)
+		if err != nil {
+			return err
+		}
+		d.Read = append(d.Read, newer...)
+		slices.SortFunc(d.Read, func(a, b nbd.Extent) int { return cmp.Compare(a.Offset, b.Offset) })
+	}
+	return nil
+}
+
+// layerBitmaps are the bitmaps one layer of a disk's chain holds.
+type layerBitmaps struct {
+	path, node string
+	have, bad  []string
+}
+
+// plan decides, from the bitmaps each layer of a disk's chain holds (the
+// active layer first), whether the disk's backup can be incremental, and
+// lists the bitmaps of ours on the active layer that nothing needs.
+func (p *BackupPoint) plan(i int, chain []layerBitmaps) (stale []string) {
 	d := &p.Disks[i]
 	parent := p.opts.Parent
+	want := TrackBitmap(parent)
+	at := -1
+	for k, l := range chain {
+		if parent != "" && slices.Contains(l.have, want) {
+			at = k
+			break
+		}
+	}
 	switch {
 	case parent == "":
 		d.Full = true
-	case slices.Contains(inconsistent, TrackBitmap(parent)):
-		d.Full, d.Reason = true, fmt.Sprintf("change tracking since backup %s was lost: disk %q's bitmap was not saved (its QEMU was killed or crashed)", parent, d.Name)
-	case !slices.Contains(have, TrackBitmap(parent)):
+	case at < 0:
 		// QEMU keeps a bitmap added while it runs in memory until it
 		// closes the file, so one killed leaves no trace of it at all.
-		d.Full, d.Reason = true, fmt.Sprintf("change tracking since backup %s was lost: disk %q has no bitmap for it (its QEMU was killed before saving it, or a snapshot, revert or restore replaced the disk's active layer)", parent, d.Name)
+		d.Full, d.Reason = true, fmt.Sprintf("change tracking since backup %s was lost: disk %q has no bitmap for it (its QEMU was killed before saving it, or a revert replaced the layers it was in)", parent, d.Name)
+	case slices.Contains(chain[at].bad, want):
+		d.Full, d.Reason = true, fmt.Sprintf("change tracking since backup %s was lost: disk %q's bitmap was not saved (its QEMU was killed or crashed)", parent, d.Name)
+	default:
+		d.above, d.parentOnTop = uint32(at), at == 0
 	}
-	for _, b := range have {
+	if len(chain) == 0 {
+		return nil
+	}
+	for _, b := range chain[0].have {
 		id, ok := strings.CutPrefix(b, trackPrefix)
 		if !ok {
 			continue
 		}
 		useful := (id == parent && !d.Full) || slices.Contains(p.opts.Keep, id)
-		if !useful || slices.Contains(inconsistent, b) {
+		if !useful || slices.Contains(chain[0].bad, b) {
 			stale = append(stale, b)
 		}
 	}
 	return stale
+}
+
+// chainOf lists the layers of disk d's chain, active first.
+func (s *Service) chainOf(ctx context.Context, d api.Disk) ([]layerBitmaps, error) {
+	infos, err := s.cfg.Volumes.Chain(ctx, d.Path)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]layerBitmaps, 0, len(infos))
+	for _, info := range infos {
+		l := layerBitmaps{path: info.Filename}
+		for _, b := range info.FormatSpecific.Data.Bitmaps {
+			l.have = append(l.have, b.Name)
+			if b.Inconsistent() {
+				l.bad = append(l.bad, b.Name)
+			}
+		}
+		out = append(out, l)
+	}
+	return out, nil
 }
 
 func (s *Service) backupRunning(ctx context.Context, p *BackupPoint, r record, in *instance, dir string) error {
@@ -180,43 +253,57 @@ func (s *Service) backupRunning(ctx context.Context, p *BackupPoint, r record, i
 		}
 	}
 	tops := make([]string, len(r.Disks))
+	sources := make([]qmp.BitmapRef, len(r.Disks))
 	for i, d := range r.Disks {
 		p.Disks[i].Disk = d
 		tops[i] = topNode(devs, "disk"+strconv.Itoa(i)+"-dev")
 		if tops[i] == "" {
 			return fmt.Errorf("disk %q: QEMU lists no such device", d.Name)
 		}
-		var have, bad []string
-		for _, n := range nodes {
-			if n.NodeName != tops[i] {
-				continue
-			}
-			for _, b := range n.DirtyBitmaps {
-				have = append(have, b.Name)
-				if b.Inconsistent {
-					bad = append(bad, b.Name)
+		// The files say which layers there are; QEMU, which has them
+		// open, says which bitmaps they hold now.
+		chain, err := s.chainOf(ctx, d)
+		if err != nil {
+			return fmt.Errorf("disk %q: %w", d.Name, err)
+		}
+		for k := range chain {
+			chain[k].have, chain[k].bad = nil, nil
+			for _, n := range nodes {
+				if k == 0 && n.NodeName != tops[i] || k > 0 && (n.File != chain[k].path || n.Driver != "qcow2") {
+					continue
 				}
+				chain[k].node = n.NodeName
+				for _, b := range n.DirtyBitmaps {
+					chain[k].have = append(chain[k].have, b.Name)
+					if b.Inconsistent {
+						chain[k].bad = append(chain[k].bad, b.Name)
+					}
+				}
+				break
 			}
 		}
-		for _, b := range p.plan(i, have, bad) {
+		for _, b := range p.plan(i, chain) {
 			if err := qmp.RemoveBitmap(ctx, in.mon, tops[i], b); err != nil {
 				return fmt.Errorf("disk %q: remove stale bitmap %s: %w", d.Name, b, err)
 			}
+		}
+		if dk := &p.Disks[i]; !dk.Full {
+			sources[i] = qmp.BitmapRef{Node: chain[dk.above].node, Name: TrackBitmap(p.opts.Parent)}
+			if sources[i].Node == "" {
+				dk.Full, dk.Reason = true, fmt.Sprintf("disk %q: the layer %s that tracks changes since backup %s is not open in QEMU", d.Name, chain[dk.above].path, p.opts.Parent)
+				continue
+			}
+			p.views[i] = viewPrefix + p.opts.ID
 		}
 	}
 	p.drop = func(ctx context.Context, i int, name string) error {
 		return qmp.RemoveBitmap(ctx, in.mon, tops[i], name)
 	}
-	for i := range r.Disks {
-		if !p.Disks[i].Full {
-			p.views[i] = viewPrefix + p.opts.ID
-		}
-	}
 	hooks := fleeceHooks{
 		actions: func(i int, top string) []qmp.Action {
 			acts := []qmp.Action{qmp.AddBitmap(top, TrackBitmap(p.opts.ID), true, false)}
 			if v := p.views[i]; v != "" {
-				acts = append(acts, qmp.AddBitmap(top, v, false, true), qmp.MergeBitmaps(top, v, TrackBitmap(p.opts.Parent)))
+				acts = append(acts, qmp.AddBitmap(top, v, false, true), qmp.MergeBitmaps(top, v, sources[i]))
 			}
 			return acts
 		},
@@ -244,18 +331,11 @@ func (s *Service) backupStopped(ctx context.Context, p *BackupPoint, r record, d
 	v := s.cfg.Volumes
 	for i, d := range r.Disks {
 		p.Disks[i].Disk = d
-		info, err := v.Info(ctx, d.Path)
+		chain, err := s.chainOf(ctx, d)
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", d.Name, err)
 		}
-		var have, bad []string
-		for _, b := range info.FormatSpecific.Data.Bitmaps {
-			have = append(have, b.Name)
-			if b.Inconsistent() {
-				bad = append(bad, b.Name)
-			}
-		}
-		for _, b := range p.plan(i, have, bad) {
+		for _, b := range p.plan(i, chain) {
 			if err := v.RemoveBitmap(ctx, d.Path, b); err != nil {
 				return fmt.Errorf("disk %q: remove stale bitmap %s: %w", d.Name, b, err)
 			}
@@ -272,6 +352,7 @@ func (s *Service) backupStopped(ctx context.Context, p *BackupPoint, r record, d
 			}
 		})
 		if !p.Disks[i].Full {
+			// qemu-nbd finds the bitmap in whichever layer holds it.
 			p.views[i] = TrackBitmap(p.opts.Parent)
 		}
 	}
@@ -306,7 +387,7 @@ func (p *BackupPoint) Commit(ctx context.Context) error {
 	}
 	var errs []error
 	for i, d := range p.Disks {
-		if d.Full {
+		if !d.parentOnTop {
 			continue
 		}
 		if err := drop(ctx, i, TrackBitmap(p.opts.Parent)); err != nil {

@@ -30,7 +30,7 @@ func TestBackupPlan(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			p := &BackupPoint{opts: tc.opts, Disks: make([]BackupDisk, 1)}
 			p.Disks[0].Name = "root"
-			stale := p.plan(0, tc.have, tc.bad)
+			stale := p.plan(0, []layerBitmaps{{have: tc.have, bad: tc.bad}})
 			d := p.Disks[0]
 			if d.Full != tc.full || !strings.Contains(d.Reason, tc.reason) || (tc.reason == "" && d.Reason != "") {
 				t.Fatalf("full %v reason %q: want full %v, reason with %q", d.Full, d.Reason, tc.full, tc.reason)
@@ -39,5 +39,21 @@ func TestBackupPlan(t *testing.T) {
 				t.Fatalf("stale %v: want %v", stale, tc.stale)
 			}
 		})
+	}
+}
+
+// TestBackupPlanLayers: a parent's bitmap in a layer under the active
+// one (a snapshot or clone put new layers on it) still makes the backup
+// incremental, reading what the newer layers hold too; the bitmap there
+// is read-only and stays.
+func TestBackupPlanLayers(t *testing.T) {
+	p := &BackupPoint{opts: BackupOptions{ID: "n", Parent: "p"}, Disks: make([]BackupDisk, 1)}
+	stale := p.plan(0, []layerBitmaps{{have: []string{"lodge-bk-old"}}, {}, {have: []string{"lodge-bk-p"}}, {have: []string{"lodge-bk-older"}}})
+	d := p.Disks[0]
+	if d.Full || d.above != 2 || d.parentOnTop {
+		t.Fatalf("full %v above %d on top %v: want incremental over the 2 newer layers", d.Full, d.above, d.parentOnTop)
+	}
+	if !slices.Equal(stale, []string{"lodge-bk-old"}) {
+		t.Fatalf("stale %v: want only the active layer's unused bitmap", stale)
 	}
 }

@@ -127,14 +127,14 @@ func (s *Service) serveStopped(ctx context.Context, e *Export, r record, dir str
 			bitmap = bitmaps[i]
 		}
 		srv, err := nbd.Serve(ctx, nbd.ServerOptions{
-			Path: d.Path, Format: "qcow2", ReadOnly: true, Bitmap: bitmap,
+			Path: d.Path, Format: "qcow2", ReadOnly: true, Bitmap: bitmap, AllocationDepth: true,
 			Socket: filepath.Join(dir, "disk"+strconv.Itoa(i)+".sock"),
 		})
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", d.Name, err)
 		}
 		e.release = append(e.release, func() { _ = srv.Stop() })
-		contexts := []string{nbd.ContextAllocation}
+		contexts := []string{nbd.ContextAllocation, nbd.ContextAllocationDepth}
 		if bitmap != "" {
 			contexts = append(contexts, nbd.ContextBitmap(bitmap))
 		}
@@ -225,7 +225,7 @@ func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance,
 	for i, sp := range specs {
 		id, name := fleecePrefix+"-export"+strconv.Itoa(i), "disk"+strconv.Itoa(i)
 		var bitmaps []qmp.BitmapRef
-		contexts := []string{nbd.ContextAllocation}
+		contexts := []string{nbd.ContextAllocation, nbd.ContextAllocationDepth}
 		if hooks.bitmap != nil {
 			if b := hooks.bitmap(i, tops[i]); b != "" {
 				bitmaps = append(bitmaps, qmp.BitmapRef{Node: tops[i], Name: b})

@@ -83,6 +83,7 @@ type Volumes interface {
 	Info(ctx context.Context, path string) (storage.Info, error)
 	SetBacking(ctx context.Context, path, backing string) error
 	Check(ctx context.Context, path string) error
+	Chain(ctx context.Context, path string) ([]storage.Info, error)
 	AddBitmap(ctx context.Context, path, name string) error
 	RemoveBitmap(ctx context.Context, path, name string) error
 }

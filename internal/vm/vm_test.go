@@ -483,3 +483,8 @@ func TestFullDiskPausesWithReason(t *testing.T) {
 
 func (f fakeVolumes) AddBitmap(context.Context, string, string) error    { return f.fail }
 func (f fakeVolumes) RemoveBitmap(context.Context, string, string) error { return f.fail }
+
+func (f fakeVolumes) Chain(ctx context.Context, path string) ([]storage.Info, error) {
+	info, err := f.Info(ctx, path)
+	return []storage.Info{info}, err
+}

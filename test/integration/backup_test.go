@@ -66,8 +66,9 @@ func TestBackupRunning(t *testing.T) {
 		t.Errorf("the second backup holds %d MiB, the first %d MiB: it is not logically full", b2.Size>>20, b1.Size>>20)
 	}
 
-	// Change tracking lives in the disk file: neither a VM restart nor a
-	// daemon restart loses it.
+	// Change tracking lives in the disk file: neither a snapshot, a VM
+	// restart nor a daemon restart loses it.
+	h.must("snapshot", "create", "db", "mid", "--no-memory")
 	h.must("restart", "db")
 	h.waitAgent("db")
 	h.killDaemon()
@@ -231,6 +232,13 @@ func TestBackupRepository(t *testing.T) {
 
 	var ids []string
 	for i := 0; i < 4; i++ {
+		if i == 2 {
+			// A snapshot puts a new layer on top: the change tracking
+			// of backup 1 stays in the layer under it, and backup 2 is
+			// still incremental.
+			h.must("snapshot", "create", "vault", "s1")
+			disk = h.show("vault").Disks[0].Path
+		}
 		qemuIO(t, disk, "write -P "+strconv.Itoa(0x40+i)+" "+strconv.Itoa(512+i*16)+"M 6M")
 		snapshotDisk(t, disk, filepath.Join(refs, strconv.Itoa(i)+".qcow2"))
 		b := h.backup("vault")
@@ -293,8 +301,11 @@ func TestBackupRepository(t *testing.T) {
 	if sr.Backups != 0 || sr.Chunks != 0 {
 		t.Errorf("second sync copied %+v", sr)
 	}
-	h.must("backup", "restore", "vault", ids[1], "--as", "from-offsite", "--repo", "offsite")
-	sameDisk(t, h.show("from-offsite").Disks[0].Path, filepath.Join(refs, "1.qcow2"))
+	for _, i := range []int{1, 2} {
+		as := "from-offsite-" + strconv.Itoa(i)
+		h.must("backup", "restore", "vault", ids[i], "--as", as, "--repo", "offsite")
+		sameDisk(t, h.show(as).Disks[0].Path, filepath.Join(refs, strconv.Itoa(i)+".qcow2"))
+	}
 
 	// A mirror gets each new backup as it is made.
 	mirror := filepath.Join(t.TempDir(), "mirror")
