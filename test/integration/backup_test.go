@@ -373,3 +373,53 @@ func TestBackupRepository(t *testing.T) {
 		t.Error("a failed restore left vm broken behind")
 	}
 }
+
+// TestBackupFullRepository: a backup into a repository that fills up
+// fails with one line and leaves the repository as it was (it verifies,
+// its backups restore) and the VM's change tracking too: once there is
+// room, the next backup is still incremental on the last good one.
+func TestBackupFullRepository(t *testing.T) {
+	t.Parallel()
+	requireQEMU(t)
+	waitProbe(t)
+	dir := mountTmpfs(t, "32m")
+	h := newHost(t)
+	h.importGuest()
+	h.must("create", "tight", "--image", "tiny", "--memory", "256M", "--disk", "2G")
+	disk := h.show("tight").Disks[0].Path
+	refs := t.TempDir()
+	h.must("backup", "repo", "add", "small", dir)
+	// The first backup holds the guest's files, which compress into the
+	// 32 MiB; then 40 MiB of random data cannot fit.
+	first := h.backup("tight", "--repo", "small")
+	snapshotDisk(t, disk, filepath.Join(refs, "first.qcow2"))
+	random := filepath.Join(refs, "random.bin")
+	if out, err := exec.Command("dd", "if=/dev/urandom", "of="+random, "bs=1M", "count=40").CombinedOutput(); err != nil {
+		t.Fatalf("dd: %v: %s", err, out)
+	}
+	qemuIO(t, disk, "write -s "+random+" 1G 40M")
+	_, errOut, code := h.lodge("backup", "create", "tight", "--repo", "small")
+	if code != 1 || !strings.Contains(errOut, `vm "tight"`) || !strings.Contains(errOut, "no space left") || strings.Count(strings.TrimSpace(errOut), "\n") > 0 {
+		t.Fatalf("backup into a full repository: exit %d, %q", code, errOut)
+	}
+	if tmp, _ := filepath.Glob(filepath.Join(dir, "tmp", "*")); len(tmp) > 0 {
+		t.Errorf("the failed backup left %v", tmp)
+	}
+	var vr api.VerifyResult
+	mustJSON(t, h.must("backup", "verify", "--repo", "small", "-o", "json"), &vr)
+	if vr.Backups != 1 || len(vr.Bad) != 0 {
+		t.Errorf("verify after the failed backup: %+v", vr)
+	}
+	h.must("backup", "restore", "tight", first.ID, "--as", "back")
+	sameDisk(t, h.show("back").Disks[0].Path, filepath.Join(refs, "first.qcow2"))
+
+	if out, err := exec.Command("mount", "-o", "remount,size=200m", dir).CombinedOutput(); err != nil {
+		t.Fatalf("grow the tmpfs: %v: %s", err, out)
+	}
+	next := h.backup("tight", "--repo", "small")
+	if next.Kind != "incremental" || next.Parent != first.ID || next.Read > 48<<20 {
+		t.Errorf("backup once there is room: kind %s parent %s read %d MiB (reason %q)", next.Kind, next.Parent, next.Read>>20, next.Reason)
+	}
+	h.must("backup", "restore", "tight", next.ID, "--as", "now")
+	sameDisk(t, h.show("now").Disks[0].Path, disk)
+}
