@@ -162,6 +162,9 @@ XML
 }
 
 cleanup() {
+  # A backup still running in the background (the script failed) holds
+  # the VM and writes into its repository: let it end first.
+  wait || true
   $V destroy lv-bk >/dev/null 2>&1 || true
   $V undefine lv-bk --checkpoints-metadata --snapshots-metadata >/dev/null 2>&1 || true
   local vm r
@@ -262,7 +265,7 @@ secs() { echo "$1" | awk '{printf "%.2f", $2-$1}'; }
 # Untimed: the first write allocates the clusters; every timed one rewrites them.
 "$LODGE" exec bk-l -- sh -c "$ddc" >/dev/null
 gio=$RESULTS/backup-guestio.tsv
-echo -e "run\twith_backup_s\talone_s\toverlap\tbackup_s\tpoint_wait_s\tdd_mib" >"$gio"
+echo -e "run\twith_backup_s\talone_s\toverlap\tbackup_s\tpoint_wait_s\tdd_mib\texec_refused" >"$gio"
 for i in $(seq "$RUNS"); do
   for order in $( [ $((i % 2)) = 1 ] && echo "with alone" || echo "alone with"); do
     if [ "$order" = alone ]; then
@@ -280,8 +283,16 @@ for i in $(seq "$RUNS"); do
     # The point is taken (copy-before-write in place) right after the
     # fleecing file appears; if it never shows, dd starts after 3 s.
     for _ in $(seq 300); do [ -e "$L.fleece.qcow2" ] && break; sleep 0.01; done
-    t1=$(now)
-    r=$("$LODGE" exec bk-l -- sh -c "$ddc")
+    # An exec that reaches the agent while the filesystems are frozen is
+    # refused ("the agent is in frozen state"); count those and retry.
+    refused=0
+    while :; do
+      t1=$(now)
+      if r=$("$LODGE" exec bk-l -- sh -c "$ddc" 2>"$D/exec.err"); then break; fi
+      grep -q 'frozen' "$D/exec.err" && [ "$refused" -lt 500 ] || { cat "$D/exec.err" >&2; exit 1; }
+      refused=$((refused + 1))
+      sleep 0.01
+    done
     t2=$(now)
     wait "$bp"
     t3=$(cat "$D/g.end")
@@ -292,5 +303,5 @@ for i in $(seq "$RUNS"); do
     pw=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')
     repo_rm "$repo"
   done
-  echo -e "$i\t$with\t$alone\t$ov\t$bs\t$pw\t200" | tee -a "$gio"
+  echo -e "$i\t$with\t$alone\t$ov\t$bs\t$pw\t200\t$refused" | tee -a "$gio"
 done

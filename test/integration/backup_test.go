@@ -307,6 +307,17 @@ func TestBackupRepository(t *testing.T) {
 		sameDisk(t, h.show(as).Disks[0].Path, filepath.Join(refs, strconv.Itoa(i)+".qcow2"))
 	}
 
+	// Another host that mounts the same repository restores from it,
+	// under the VM's own name and identity (the VM was lost here).
+	other := newHostNoProbe(t)
+	other.must("backup", "repo", "add", "offsite", offsite)
+	other.must("backup", "restore", "vault", ids[2])
+	moved := other.show("vault")
+	if moved.UUID != h.show("vault").UUID {
+		t.Errorf("restored on another host under its own name: uuid %s, want %s", moved.UUID, h.show("vault").UUID)
+	}
+	sameDisk(t, moved.Disks[0].Path, filepath.Join(refs, "2.qcow2"))
+
 	// A mirror gets each new backup as it is made.
 	mirror := filepath.Join(t.TempDir(), "mirror")
 	h.must("backup", "repo", "add", "mirror", mirror, "--mirror-of", "default")
