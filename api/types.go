@@ -549,3 +549,25 @@ type BackupSchedule struct {
 	NextRun   *time.Time `json:"next_run,omitempty"`
 	LastError string     `json:"last_error,omitempty"`
 }
+
+// BackupFileQuery names a file or directory inside a backup's disk.
+type BackupFileQuery struct {
+	Path string `json:"path"`
+	Repo string `json:"repo,omitempty"`
+	// Disk is the disk's name; the first disk if empty.
+	Disk string `json:"disk,omitempty"`
+	// Partition is the partition's number; 0 looks through every ext
+	// filesystem on the disk for the path.
+	Partition int `json:"partition,omitempty"`
+}
+
+// BackupFile is one entry of a directory inside a backup.
+type BackupFile struct {
+	Name string `json:"name"`
+	// Type is "file", "dir", "symlink" or "other".
+	Type string `json:"type"`
+	Mode uint32 `json:"mode"`
+	Size int64  `json:"size"`
+	UID  int    `json:"uid"`
+	GID  int    `json:"gid"`
+}

@@ -30,8 +30,9 @@
 #
 # Guest writes during a backup (bk-l): `dd` of 200 MiB (O_DIRECT) to the
 # disk at 3000 MiB, timed in the guest (/proc/uptime), started as soon as
-# the backup point is taken (its fleecing file appears) and alone,
-# alternated.
+# a full backup's point is taken (its fleecing file appears) and alone,
+# alternated. The same for a shell loop in the guest that does no I/O,
+# which shows what sharing the host's CPUs with the backup costs alone.
 #
 # Writes results/backup-days.tsv, backup-convert.tsv, backup-live.tsv and
 # backup-guestio.tsv.
@@ -50,10 +51,15 @@ disk_of() { "$LODGE" show "$1" -o json | sed -n 's/.*"path": "\(.*\)".*/\1/p' | 
 # jget FIELD FILE: a top-level field of `lodge ... -o json` output
 jget() { sed -n "s/^  \"$1\": \"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}\$/\1/p" "$2" | head -1; }
 
-repo_add() { "$LODGE" backup repo add "$1" "$D/repos/$1" >/dev/null; }
+# Each repository gets a path of its own: the daemon keeps every
+# repository it opened by path, and one added again at a path whose
+# directory was removed is not made anew (its backups then fail).
+STAMP=$(date +%s%N)
+repo_dir() { echo "$D/repos/$1.$STAMP"; }
+repo_add() { "$LODGE" backup repo add "$1" "$(repo_dir "$1")" >/dev/null; }
 repo_rm() {
   "$LODGE" backup repo remove "$1" >/dev/null 2>&1 || true
-  rm -rf "${D:?}/repos/$1"
+  rm -rf "$(repo_dir "$1")"
 }
 # repo_bytes NAME: what the repository's chunks take, as Lodge counts it
 repo_bytes() {
@@ -215,7 +221,7 @@ for i in $(seq "$RUNS"); do
         echo "day $day backup is $kind: $(jget reason "$D/b.json")" >&2
         exit 1
       fi
-      echo -e "$i\t$p\t$day\t$kind\t$w\t$(jget duration_seconds "$D/b.json")\t$(jget read "$D/b.json")\t$(jget new_data "$D/b.json")\t$(jget size "$D/b.json")\t$(repo_bytes "$repo")\t$(du -sb "$D/repos/$repo" | cut -f1)" | tee -a "$days"
+      echo -e "$i\t$p\t$day\t$kind\t$w\t$(jget duration_seconds "$D/b.json")\t$(jget read "$D/b.json")\t$(jget new_data "$D/b.json")\t$(jget size "$D/b.json")\t$(repo_bytes "$repo")\t$(du -sb "$(repo_dir "$repo")" | cut -f1)" | tee -a "$days"
       if [ "$day" = 1 ]; then
         echo -e "$i\t$p\t$w\t$q\t$(jget read "$D/b.json")\t$qb" >>"$conv"
       fi
@@ -260,48 +266,75 @@ rm -f "$WORK"/lv-bk*
 
 # --- Guest writes during a backup.
 ddc='a=$(cut -d" " -f1 /proc/uptime); dd if=/dev/zero of=/dev/vda bs=1M seek=3000 count=200 oflag=direct 2>/dev/null || exit 1; b=$(cut -d" " -f1 /proc/uptime); echo "$a $b"'
+# The same, for the guest's CPU alone: a shell loop, no I/O. It tells
+# how much of dd's slowdown is the host's CPUs being shared (the backup
+# hashes and compresses; QEMU's TCG emulates the guest on a host CPU).
+cpuc='a=$(cut -d" " -f1 /proc/uptime); i=0; while [ $i -lt 40000 ]; do i=$((i+1)); done; b=$(cut -d" " -f1 /proc/uptime); echo "$a $b"'
 # secs "A B": the guest's seconds between its two uptimes
 secs() { echo "$1" | awk '{printf "%.2f", $2-$1}'; }
-# Untimed: the first write allocates the clusters; every timed one rewrites them.
+
+# alone CMD: the guest's seconds for CMD with nothing else going on.
+alone() {
+  sync
+  secs "$("$LODGE" exec bk-l -- sh -c "$1")"
+}
+
+# during CMD REPO: CMD started in the guest as soon as a full backup to
+# the new repository REPO has taken its point. Prints the guest's seconds
+# for CMD, the share of CMD's host-side window the backup covered, the
+# backup's seconds, the seconds from the backup's start to CMD's, and how
+# many times the agent refused the exec because the filesystems were
+# frozen.
+during() {
+  local cmd=$1 repo=$2 bp t0 t1 t2 t3 r refused=0
+  repo_add "$repo"
+  rm -f "$D/g.end"
+  sync
+  t0=$(now)
+  ("$LODGE" backup create bk-l --repo "$repo" -o json >"$D/g.json"; now >"$D/g.end") &
+  bp=$!
+  # The point is taken (copy-before-write in place) right after the
+  # fleecing file appears; if it never shows, CMD starts after 3 s.
+  for _ in $(seq 300); do [ -e "$L.fleece.qcow2" ] && break; sleep 0.01; done
+  # An exec that reaches the agent while the filesystems are frozen is
+  # refused ("the agent is in frozen state"); count those and retry.
+  while :; do
+    t1=$(now)
+    if r=$("$LODGE" exec bk-l -- sh -c "$cmd" 2>"$D/exec.err"); then break; fi
+    if ! grep -q 'frozen' "$D/exec.err" || [ "$refused" -ge 500 ]; then
+      cat "$D/exec.err" >&2
+      return 1
+    fi
+    refused=$((refused + 1))
+    sleep 0.01
+  done
+  t2=$(now)
+  wait "$bp" || return 1
+  t3=$(cat "$D/g.end")
+  [ "$(jget kind "$D/g.json")" = full ] || { echo "backup to $repo is not full" >&2; return 1; }
+  repo_rm "$repo"
+  echo "$(secs "$r") $(awk -v a="$t1" -v b="$t2" -v e="$t3" -v s="$t0" 'BEGIN{o=(e<b?e:b)-a; if (o<0) o=0; printf "%.2f %.3f %.3f", o/(b-a), e-s, a-s}') $refused"
+}
+
+# Untimed: the first write allocates the clusters; every timed one
+# rewrites them.
 "$LODGE" exec bk-l -- sh -c "$ddc" >/dev/null
 gio=$RESULTS/backup-guestio.tsv
-echo -e "run\twith_backup_s\talone_s\toverlap\tbackup_s\tpoint_wait_s\tdd_mib\texec_refused" >"$gio"
+echo -e "run\tdd_with_s\tdd_alone_s\tdd_overlap\tdd_backup_s\tdd_start_s\tdd_refused\tcpu_with_s\tcpu_alone_s\tcpu_overlap\tcpu_backup_s\tcpu_start_s\tcpu_refused\tdd_mib" >"$gio"
 for i in $(seq "$RUNS"); do
-  for order in $( [ $((i % 2)) = 1 ] && echo "with alone" || echo "alone with"); do
-    if [ "$order" = alone ]; then
-      sync
-      alone=$(secs "$("$LODGE" exec bk-l -- sh -c "$ddc")")
-      continue
-    fi
-    repo=bk-io-$i
-    repo_add "$repo"
-    rm -f "$D/g.end"
-    sync
-    t0=$(now)
-    ("$LODGE" backup create bk-l --repo "$repo" -o json >"$D/g.json"; now >"$D/g.end") &
-    bp=$!
-    # The point is taken (copy-before-write in place) right after the
-    # fleecing file appears; if it never shows, dd starts after 3 s.
-    for _ in $(seq 300); do [ -e "$L.fleece.qcow2" ] && break; sleep 0.01; done
-    # An exec that reaches the agent while the filesystems are frozen is
-    # refused ("the agent is in frozen state"); count those and retry.
-    refused=0
-    while :; do
-      t1=$(now)
-      if r=$("$LODGE" exec bk-l -- sh -c "$ddc" 2>"$D/exec.err"); then break; fi
-      grep -q 'frozen' "$D/exec.err" && [ "$refused" -lt 500 ] || { cat "$D/exec.err" >&2; exit 1; }
-      refused=$((refused + 1))
-      sleep 0.01
-    done
-    t2=$(now)
-    wait "$bp"
-    t3=$(cat "$D/g.end")
-    with=$(secs "$r")
-    # share of dd's host-side window that the backup command covered
-    ov=$(awk -v a="$t1" -v b="$t2" -v e="$t3" 'BEGIN{o=(e<b?e:b)-a; if (o<0) o=0; printf "%.2f", o/(b-a)}')
-    bs=$(awk -v a="$t0" -v e="$t3" 'BEGIN{printf "%.3f", e-a}')
-    pw=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')
-    repo_rm "$repo"
-  done
-  echo -e "$i\t$with\t$alone\t$ov\t$bs\t$pw\t200\t$refused" | tee -a "$gio"
+  # Odd runs measure with a backup first, even runs alone first.
+  if [ $((i % 2)) = 1 ]; then
+    dw=$(during "$ddc" "bk-io-$i")
+    da=$(alone "$ddc")
+    ca=$(alone "$cpuc")
+    cw=$(during "$cpuc" "bk-cpu-$i")
+  else
+    da=$(alone "$ddc")
+    dw=$(during "$ddc" "bk-io-$i")
+    cw=$(during "$cpuc" "bk-cpu-$i")
+    ca=$(alone "$cpuc")
+  fi
+  read -r dws dov dbs dst dre <<<"$dw"
+  read -r cws cov cbs cst cre <<<"$cw"
+  echo -e "$i\t$dws\t$da\t$dov\t$dbs\t$dst\t$dre\t$cws\t$ca\t$cov\t$cbs\t$cst\t$cre\t200" | tee -a "$gio"
 done

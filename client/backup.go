@@ -2,8 +2,10 @@ package client
 
 import (
 	"context"
+	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 
 	"github.com/lodge-vm/lodge/api"
 )
@@ -116,4 +118,30 @@ func (c *Client) SetBackupSchedule(ctx context.Context, req api.BackupSchedule) 
 // DeleteBackupSchedule stops a VM's scheduled backups.
 func (c *Client) DeleteBackupSchedule(ctx context.Context, vm string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/backup/schedules/"+url.PathEscape(vm), nil, nil)
+}
+
+func fileValues(q api.BackupFileQuery) string {
+	v := url.Values{"path": {q.Path}}
+	if q.Repo != "" {
+		v.Set("repo", q.Repo)
+	}
+	if q.Disk != "" {
+		v.Set("disk", q.Disk)
+	}
+	if q.Partition > 0 {
+		v.Set("partition", strconv.Itoa(q.Partition))
+	}
+	return v.Encode()
+}
+
+// BackupFiles lists a directory inside a backup's disk (an ext2/3/4
+// filesystem), without restoring it.
+func (c *Client) BackupFiles(ctx context.Context, id string, q api.BackupFileQuery) ([]api.BackupFile, error) {
+	var out []api.BackupFile
+	return out, c.do(ctx, http.MethodGet, "/v1/backups/"+url.PathEscape(id)+"/files?"+fileValues(q), nil, &out)
+}
+
+// BackupFile writes one file inside a backup's disk to w.
+func (c *Client) BackupFile(ctx context.Context, id string, q api.BackupFileQuery, w io.Writer) error {
+	return c.do(ctx, http.MethodGet, "/v1/backups/"+url.PathEscape(id)+"/file?"+fileValues(q), nil, w)
 }

@@ -3,7 +3,8 @@
 # Usage: scripts/deps.sh [run|guest|bench]...
 set -euo pipefail
 
-want=(qemu-system-x86 qemu-utils genisoimage)
+# e2fsprogs: debugfs reads single files out of backups.
+want=(qemu-system-x86 qemu-utils genisoimage e2fsprogs)
 for set in "$@"; do
   case "$set" in
     run) ;;

@@ -18,7 +18,7 @@ import (
 func backupCmd(g *globals) *cobra.Command {
 	root := &cobra.Command{Use: "backup", Short: "Live backups: full and incremental, deduplicated, verified, restorable"}
 	root.AddCommand(backupRepoCmd(g), backupCreateCmd(g), backupListCmd(g), backupShowCmd(g), backupVerifyCmd(g),
-		backupRestoreCmd(g), backupDeleteCmd(g), backupPruneCmd(g), backupGCCmd(g), backupSyncCmd(g), backupScheduleCmd(g))
+		backupRestoreCmd(g), backupFilesCmd(g), backupCatCmd(g), backupDeleteCmd(g), backupPruneCmd(g), backupGCCmd(g), backupSyncCmd(g), backupScheduleCmd(g))
 	return root
 }
 
@@ -399,4 +399,56 @@ func when(t *time.Time) string {
 		return "-"
 	}
 	return t.Local().Format(time.DateTime)
+}
+
+func fileFlags(cmd *cobra.Command, q *api.BackupFileQuery) {
+	cmd.Flags().StringVar(&q.Disk, "disk", "", "the disk (default: the first)")
+	cmd.Flags().IntVar(&q.Partition, "partition", 0, "the partition number (default: every ext filesystem, in order)")
+	cmd.Flags().StringVar(&q.Repo, "repo", "", "repository to look in (default: all)")
+}
+
+func backupFilesCmd(g *globals) *cobra.Command {
+	var q api.BackupFileQuery
+	cmd := &cobra.Command{
+		Use:   "files ID [PATH]",
+		Short: "List a directory inside a backup, without restoring it (ext2/3/4)",
+		Args:  cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			q.Path = "/"
+			if len(args) == 2 {
+				q.Path = args[1]
+			}
+			fs, err := g.client().BackupFiles(cmd.Context(), args[0], q)
+			if err != nil {
+				return err
+			}
+			return g.emit(cmd.OutOrStdout(), fs, func(tw *tabwriter.Writer) {
+				fmt.Fprintln(tw, "TYPE\tMODE\tOWNER\tSIZE\tNAME")
+				for _, f := range fs {
+					fmt.Fprintf(tw, "%s\t%04o\t%d:%d\t%d\t%s\n", f.Type, f.Mode, f.UID, f.GID, f.Size, f.Name)
+				}
+			})
+		},
+	}
+	fileFlags(cmd, &q)
+	return cmd
+}
+
+func backupCatCmd(g *globals) *cobra.Command {
+	var q api.BackupFileQuery
+	cmd := &cobra.Command{
+		Use:   "cat ID PATH",
+		Short: "Write one file from inside a backup to stdout, without restoring it (ext2/3/4)",
+		Long: `Write one file from a backup's disk to stdout. The partition holding the
+filesystem is read from the backup's chunks (each checked against its
+hash) into a temporary file on the host and read with debugfs, without
+mounting it. Only ext2, ext3 and ext4 filesystems can be read.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			q.Path = args[1]
+			return g.client().BackupFile(cmd.Context(), args[0], q, cmd.OutOrStdout())
+		},
+	}
+	fileFlags(cmd, &q)
+	return cmd
 }

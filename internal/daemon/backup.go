@@ -2,12 +2,14 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/errdefs"
 )
 
 func (d *Daemon) backupRoutes(mux *http.ServeMux) {
@@ -26,6 +28,8 @@ func (d *Daemon) backupRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/backups/{id}", d.showBackup)
 	mux.HandleFunc("DELETE /v1/backups/{id}", d.deleteBackup)
 	mux.HandleFunc("POST /v1/backups/{id}/restore", d.restoreBackup)
+	mux.HandleFunc("GET /v1/backups/{id}/files", d.listBackupFiles)
+	mux.HandleFunc("GET /v1/backups/{id}/file", d.catBackupFile)
 }
 
 // progressOf feeds an operation's progress from a backup job.
@@ -260,5 +264,53 @@ func (d *Daemon) backupLoop(ctx context.Context) {
 				return d.backups.RunScheduled(ctx, s, progressOf(o))
 			})
 		}
+	}
+}
+
+func fileQuery(r *http.Request) (api.BackupFileQuery, error) {
+	q := r.URL.Query()
+	out := api.BackupFileQuery{Path: q.Get("path"), Repo: q.Get("repo"), Disk: q.Get("disk")}
+	if p := q.Get("partition"); p != "" {
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 0 {
+			return out, fmt.Errorf("partition %q: %w: want a partition number", p, errdefs.ErrInvalid)
+		}
+		out.Partition = n
+	}
+	if out.Path == "" {
+		out.Path = "/"
+	}
+	return out, nil
+}
+
+func (d *Daemon) listBackupFiles(w http.ResponseWriter, r *http.Request) {
+	q, err := fileQuery(r)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	out, err := d.backups.ListFiles(r.Context(), r.PathValue("id"), q)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (d *Daemon) catBackupFile(w http.ResponseWriter, r *http.Request) {
+	q, err := fileQuery(r)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	lw := &lazyWriter{w: w, contentType: "application/octet-stream"}
+	if err := d.backups.CatFile(r.Context(), r.PathValue("id"), q, lw); err != nil {
+		lw.fail(d, err)
+		return
+	}
+	if !lw.started {
+		// An empty file.
+		w.Header().Set("Content-Type", lw.contentType)
+		w.WriteHeader(http.StatusOK)
 	}
 }

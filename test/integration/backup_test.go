@@ -110,6 +110,35 @@ func TestBackupRunning(t *testing.T) {
 		}
 		h.must("delete", tc.as, "--force")
 	}
+	// Single files come out of any point without a restore.
+	if got := h.must("backup", "cat", b1.ID, "/root/one"); got != "point-one\n" {
+		t.Errorf("backup cat %s /root/one: %q", b1.ID, got)
+	}
+	var files []api.BackupFile
+	mustJSON(t, h.must("backup", "files", b2.ID, "/root", "-o", "json"), &files)
+	names := map[string]string{}
+	for _, f := range files {
+		names[f.Name] = f.Type
+	}
+	if names["one"] != "file" || names["two"] != "file" {
+		t.Errorf("backup files %s /root: %+v", b2.ID, files)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"backup", "cat", b1.ID, "/root/two"}, "not found"},
+		{[]string{"backup", "cat", b1.ID, "/root"}, "not a regular file"},
+		{[]string{"backup", "cat", b1.ID, "root/one"}, "must be absolute"},
+		{[]string{"backup", "cat", b1.ID, "/root/one", "--partition", "1"}, "only ext2/3/4"},
+		{[]string{"backup", "cat", b1.ID, "/root/one", "--disk", "nope"}, `disk "nope"`},
+	} {
+		out, errOut, code := h.lodge(tc.args...)
+		if code != 1 || out != "" || !strings.Contains(errOut, tc.want) {
+			t.Errorf("lodge %s: exit %d, stdout %q, stderr %q; want exit 1 and %q", strings.Join(tc.args, " "), code, out, errOut, tc.want)
+		}
+	}
+
 	var vr api.VerifyResult
 	mustJSON(t, h.must("backup", "verify", "-o", "json"), &vr)
 	if vr.Backups != 3 || len(vr.Bad) != 0 || vr.Chunks == 0 {
