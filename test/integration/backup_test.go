@@ -170,26 +170,30 @@ func TestBackupKill(t *testing.T) {
 	h.vm("app", "--disk", "4G")
 	h.exec("app", "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=300 conv=fsync 2>/dev/null && sync")
 	ctx := context.Background()
+	// Cancelled half-way (what Ctrl-C does): nothing stays behind.
 	op, err := h.c.CreateBackup(ctx, "app", api.CreateBackup{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 60*time.Second, "the backup to be reading", func() bool {
-		ops, err := h.c.Operations(ctx)
-		if err != nil {
-			return false
-		}
-		for _, o := range ops {
-			if o.ID != op.ID {
-				continue
-			}
-			if o.State != api.OpRunning {
-				t.Fatalf("the backup ended (%s) before it could be interrupted", o.State)
-			}
-			return o.Stage == "read" && o.Done > 0
-		}
-		return false
-	})
+	waitReading(t, h, op)
+	if err := h.c.CancelOperation(ctx, op.ID); err != nil {
+		t.Fatal(err)
+	}
+	if done, err := h.c.Wait(ctx, op, nil); done.State != api.OpCancelled {
+		t.Fatalf("cancelled backup: %s, %v", done.State, err)
+	}
+	var none []api.Backup
+	mustJSON(t, h.must("backup", "list", "-o", "json"), &none)
+	if len(none) != 0 {
+		t.Fatalf("a cancelled backup is listed: %+v", none)
+	}
+
+	// Killed half-way.
+	op, err = h.c.CreateBackup(ctx, "app", api.CreateBackup{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitReading(t, h, op)
 	h.killDaemon()
 	h.startDaemon()
 	if v := h.show("app"); v.State != api.StateRunning {
@@ -462,4 +466,25 @@ func TestBackupFullRepository(t *testing.T) {
 	}
 	h.must("backup", "restore", "tight", next.ID, "--as", "now")
 	sameDisk(t, h.show("now").Disks[0].Path, disk)
+}
+
+// waitReading waits until a backup operation has read some of the disk.
+func waitReading(t *testing.T, h *host, op api.Operation) {
+	t.Helper()
+	eventually(t, 60*time.Second, "the backup to be reading", func() bool {
+		ops, err := h.c.Operations(context.Background())
+		if err != nil {
+			return false
+		}
+		for _, o := range ops {
+			if o.ID != op.ID {
+				continue
+			}
+			if o.State != api.OpRunning {
+				t.Fatalf("the backup ended (%s: %s) before it could be interrupted", o.State, o.Error)
+			}
+			return o.Stage == "read" && o.Done > 0
+		}
+		return false
+	})
 }

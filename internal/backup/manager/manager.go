@@ -617,6 +617,11 @@ func (m *Manager) Restore(ctx context.Context, id string, req api.RestoreBackup,
 	}
 	im, err := m.vms.BeginImport(ctx, vm.ImportSpec{VM: sp.VM, CloudInit: sp.CloudInit, KeepIdentity: req.As == "", Pool: req.Pool, Data: b.Stats.Data})
 	if err != nil {
+		if req.As == "" && errors.Is(err, errdefs.ErrExists) {
+			// Another VM here has this identity (a clone kept it, or the
+			// VM was restored before under another name).
+			return api.VM{}, fmt.Errorf("restore backup %s as vm %q: %w; restore it with --as NAME to give it a new identity", id, name, err)
+		}
 		return api.VM{}, fmt.Errorf("restore backup %s: %w", id, err)
 	}
 	ok := false
