@@ -137,6 +137,11 @@ func TestBackupRoundTrip(t *testing.T) {
 	if !dm.Chunks[3].IsZero() || !dm.Chunks[7].IsZero() || dm.Chunks[0].IsZero() {
 		t.Fatalf("zero chunks: got %v %v %v, want zero, zero, non-zero", dm.Chunks[3].IsZero(), dm.Chunks[7].IsZero(), dm.Chunks[0].IsZero())
 	}
+	// New chunks wait in tmp/ until the commit makes them durable.
+	if _, used, err := r.Usage(); err != nil || used != 0 {
+		t.Fatalf("usage before the commit: got %d, %v; want 0", used, err)
+	}
+	m1 := commit(t, w, manifest("web", clock, "", dm))
 	_, used, err := r.Usage()
 	if err != nil {
 		t.Fatal(err)
@@ -144,7 +149,6 @@ func TestBackupRoundTrip(t *testing.T) {
 	if used != st.Stored {
 		t.Fatalf("usage after first backup: got %d, want the stored %d", used, st.Stored)
 	}
-	m1 := commit(t, w, manifest("web", clock, "", dm))
 	if got := readBack(t, r, dm); !bytes.Equal(got, disk) {
 		t.Fatalf("read back first backup: bytes differ")
 	}
@@ -186,6 +190,7 @@ func TestBackupRoundTrip(t *testing.T) {
 	disk3 := append(append([]byte(nil), disk2[:20*testChunk]...), makeDisk(5, 2, 77)...)
 	copy(disk3[20*testChunk:], makeDisk(6, 1, 0))
 	dm3, _ := backupDisk(t, w, "root", disk3, []int64{20, 22}, dm2.Chunks) // 21 stays as the parent's (none: zero)
+	flush(t, w)
 	want3 := append([]byte(nil), disk3...)
 	clear(want3[21*testChunk : 22*testChunk])
 	if got := readBack(t, r, dm3); !bytes.Equal(got, want3) {
@@ -194,6 +199,7 @@ func TestBackupRoundTrip(t *testing.T) {
 	// and shrank to 2.5 chunks.
 	disk4 := disk3[:2*testChunk+100]
 	dm4, _ := backupDisk(t, w, "root", disk4, []int64{2}, dm3.Chunks)
+	flush(t, w)
 	if got := readBack(t, r, dm4); !bytes.Equal(got, disk4) {
 		t.Fatalf("read back shrunk disk: bytes differ")
 	}
@@ -538,6 +544,9 @@ func TestReadDiskStops(t *testing.T) {
 	w := begin(t, r)
 	disk := makeDisk(1, 30, 0)
 	dm, _ := backupDisk(t, w, "root", disk, allChunks(int64(len(disk))), nil)
+	if err := w.flush(ctx); err != nil {
+		t.Fatal(err)
+	}
 	stop := errors.New("enough")
 	calls := 0
 	err := r.ReadDisk(ctx, dm, func(int64, []byte) error {
@@ -939,5 +948,35 @@ func TestSync(t *testing.T) {
 	}
 	if _, err := Sync(ctx, src, again, nil); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("sync to itself opened twice: got %v, want ErrInvalid", err)
+	}
+}
+
+// flush moves a writer's chunks into place without a commit.
+func flush(t *testing.T, w *Writer) {
+	t.Helper()
+	if err := w.flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestUncommittedChunksStayOut: a writer closed without a commit (a
+// failed or cancelled backup) leaves nothing in chunks/ or tmp/.
+func TestUncommittedChunksStayOut(t *testing.T) {
+	r := testRepo(t)
+	w := begin(t, r)
+	disk := makeDisk(1, 5, 0)
+	backupDisk(t, w, "root", disk, allChunks(int64(len(disk))), nil)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n, used, err := r.Usage(); err != nil || n != 0 || used != 0 {
+		t.Fatalf("usage after an uncommitted backup: got %d chunks, %d bytes, %v; want none", n, used, err)
+	}
+	tmp, err := os.ReadDir(r.tmpDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tmp) != 0 {
+		t.Fatalf("tmp/ after an uncommitted backup: got %d files, want 0", len(tmp))
 	}
 }

@@ -30,7 +30,9 @@ var codec = sync.OnceValues(func() (*zcodec, error) {
 	enc, err := zstd.NewWriter(nil,
 		zstd.WithEncoderLevel(zstd.SpeedFastest),
 		zstd.WithEncoderConcurrency(workers()),
-		zstd.WithEncoderCRC(true))
+		// Each chunk is named by its BLAKE3 and checked against it on
+		// every read; zstd's own checksum would only cost time.
+		zstd.WithEncoderCRC(false))
 	if err != nil {
 		return nil, fmt.Errorf("start zstd encoder: %w", err)
 	}

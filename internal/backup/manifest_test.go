@@ -19,7 +19,7 @@ func validManifest() string {
 	return `{"format":1,"id":"20261201-190102-a1b2c3","vm":"web","vm_uuid":"0b7c1d1e",` +
 		`"created_at":"2026-12-01T19:01:02Z","kind":"incremental","parent":"20261130-190102-000000",` +
 		`"consistency":"frozen","spec":{"cpus": 2},` +
-		`"disks":[{"name":"root","size":8388609,"chunks":["` + goodDigest + `","","` + goodDigest + `"]}],` +
+		`"disks":[{"name":"root","size":2097153,"chunks":["` + goodDigest + `","","` + goodDigest + `"]}],` +
 		`"stats":{"read":4194304,"stored":1000,"data":4194305,"duration":1500000000,"chunks":2,"new_chunks":1}}`
 }
 
@@ -52,9 +52,9 @@ func TestParseManifest(t *testing.T) {
 		{"no parent", swap(`,"parent":"20261130-190102-000000"`, ``), "parent"},
 		{"full with parent", swap(`"kind":"incremental"`, `"kind":"full"`), "no parent"},
 		{"own parent", swap(`"parent":"20261130-190102-000000"`, `"parent":"20261201-190102-a1b2c3"`), "own parent"},
-		{"too many chunks", swap(`"size":8388609`, `"size":8388608`), "3 chunks for 8388608 bytes"},
-		{"too few chunks", swap(`"size":8388609`, `"size":12582913`), "3 chunks"},
-		{"negative size", swap(`"size":8388609`, `"size":-1`), "negative size"},
+		{"too many chunks", swap(`"size":2097153`, `"size":2097152`), "3 chunks for 2097152 bytes"},
+		{"too few chunks", swap(`"size":2097153`, `"size":3145729`), "3 chunks"},
+		{"negative size", swap(`"size":2097153`, `"size":-1`), "negative size"},
 		{"upper-case digest", swap(`"chunks":["`+goodDigest, `"chunks":["`+strings.ToUpper(goodDigest)), "digest"},
 		{"short digest", swap(`"chunks":["`+goodDigest, `"chunks":["abc`), "digest"},
 		{"zeros spelled out", swap(`"chunks":["`+goodDigest, `"chunks":["`+strings.Repeat("0", 64)), "zeros"},

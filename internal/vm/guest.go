@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
@@ -30,11 +31,24 @@ func (s *Service) Exec(ctx context.Context, name string, req api.ExecRequest) (a
 		defer cancel()
 	}
 	var res qga.ExecResult
-	err := s.withAgent(ctx, name, time.Duration(req.WaitSeconds)*time.Second, func(a qga.Agent) error {
-		var err error
-		res, err = a.Exec(ctx, qga.ExecRequest{Path: req.Command[0], Args: req.Command[1:], Env: req.Env, Stdin: req.Stdin})
-		return err
-	})
+	run := func() error {
+		return s.withAgent(ctx, name, time.Duration(req.WaitSeconds)*time.Second, func(a qga.Agent) error {
+			var err error
+			res, err = a.Exec(ctx, qga.ExecRequest{Path: req.Command[0], Args: req.Command[1:], Env: req.Env, Stdin: req.Stdin})
+			return err
+		})
+	}
+	err := run()
+	// A backup or snapshot may have the guest's filesystems frozen for an
+	// instant; the agent then refuses to start anything. Nothing ran, so
+	// trying again once they are thawed is safe.
+	for deadline := time.Now().Add(freezeTimeout + 5*time.Second); frozen(err) && time.Now().Before(deadline); err = run() {
+		select {
+		case <-ctx.Done():
+			return api.ExecResult{}, fmt.Errorf("exec %q in vm %q: %w", req.Command[0], name, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 	if err != nil {
 		var qerr *qga.Error
 		if errors.As(err, &qerr) {
@@ -80,4 +94,11 @@ func (s *Service) Console(ctx context.Context, name string) (net.Conn, func(), e
 		return nil, nil, fmt.Errorf("console of vm %q: %w", name, err)
 	}
 	return conn, func() { _ = conn.Close(); in.consoleBusy.Store(false) }, nil
+}
+
+// frozen says whether the agent refused a command because the guest's
+// filesystems are frozen.
+func frozen(err error) bool {
+	var qerr *qga.Error
+	return errors.As(err, &qerr) && strings.Contains(qerr.Desc, "frozen state")
 }

@@ -135,7 +135,11 @@ func (m *Manager) RemoveRepo(ctx context.Context, name string) error {
 	if name == DefaultRepo {
 		return fmt.Errorf("backup repository %q: %w: the default repository cannot be removed", name, errdefs.ErrInvalid)
 	}
-	return m.store.Update(ctx, func(tx store.Tx) error {
+	rec, err := m.repoRecord(ctx, name)
+	if err != nil {
+		return err
+	}
+	err = m.store.Update(ctx, func(tx store.Tx) error {
 		if _, err := tx.Get(repoBucket, name); err != nil {
 			return fmt.Errorf("backup repository %q: %w", name, errdefs.ErrNotFound)
 		}
@@ -159,6 +163,12 @@ func (m *Manager) RemoveRepo(ctx context.Context, name string) error {
 		}
 		return tx.Delete(repoBucket, name)
 	})
+	if err == nil {
+		m.mu.Lock()
+		delete(m.repos, rec.Path)
+		m.mu.Unlock()
+	}
+	return err
 }
 
 // Repos lists the repositories with what they hold.
@@ -218,7 +228,11 @@ func (m *Manager) openPath(path string, create bool) (*backup.Repo, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if r, ok := m.repos[path]; ok {
-		return r, nil
+		if isRepo(path) {
+			return r, nil
+		}
+		// Removed (or unmounted) since it was opened.
+		delete(m.repos, path)
 	}
 	r, err := backup.Open(path)
 	if err != nil && create && !isRepo(path) {
@@ -274,7 +288,12 @@ type spec struct {
 // Create backs VM name up to repository repoName: incrementally if its
 // disks tracked their writes since its last backup there, fully
 // otherwise.
-func (m *Manager) Create(ctx context.Context, name, repoName string, progress Progress) (api.Backup, error) {
+func (m *Manager) Create(ctx context.Context, name, repoName string, progress Progress) (_ api.Backup, err error) {
+	defer func() {
+		if err != nil {
+			m.log.Error("backup failed", "vm", name, "repo", repoName, "err", err)
+		}
+	}()
 	rec, repo, err := m.open(ctx, repoName)
 	if err != nil {
 		return api.Backup{}, fmt.Errorf("backup vm %q: %w", name, err)
@@ -306,22 +325,28 @@ func (m *Manager) Create(ctx context.Context, name, repoName string, progress Pr
 		}
 	}
 	start := time.Now()
+	// Registered before the point is taken, so that GC keeps what the
+	// backup relies on from the start.
+	w, err := repo.BeginWrite(ctx)
+	if err != nil {
+		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
+	}
+	defer func() { _ = w.Close() }()
 	progress("freeze", 0, 0)
 	p, err := m.vms.OpenBackup(ctx, name, opts)
 	if err != nil {
 		return api.Backup{}, err
 	}
 	defer p.Close()
-	man, err := m.store1(ctx, repo, p, parent, opts, progress)
+	man, err := m.read(ctx, w, repo.ChunkSize(), p, parent, opts, progress)
 	if err != nil {
+		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
+	}
+	progress("commit", 0, 0)
+	if err := w.Flush(ctx); err != nil {
 		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
 	}
 	man.Stats.Duration = time.Since(start)
-	w, err := repo.BeginWrite(ctx)
-	if err != nil {
-		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
-	}
-	defer func() { _ = w.Close() }()
 	if err := w.Commit(ctx, &man); err != nil {
 		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
 	}
@@ -334,9 +359,9 @@ func (m *Manager) Create(ctx context.Context, name, repoName string, progress Pr
 	return view(rec.Name, man, nil), nil
 }
 
-// store1 reads the point's disks into the repository and returns the
+// read reads the point's disks into the repository and returns the
 // backup's manifest, not yet committed.
-func (m *Manager) store1(ctx context.Context, repo *backup.Repo, p *vm.BackupPoint, parent *backup.Manifest, opts vm.BackupOptions, progress Progress) (backup.Manifest, error) {
+func (m *Manager) read(ctx context.Context, w *backup.Writer, chunk int, p *vm.BackupPoint, parent *backup.Manifest, opts vm.BackupOptions, progress Progress) (backup.Manifest, error) {
 	raw, err := json.Marshal(spec{VM: p.VM, CloudInit: p.CloudInit})
 	if err != nil {
 		return backup.Manifest{}, err
@@ -376,8 +401,8 @@ func (m *Manager) store1(ctx context.Context, repo *backup.Repo, p *vm.BackupPoi
 				reasons = append(reasons, d.Reason)
 			}
 		}
-		in.Read = chunksOf(d.Read, d.Size)
-		total += int64(len(in.Read)) * backup.ChunkSize
+		in.Read = chunksOf(d.Read, d.Size, int64(chunk))
+		total += int64(len(in.Read)) * int64(chunk)
 		jobs = append(jobs, job{in: in, disk: d.Name})
 	}
 	// A backup is full when every disk was read whole; it then stands on
@@ -389,7 +414,7 @@ func (m *Manager) store1(ctx context.Context, repo *backup.Repo, p *vm.BackupPoi
 	var done int64
 	var mu sync.Mutex
 	for _, j := range jobs {
-		dm, st, err := w1(ctx, repo, j.in, func(n int64) {
+		dm, st, err := w.BackupDisk(ctx, j.in, func(n int64) {
 			mu.Lock()
 			done += n
 			d := done
@@ -409,16 +434,6 @@ func (m *Manager) store1(ctx context.Context, repo *backup.Repo, p *vm.BackupPoi
 	return man, nil
 }
 
-// w1 stores one disk through its own writer registration.
-func w1(ctx context.Context, repo *backup.Repo, in backup.DiskInput, progress func(int64)) (backup.DiskManifest, backup.Stats, error) {
-	w, err := repo.BeginWrite(ctx)
-	if err != nil {
-		return backup.DiskManifest{}, backup.Stats{}, err
-	}
-	defer func() { _ = w.Close() }()
-	return w.BackupDisk(ctx, in, progress)
-}
-
 func parentDisk(parent *backup.Manifest, name string, size int64) *backup.DiskManifest {
 	if parent == nil {
 		return nil
@@ -431,15 +446,16 @@ func parentDisk(parent *backup.Manifest, name string, size int64) *backup.DiskMa
 	return nil
 }
 
-// chunksOf lists, in order, the chunks that ranges touch.
-func chunksOf(ranges []nbd.Extent, size int64) []int64 {
+// chunksOf lists, in order, the chunks of chunk bytes that ranges touch;
+// ranges are sorted by offset and may overlap.
+func chunksOf(ranges []nbd.Extent, size, chunk int64) []int64 {
 	var out []int64
 	for _, r := range ranges {
 		if r.Length <= 0 {
 			continue
 		}
-		first := r.Offset / backup.ChunkSize
-		last := min(r.Offset+r.Length-1, size-1) / backup.ChunkSize
+		first := r.Offset / chunk
+		last := min(r.Offset+r.Length-1, size-1) / chunk
 		for c := first; c <= last; c++ {
 			if n := len(out); n == 0 || out[n-1] < c {
 				out = append(out, c)

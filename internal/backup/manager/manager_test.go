@@ -26,7 +26,7 @@ func TestChunksOf(t *testing.T) {
 		{"empty ranges are skipped", []nbd.Extent{{Offset: c, Length: 0}}, 2 * c, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := chunksOf(tc.ranges, tc.size); !slices.Equal(got, tc.want) {
+			if got := chunksOf(tc.ranges, tc.size, c); !slices.Equal(got, tc.want) {
 				t.Fatalf("chunksOf: got %v, want %v", got, tc.want)
 			}
 		})
