@@ -185,7 +185,7 @@ func (w *Writer) copyChunk(src *Repo, d Digest, scratch *verifyScratch) (bool, i
 	if _, err := src.decodeChunk(d, stored, scratch.raw[:0]); err != nil {
 		return false, 0, fmt.Errorf("in %q: %w", src.path, err)
 	}
-	if err := w.r.installChunk(path, stored); err != nil {
+	if err := w.stage(d, stored); err != nil {
 		return false, 0, err
 	}
 	return true, int64(len(stored)), nil
