@@ -169,8 +169,12 @@ XML
 
 cleanup() {
   # A backup still running in the background (the script failed) holds
-  # the VM and writes into its repository: let it end first.
-  wait || true
+  # the VM and writes into its repository: let it end first. Not the
+  # daemon, which start_lodged may have started from this shell.
+  local p
+  for p in $(jobs -p); do
+    [ "$p" = "$(cat "$WORK/daemon.pid" 2>/dev/null)" ] || wait "$p" || true
+  done
   $V destroy lv-bk >/dev/null 2>&1 || true
   $V undefine lv-bk --checkpoints-metadata --snapshots-metadata >/dev/null 2>&1 || true
   local vm r
