@@ -76,6 +76,8 @@ type VM struct {
 	CurrentSnapshot string `json:"current_snapshot,omitempty"`
 	// Snapshots names the VM's snapshots, parents before children.
 	Snapshots []string `json:"snapshots,omitempty"`
+	// Stack names the stack the VM is a member of.
+	Stack string `json:"stack,omitempty"`
 }
 
 // CreateVM is the body of POST /v1/vms.
@@ -95,6 +97,8 @@ type CreateVM struct {
 	Network   string `json:"network,omitempty"`
 	CloudInit string `json:"cloud_init,omitempty"`
 	Start     bool   `json:"start,omitempty"`
+	// Stack marks the VM as a member of a stack (set by stack up).
+	Stack string `json:"stack,omitempty"`
 }
 
 // CloneVM is the body of POST /v1/vms/{name}/clone.
@@ -570,4 +574,37 @@ type BackupFile struct {
 	Size int64  `json:"size"`
 	UID  int    `json:"uid"`
 	GID  int    `json:"gid"`
+}
+
+// StackUp brings a stack up from its file.
+type StackUp struct {
+	// Path is the file's name, for messages.
+	Path string `json:"path"`
+	// File is the stack file's YAML.
+	File string `json:"file"`
+}
+
+// StackMember is one VM of a stack, as `stack status` shows it.
+type StackMember struct {
+	Name      string     `json:"name"`
+	VM        string     `json:"vm"`
+	State     string     `json:"state"`
+	Health    string     `json:"health"`
+	IPs       []string   `json:"ips"`
+	StartedAt *time.Time `json:"started_at"`
+	// ReadyAt is when the member was first seen ready: its health check
+	// passed, or (without one) it started; a oneshot member when it
+	// completed.
+	ReadyAt *time.Time `json:"ready_at"`
+}
+
+// StackStatus is a stack's members.
+type StackStatus struct {
+	Name    string        `json:"name"`
+	Members []StackMember `json:"members"`
+}
+
+// StackDown stops a stack, dependents first.
+type StackDown struct {
+	Delete bool `json:"delete,omitempty"`
 }

@@ -193,6 +193,7 @@ func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) 
 		Intent: intentCreating, Wanted: api.StateStopped,
 	}
 	r.Project = project.Name(req.Project)
+	r.Stack = req.Stack
 	r.NICs = []api.NIC{{Network: req.Network}}
 	if err := s.insert(ctx, &r, true, nil); err != nil {
 		return api.VM{}, err

@@ -1,0 +1,92 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/client"
+)
+
+func stackCmd(g *globals) *cobra.Command {
+	root := &cobra.Command{Use: "stack", Short: "Multi-VM stacks started in dependency order"}
+	up := &cobra.Command{
+		Use:   "up FILE",
+		Short: "Create what is missing and start the members, each once what it depends on is ready",
+		Long: `Bring a stack up from its YAML file. The file is checked first (cycles,
+unknown images and names, memory over the host limit, each with its line).
+Missing members are created; then they start in dependency order, members
+that do not depend on each other in parallel, each once the members it
+depends on have reached the condition asked for (started, agent, healthy
+or completed). The first failure stops the rollout; members already up are
+left running. Running up again changes nothing that already matches.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			raw, err := os.ReadFile(args[0])
+			if err != nil {
+				return err
+			}
+			c := g.client()
+			op, err := c.StackUp(cmd.Context(), api.StackUp{Path: args[0], File: string(raw)})
+			if err != nil {
+				return err
+			}
+			if op, err = wait(cmd.Context(), c, op); err != nil {
+				return err
+			}
+			var st api.StackStatus
+			if err := client.Result(op, &st); err != nil {
+				return err
+			}
+			return g.emit(cmd.OutOrStdout(), st, func(tw *tabwriter.Writer) { stackTable(tw, st) })
+		},
+	}
+	status := &cobra.Command{
+		Use:   "status NAME",
+		Short: "Show each member's state, health, addresses and when it became ready",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := g.client().StackStatus(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			return g.emit(cmd.OutOrStdout(), st, func(tw *tabwriter.Writer) { stackTable(tw, st) })
+		},
+	}
+	var down api.StackDown
+	downCmd := &cobra.Command{
+		Use:   "down NAME [--delete]",
+		Short: "Stop a stack's members, dependents first; --delete removes them",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := g.client()
+			op, err := c.StackDown(cmd.Context(), args[0], down)
+			if err != nil {
+				return err
+			}
+			_, err = wait(cmd.Context(), c, op)
+			return err
+		},
+	}
+	downCmd.Flags().BoolVar(&down.Delete, "delete", false, "delete the members and forget the stack")
+	root.AddCommand(up, status, downCmd)
+	return root
+}
+
+func stackTable(tw *tabwriter.Writer, st api.StackStatus) {
+	fmt.Fprintln(tw, "MEMBER\tVM\tSTATE\tHEALTH\tIPS\tSTARTED\tREADY")
+	at := func(t *time.Time) string {
+		if t == nil {
+			return "-"
+		}
+		return t.Local().Format(time.TimeOnly)
+	}
+	for _, m := range st.Members {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.VM, m.State, m.Health, dash(strings.Join(m.IPs, ",")), at(m.StartedAt), at(m.ReadyAt))
+	}
+}

@@ -1,0 +1,460 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/stack"
+	"github.com/lodge-vm/lodge/internal/store"
+)
+
+// Stacks: the daemon keeps each stack's file and when each member became
+// ready; the members are ordinary VMs labelled with the stack's name.
+
+const stackBucket = "stacks"
+
+type stackRecord struct {
+	Name    string               `json:"name"`
+	Path    string               `json:"path"`
+	File    string               `json:"file"`
+	ReadyAt map[string]time.Time `json:"ready_at,omitempty"`
+}
+
+func (d *Daemon) stackRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("POST /v1/stacks", d.stackUp)
+	mux.HandleFunc("GET /v1/stacks/{name}", d.stackStatus)
+	mux.HandleFunc("POST /v1/stacks/{name}/down", d.stackDown)
+}
+
+// parseStack reads and checks a stack file against this host.
+func (d *Daemon) parseStack(ctx context.Context, req api.StackUp) (*stack.File, error) {
+	f, err := stack.Parse(req.Path, []byte(req.File))
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range f.Networks {
+		return nil, fmt.Errorf("%s: stack %q: network %q: %w: private networks are not built yet; members use the built-in nat network", req.Path, f.Name, n.Name, errdefs.ErrInvalid)
+	}
+	vms, err := d.vms.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	h := d.host()
+	var others int64
+	for _, v := range vms {
+		if v.Stack != f.Name {
+			others += max(v.Memory, v.MaxMemory) + h.VMOverhead
+		}
+	}
+	limit := int64(float64(h.MemoryLimit)*max(h.Overcommit, 1)) - others
+	err = f.Validate(stack.Env{
+		ImageExists: func(name string) bool { _, err := d.images.Get(ctx, name); return err == nil },
+		MemoryLimit: max(limit, 1),
+		DefaultMemory: func(image string) int64 {
+			if img, err := d.images.Get(ctx, image); err == nil && img.Memory > 0 {
+				return img.Memory
+			}
+			return 512 << 20
+		},
+		VMOverhead: h.VMOverhead,
+	})
+	return f, err
+}
+
+func (d *Daemon) stackUp(w http.ResponseWriter, r *http.Request) {
+	var req api.StackUp
+	if !decode(w, r, &req) {
+		return
+	}
+	f, err := d.parseStack(r.Context(), req)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	accepted(w, d.ops.start("stack-up", f.Name, func(ctx context.Context, o *operation) (any, error) {
+		if err := d.applyStack(ctx, f, req, o); err != nil {
+			return nil, err
+		}
+		return d.stackView(ctx, f.Name)
+	}))
+}
+
+// applyStack makes the VMs match the file, then starts them in
+// dependency order, each once what it depends on has reached the
+// condition asked for.
+func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp, o *operation) error {
+	err := d.store.Update(ctx, func(tx store.Tx) error {
+		var rec stackRecord
+		if err := store.GetJSON(tx, stackBucket, f.Name, &rec); err != nil && !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		rec.Name, rec.Path, rec.File = f.Name, req.Path, req.File
+		return store.PutJSON(tx, stackBucket, f.Name, rec)
+	})
+	if err != nil {
+		return err
+	}
+	vms, err := d.vms.List(ctx)
+	if err != nil {
+		return err
+	}
+	var existing []stack.Existing
+	taken := map[string]string{}
+	for _, v := range vms {
+		taken[v.Name] = v.Stack
+		if v.Stack != f.Name {
+			continue
+		}
+		e := stack.Existing{Name: v.Name, Image: v.Image, CPUs: v.CPUs, Memory: v.Memory, Running: v.State == api.StateRunning}
+		for _, n := range v.NICs {
+			e.Networks = append(e.Networks, n.Network)
+		}
+		e.Completed = !e.Running && d.stackReady(ctx, f.Name, v.Name) != nil
+		existing = append(existing, e)
+	}
+	specs := map[string]stack.Instance{}
+	for _, in := range f.Instances() {
+		specs[in.Name] = in
+		if owner, ok := taken[in.Name]; ok && owner != f.Name {
+			return fmt.Errorf("stack %q: vm %q %w and is not a member of this stack", f.Name, in.Name, errdefs.ErrExists)
+		}
+	}
+	for _, c := range f.Diff(existing) {
+		switch c.Action {
+		case stack.ActionCreate:
+			in := specs[c.Instance]
+			o.Progress("create "+c.Instance, 0, 0)
+			if _, err := d.vms.Create(ctx, api.CreateVM{
+				Name: in.Name, Image: in.Spec.Image, CPUs: in.Spec.CPUs, Memory: in.Spec.Memory, MaxMemory: in.Spec.MaxMemory,
+				DiskSize: in.Spec.Disk, CloudInit: in.Spec.CloudInit, Network: "nat", Stack: f.Name,
+			}); err != nil {
+				return fmt.Errorf("stack %q: %w", f.Name, err)
+			}
+		case stack.ActionDelete:
+			o.Progress("delete "+c.Instance, 0, 0)
+			if err := d.vms.Delete(ctx, c.Instance, true); err != nil {
+				return fmt.Errorf("stack %q: %w", f.Name, err)
+			}
+		case stack.ActionUpdate, stack.ActionRecreate:
+			// Changing a member in place (or losing its disk) is left to
+			// the user, who sees why here.
+			return fmt.Errorf("stack %q: vm %q differs from the file (%s): %w; change it with lodge set, or delete it and run up again", f.Name, c.Instance, c.Why, errdefs.ErrConflict)
+		}
+	}
+	plan := f.Plan()
+	total := int64(len(f.Instances()))
+	var done int64
+	for i, wave := range plan {
+		o.Progress("wave "+strconv.Itoa(i+1)+" of "+strconv.Itoa(len(plan)), done, total)
+		var wg sync.WaitGroup
+		errs := make([]error, len(wave))
+		for j, step := range wave {
+			wg.Go(func() { errs[j] = d.rollOut(ctx, f, step) })
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			return fmt.Errorf("stack %q: %w (members already up are left running)", f.Name, err)
+		}
+		done += int64(len(wave))
+	}
+	o.Progress("done", total, total)
+	return nil
+}
+
+// rollOut waits for what step's member depends on, starts it, and waits
+// until it is ready itself.
+func (d *Daemon) rollOut(ctx context.Context, f *stack.File, step stack.Step) error {
+	in := step.Instance
+	for _, w := range step.Waits {
+		if err := d.waitCondition(ctx, f, w.Instance, w.Condition); err != nil {
+			return fmt.Errorf("vm %q waits for %q to be %s: %w", in.Name, w.Instance, w.Condition, err)
+		}
+	}
+	v, err := d.vms.Get(ctx, in.Name)
+	if err != nil {
+		return err
+	}
+	completed := in.Spec.Oneshot && d.stackReady(ctx, f.Name, in.Name) != nil
+	if v.State != api.StateRunning && !completed {
+		d.events.Publish(api.Event{Time: time.Now().UTC(), Kind: "stack-member-starting", Target: in.Name, Message: "stack " + f.Name})
+		if _, err := d.vms.Start(ctx, in.Name); err != nil {
+			return err
+		}
+	}
+	own := stack.CondStarted
+	switch {
+	case in.Spec.Oneshot:
+		own = stack.CondCompleted
+	case in.Spec.Health != nil:
+		own = stack.CondHealthy
+	}
+	if err := d.waitCondition(ctx, f, in.Name, own); err != nil {
+		return fmt.Errorf("vm %q never became %s: %w", in.Name, own, err)
+	}
+	return nil
+}
+
+// instance finds an instance of f by VM name.
+func instanceOf(f *stack.File, name string) (stack.Instance, bool) {
+	for _, in := range f.Instances() {
+		if in.Name == name {
+			return in, true
+		}
+	}
+	return stack.Instance{}, false
+}
+
+// waitCondition polls until VM name reaches cond or its member's timeout
+// passes; a health check that keeps failing is reported with what it
+// said last. The timeout is the member's start period: failures before it
+// ends are expected while the guest boots.
+func (d *Daemon) waitCondition(ctx context.Context, f *stack.File, name, cond string) error {
+	in, ok := instanceOf(f, name)
+	if !ok {
+		return fmt.Errorf("no member %q", name)
+	}
+	timeout := in.Spec.Timeout
+	if timeout <= 0 {
+		timeout = stack.DefaultTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	every := 500 * time.Millisecond
+	if h := in.Spec.Health; h != nil && cond == stack.CondHealthy && h.Interval > 0 {
+		every = h.Interval
+	}
+	var last error
+	for {
+		ok, err := d.check(ctx, f.Name, in, cond)
+		if ok {
+			d.markReady(ctx, f.Name, name, cond, in)
+			return nil
+		}
+		if err != nil {
+			last = err
+			if !errors.Is(err, errUnhealthy) {
+				return err
+			}
+		}
+		select {
+		case <-ctx.Done():
+			if last != nil {
+				return fmt.Errorf("not within %s: %w", timeout, last)
+			}
+			return fmt.Errorf("not within %s", timeout)
+		case <-time.After(every):
+		}
+	}
+}
+
+var errUnhealthy = errors.New("unhealthy")
+
+// check says whether VM in of stack stackName has reached cond now.
+func (d *Daemon) check(ctx context.Context, stackName string, in stack.Instance, cond string) (bool, error) {
+	v, err := d.vms.Get(ctx, in.Name)
+	if err != nil {
+		return false, err
+	}
+	completed := in.Spec.Oneshot && d.stackReady(ctx, stackName, in.Name) != nil
+	switch cond {
+	case stack.CondStarted:
+		return v.State == api.StateRunning || completed, nil
+	case stack.CondAgent:
+		return v.State == api.StateRunning && d.agentAnswers(ctx, in.Name), nil
+	case stack.CondCompleted:
+		if v.State == api.StateError {
+			return false, fmt.Errorf("it failed: %s", v.StateReason)
+		}
+		// The rollout waits on a oneshot member right after starting it,
+		// so stopped means it ran and powered itself off.
+		return completed || v.State == api.StateStopped, nil
+	case stack.CondHealthy:
+		if v.State != api.StateRunning {
+			return false, nil
+		}
+		return d.healthy(ctx, in)
+	}
+	return false, fmt.Errorf("unknown condition %q", cond)
+}
+
+func (d *Daemon) agentAnswers(ctx context.Context, name string) bool {
+	res, err := d.vms.Exec(ctx, name, api.ExecRequest{Command: []string{"true"}, TimeoutSeconds: 5})
+	return err == nil && res.ExitCode == 0
+}
+
+// healthy runs a member's health check inside its guest, through the
+// agent. A TCP check looks for a listening socket on the port in the
+// guest's /proc/net/tcp{,6}: on the nat network the host cannot reach the
+// guest's ports, and a listener is what a port that answers means.
+func (d *Daemon) healthy(ctx context.Context, in stack.Instance) (bool, error) {
+	h := in.Spec.Health
+	cmd := h.Exec
+	if h.TCP > 0 {
+		cmd = fmt.Sprintf("grep -qE '^ *[0-9]+: [0-9A-F]+:%04X [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6", h.TCP)
+	}
+	timeout := h.Timeout
+	if timeout <= 0 {
+		timeout = stack.DefaultHealthTimeout
+	}
+	res, err := d.vms.Exec(ctx, in.Name, api.ExecRequest{Command: []string{"/bin/sh", "-c", cmd}, TimeoutSeconds: int(max(timeout/time.Second, 1))})
+	switch {
+	case errors.Is(err, errdefs.ErrNoAgent) || errors.Is(err, errdefs.ErrState):
+		// No agent yet (the guest is booting): not a failed check.
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("%w: %q: %w", errUnhealthy, cmd, err)
+	case res.ExitCode != 0:
+		msg := "exit code " + strconv.Itoa(res.ExitCode)
+		if out := strings.TrimSpace(string(res.Stderr)); out != "" {
+			msg += ": " + out
+		}
+		return false, fmt.Errorf("%w: %q: %s", errUnhealthy, cmd, msg)
+	}
+	return true, nil
+}
+
+// markReady records when a member first reached its own readiness.
+func (d *Daemon) markReady(ctx context.Context, stackName, vm, cond string, in stack.Instance) {
+	own := stack.CondStarted
+	switch {
+	case in.Spec.Oneshot:
+		own = stack.CondCompleted
+	case in.Spec.Health != nil:
+		own = stack.CondHealthy
+	}
+	if cond != own {
+		return
+	}
+	_ = d.store.Update(context.WithoutCancel(ctx), func(tx store.Tx) error {
+		var rec stackRecord
+		if err := store.GetJSON(tx, stackBucket, stackName, &rec); err != nil {
+			return err
+		}
+		if rec.ReadyAt == nil {
+			rec.ReadyAt = map[string]time.Time{}
+		}
+		if _, ok := rec.ReadyAt[vm]; ok {
+			return nil
+		}
+		rec.ReadyAt[vm] = time.Now().UTC()
+		d.events.Publish(api.Event{Time: rec.ReadyAt[vm], Kind: "stack-member-ready", Target: vm, Message: "stack " + stackName + ": " + own})
+		return store.PutJSON(tx, stackBucket, stackName, rec)
+	})
+}
+
+// stackReady is when VM vm of a stack became ready, or nil.
+func (d *Daemon) stackReady(ctx context.Context, stackName, vm string) *time.Time {
+	var rec stackRecord
+	if err := d.store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, stackBucket, stackName, &rec) }); err != nil {
+		return nil
+	}
+	if t, ok := rec.ReadyAt[vm]; ok {
+		return &t
+	}
+	return nil
+}
+
+func (d *Daemon) loadStack(ctx context.Context, name string) (*stack.File, error) {
+	var rec stackRecord
+	err := d.store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, stackBucket, name, &rec) })
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("stack %q: %w", name, errdefs.ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return stack.Parse(rec.Path, []byte(rec.File))
+}
+
+// stackView is a stack's status now; health checks run as it is asked.
+func (d *Daemon) stackView(ctx context.Context, name string) (api.StackStatus, error) {
+	f, err := d.loadStack(ctx, name)
+	if err != nil {
+		return api.StackStatus{}, err
+	}
+	out := api.StackStatus{Name: f.Name, Members: []api.StackMember{}}
+	for _, in := range f.Instances() {
+		m := api.StackMember{Name: in.Member, VM: in.Name, State: "absent", Health: "-", IPs: []string{}}
+		if v, err := d.vms.Get(ctx, in.Name); err == nil {
+			m.State, m.StartedAt = v.State, v.StartedAt
+			for _, n := range v.NICs {
+				if n.IP != "" {
+					m.IPs = append(m.IPs, n.IP)
+				}
+			}
+			if in.Spec.Health != nil && v.State == api.StateRunning {
+				m.Health = "unhealthy"
+				if ok, _ := d.healthy(ctx, in); ok {
+					m.Health = "healthy"
+				}
+			}
+		}
+		m.ReadyAt = d.stackReady(ctx, name, in.Name)
+		out.Members = append(out.Members, m)
+	}
+	return out, nil
+}
+
+func (d *Daemon) stackStatus(w http.ResponseWriter, r *http.Request) {
+	out, err := d.stackView(r.Context(), r.PathValue("name"))
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (d *Daemon) stackDown(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	var req api.StackDown
+	if !decode(w, r, &req) {
+		return
+	}
+	f, err := d.loadStack(r.Context(), name)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	accepted(w, d.ops.start("stack-down", name, func(ctx context.Context, o *operation) (any, error) {
+		for _, in := range f.ReverseOrder() {
+			v, err := d.vms.Get(ctx, in.Name)
+			if errors.Is(err, errdefs.ErrNotFound) {
+				continue
+			}
+			if err != nil {
+				return nil, err
+			}
+			o.Progress("stop "+in.Name, 0, 0)
+			if v.State == api.StateRunning || v.State == api.StatePaused {
+				if _, err := d.vms.Stop(ctx, in.Name, false, 0); err != nil {
+					return nil, fmt.Errorf("stack %q: %w", name, err)
+				}
+			}
+			if req.Delete {
+				if err := d.vms.Delete(ctx, in.Name, true); err != nil {
+					return nil, fmt.Errorf("stack %q: %w", name, err)
+				}
+			}
+		}
+		err := d.store.Update(ctx, func(tx store.Tx) error {
+			var rec stackRecord
+			if err := store.GetJSON(tx, stackBucket, name, &rec); err != nil {
+				return err
+			}
+			if req.Delete {
+				return tx.Delete(stackBucket, name)
+			}
+			rec.ReadyAt = nil
+			return store.PutJSON(tx, stackBucket, name, rec)
+		})
+		return nil, err
+	}))
+}

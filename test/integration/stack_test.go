@@ -1,0 +1,123 @@
+package integration
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+)
+
+// writeStack writes a stack file and returns its path.
+func writeStack(t *testing.T, name, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestStack brings up a three-member chain: db waits for dc's agent, app
+// for db's health check, which passes only once db has been up for 8
+// seconds. The start times show the order held; a second up changes
+// nothing; a failing health check stops a rollout with the reason; down
+// stops dependents first and --delete removes the members.
+func TestStack(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.importGuest()
+	file := writeStack(t, "shop.yaml", `name: shop
+vms:
+  dc: {image: tiny, memory: 256M}
+  db:
+    image: tiny
+    memory: 256M
+    depends_on: {dc: agent}
+    health: {exec: "test $(cut -d. -f1 /proc/uptime) -ge 8", interval: 1s}
+  app: {image: tiny, memory: 256M, depends_on: {db: healthy}}
+`)
+	var st api.StackStatus
+	mustJSON(t, h.must("stack", "up", file, "-o", "json"), &st)
+	byName := map[string]api.StackMember{}
+	for _, m := range st.Members {
+		byName[m.Name] = m
+	}
+	dc, db, app := byName["dc"], byName["db"], byName["app"]
+	for _, m := range []api.StackMember{dc, db, app} {
+		if m.State != api.StateRunning || m.StartedAt == nil || m.ReadyAt == nil {
+			t.Fatalf("after up: %+v", st.Members)
+		}
+	}
+	if dc.VM != "shop-dc" || h.show("shop-db").Stack != "shop" {
+		t.Errorf("member names: %q, stack label %q", dc.VM, h.show("shop-db").Stack)
+	}
+	// db starts only once dc's agent answers (which takes the guest's
+	// boot); app only once db's check passed (8 s after db's boot).
+	if !db.StartedAt.After(dc.StartedAt.Add(2 * time.Second)) {
+		t.Errorf("db started at %s, dc at %s: db did not wait for dc's agent", db.StartedAt, dc.StartedAt)
+	}
+	if app.StartedAt.Before(*db.ReadyAt) || db.ReadyAt.Before(db.StartedAt.Add(7*time.Second)) {
+		t.Errorf("db started %s, healthy %s; app started %s: app did not wait for db's health", db.StartedAt, db.ReadyAt, app.StartedAt)
+	}
+	if db.Health != "healthy" {
+		t.Errorf("db health: %q", db.Health)
+	}
+
+	// Idempotent: nothing is restarted.
+	var again api.StackStatus
+	mustJSON(t, h.must("stack", "up", file, "-o", "json"), &again)
+	for i, m := range again.Members {
+		if m.StartedAt == nil || !m.StartedAt.Equal(*st.Members[i].StartedAt) {
+			t.Errorf("second up restarted %s: %v then %v", m.Name, st.Members[i].StartedAt, m.StartedAt)
+		}
+	}
+
+	// A health check that never passes stops the rollout, naming it;
+	// what came before is left running.
+	bad := writeStack(t, "bad.yaml", `name: sick
+vms:
+  base: {image: tiny, memory: 256M, health: {exec: "exit 3", interval: 1s}, timeout: 40s}
+  top: {image: tiny, memory: 256M, depends_on: {base: healthy}}
+`)
+	_, errOut, code := h.lodge("stack", "up", bad)
+	if code != 1 || !strings.Contains(errOut, `"sick-base" never became healthy`) || !strings.Contains(errOut, "exit code 3") {
+		t.Errorf("up with a failing health check: exit %d, %q", code, errOut)
+	}
+	if v := h.show("sick-base"); v.State != api.StateRunning {
+		t.Errorf("the member before the failure: %s", v.State)
+	}
+	if v := h.show("sick-top"); v.State != api.StateStopped {
+		t.Errorf("the member after the failure was started: %s", v.State)
+	}
+
+	// Bad files are refused before anything happens, with their line.
+	for _, tc := range []struct{ body, want string }{
+		{"name: c\nvms:\n  a: {image: tiny, depends_on: {b: started}}\n  b: {image: tiny, depends_on: {a: started}}\n", "cycle"},
+		{"name: u\nvms:\n  a: {image: nosuch}\n", "nosuch"},
+		{"name: y\nvms:\n  a: {image: tiny\n  b: [\n", ":"},
+		{"name: n\nnetworks:\n  back: {}\nvms:\n  a: {image: tiny, networks: [back]}\n", "private networks"},
+	} {
+		p := writeStack(t, "x.yaml", tc.body)
+		_, errOut, code := h.lodge("stack", "up", p)
+		if code != 1 || !strings.Contains(errOut, tc.want) || !strings.Contains(errOut, "x.yaml") || strings.Count(strings.TrimSpace(errOut), "\n") > 0 {
+			t.Errorf("up %q: exit %d, %q; want one line naming the file and %q", tc.body, code, errOut, tc.want)
+		}
+	}
+
+	h.must("stack", "down", "shop")
+	for _, vm := range []string{"shop-app", "shop-db", "shop-dc"} {
+		if v := h.show(vm); v.State != api.StateStopped {
+			t.Errorf("%s after down: %s", vm, v.State)
+		}
+	}
+	h.must("stack", "down", "shop", "--delete")
+	if _, _, code := h.lodge("show", "shop-db"); code == 0 {
+		t.Error("down --delete left shop-db")
+	}
+	if _, _, code := h.lodge("stack", "status", "shop"); code != 1 {
+		t.Error("down --delete left the stack")
+	}
+}
