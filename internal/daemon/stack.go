@@ -189,20 +189,26 @@ func (d *Daemon) rollOut(ctx context.Context, f *stack.File, step stack.Step) er
 			return err
 		}
 	}
-	own := stack.CondStarted
-	switch {
-	case in.Spec.Oneshot:
-		own = stack.CondCompleted
-	case in.Spec.Health != nil:
-		own = stack.CondHealthy
-	}
+	own := ownCondition(in)
 	if err := d.waitCondition(ctx, f, in.Name, own); err != nil {
 		return fmt.Errorf("vm %q never became %s: %w", in.Name, own, err)
 	}
 	return nil
 }
 
-// instance finds an instance of f by VM name.
+// ownCondition is what makes a member ready itself: a oneshot member
+// has completed, one with a health check is healthy, any other started.
+func ownCondition(in stack.Instance) string {
+	switch {
+	case in.Spec.Oneshot:
+		return stack.CondCompleted
+	case in.Spec.Health != nil:
+		return stack.CondHealthy
+	}
+	return stack.CondStarted
+}
+
+// instanceOf finds an instance of f by VM name.
 func instanceOf(f *stack.File, name string) (stack.Instance, bool) {
 	for _, in := range f.Instances() {
 		if in.Name == name {
@@ -323,13 +329,7 @@ func (d *Daemon) healthy(ctx context.Context, in stack.Instance) (bool, error) {
 
 // markReady records when a member first reached its own readiness.
 func (d *Daemon) markReady(ctx context.Context, stackName, vm, cond string, in stack.Instance) {
-	own := stack.CondStarted
-	switch {
-	case in.Spec.Oneshot:
-		own = stack.CondCompleted
-	case in.Spec.Health != nil:
-		own = stack.CondHealthy
-	}
+	own := ownCondition(in)
 	if cond != own {
 		return
 	}

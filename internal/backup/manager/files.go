@@ -86,10 +86,10 @@ func (r diskReader) extract(dst string, start, n int64) error {
 			return err
 		}
 		data, err := r.chunk(i)
-		if err != nil || data == nil {
-			if err != nil {
-				return err
-			}
+		if err != nil {
+			return err
+		}
+		if data == nil {
 			continue
 		}
 		lo, hi := max(start, i*r.size), min(start+n, i*r.size+int64(len(data)))
