@@ -381,7 +381,10 @@ type Transfer struct {
 	ID string `json:"id"`
 	// Next is the chunk the sender must resume from.
 	Next uint64 `json:"next"`
-	Done bool   `json:"done"`
+	// Feeding is true while the receiver is still taking a stream; a
+	// sender resumes only once it is false.
+	Feeding bool `json:"feeding,omitempty"`
+	Done    bool `json:"done"`
 	// VM is the imported VM, once done.
 	VM *VM `json:"vm,omitempty"`
 }

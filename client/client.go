@@ -39,6 +39,13 @@ func IsNotFound(err error) bool {
 	return errors.As(err, &e) && e.Code == "not_found"
 }
 
+// IsBusy reports whether err is a busy reply: the object is held by
+// another operation for now, and a retry later can succeed.
+func IsBusy(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Code == "busy"
+}
+
 // Client talks to one daemon: over its unix socket, or over HTTPS to a
 // remote one (NewRemote).
 type Client struct {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
@@ -263,11 +264,15 @@ type transfer struct {
 	stream *bundle.Stream
 	target *importTarget
 	feed   sync.Mutex // one sender at a time
-	done   chan struct{}
-	vm     api.VM
-	err    error
-	seen   time.Time
-	seenMu sync.Mutex
+	// feeding is set while a PUT runs. A sender whose connection broke
+	// must wait for the receiver's side of it to wind down: until then
+	// Next can still move, and a new PUT would be refused as busy.
+	feeding atomic.Bool
+	done    chan struct{}
+	vm      api.VM
+	err     error
+	seen    time.Time
+	seenMu  sync.Mutex
 }
 
 type transfers struct {
@@ -345,7 +350,7 @@ func (d *Daemon) transferOr404(w http.ResponseWriter, r *http.Request) *transfer
 }
 
 func (t *transfer) view() api.Transfer {
-	out := api.Transfer{ID: t.id, Next: t.dec.Next()}
+	out := api.Transfer{ID: t.id, Next: t.dec.Next(), Feeding: t.feeding.Load()}
 	select {
 	case <-t.done:
 		out.Done = t.err == nil
@@ -384,6 +389,7 @@ func (d *Daemon) putTransfer(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer t.feed.Unlock()
+	t.feeding.Store(true)
 	touch := func() {
 		t.seenMu.Lock()
 		t.seen = time.Now()
@@ -395,6 +401,7 @@ func (d *Daemon) putTransfer(w http.ResponseWriter, r *http.Request) {
 		return t.stream.Deliver(r.Context(), raw, sum)
 	})
 	touch()
+	t.feeding.Store(false)
 	switch {
 	case err == nil:
 		t.stream.Close(nil)
@@ -519,8 +526,7 @@ func (d *Daemon) send(ctx context.Context, o *operation, name string, remote *cl
 		if err == nil {
 			err = errors.New("the receiver did not finish the import")
 		}
-		var ce *client.Error
-		if ctx.Err() != nil || errors.As(err, &ce) || attempt >= sendAttempts {
+		if ctx.Err() != nil || (isReply(err) && !client.IsBusy(err)) || attempt >= sendAttempts {
 			ex.Close()
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 			_ = remote.DeleteTransfer(cctx, tr.ID)
@@ -547,25 +553,38 @@ func (d *Daemon) send(ctx context.Context, o *operation, name string, remote *cl
 	return result, nil
 }
 
-// resumePoint asks the receiver, patiently, where to resume.
+// isReply reports whether err is the receiver's answer rather than a
+// broken line.
+func isReply(err error) bool {
+	var ce *client.Error
+	return errors.As(err, &ce)
+}
+
+// resumePoint asks the receiver, patiently, where to resume. It waits
+// for the receiver to finish with the broken attempt first: a cut
+// connection can reach the sender well before the receiver has
+// delivered what it already read.
 func (d *Daemon) resumePoint(ctx context.Context, remote *client.Client, id string) (uint64, error) {
 	deadline := time.Now().Add(sendPatience)
-	wait := 250 * time.Millisecond
+	backoff := 250 * time.Millisecond
 	for {
 		st, err := remote.GetTransfer(ctx, id)
-		if err == nil {
+		wait := 250 * time.Millisecond // the receiver answers: poll briskly
+		switch {
+		case err == nil && !st.Feeding:
 			return st.Next, nil
-		}
-		var ce *client.Error
-		if errors.As(err, &ce) || time.Now().After(deadline) {
+		case err == nil && time.Now().After(deadline):
+			return 0, fmt.Errorf("ask where to resume: the receiver is still busy with the broken attempt after %s", sendPatience)
+		case err != nil && (isReply(err) || time.Now().After(deadline)):
 			return 0, fmt.Errorf("ask where to resume: %w", err)
+		case err != nil:
+			wait, backoff = backoff, min(2*backoff, 5*time.Second)
 		}
 		select {
 		case <-ctx.Done():
 			return 0, ctx.Err()
 		case <-time.After(wait):
 		}
-		wait = min(2*wait, 5*time.Second)
 	}
 }
 

@@ -216,7 +216,13 @@ func (p *cutProxy) serve(c net.Conn, target string, cutAfter int64) {
 	go func() { _, _ = io.Copy(c, up) }()
 	if p.cuts.Load() == 0 {
 		if n, _ := io.CopyN(up, c, cutAfter); n == cutAfter && p.cuts.CompareAndSwap(0, 1) {
-			return // cut: both ends see the connection drop mid-stream
+			// Cut mid-stream. The sender learns of it at once; the
+			// receiver only later, as over a real network, so the
+			// sender's retry meets a receiver still busy with the
+			// broken attempt.
+			_ = c.Close()
+			time.Sleep(3 * time.Second)
+			return
 		}
 	}
 	_, _ = io.Copy(up, c)
