@@ -219,9 +219,10 @@ func instanceOf(f *stack.File, name string) (stack.Instance, bool) {
 }
 
 // waitCondition polls until VM name reaches cond or its member's timeout
-// passes; a health check that keeps failing is reported with what it
-// said last. The timeout is the member's start period: failures before it
-// ends are expected while the guest boots.
+// passes. A health check fails the wait early once it has failed its
+// retries in a row after the start period (counted from the first probe
+// the guest answered: before that it is booting); otherwise the timeout
+// is reported with what the check said last.
 func (d *Daemon) waitCondition(ctx context.Context, f *stack.File, name, cond string) error {
 	in, ok := instanceOf(f, name)
 	if !ok {
@@ -234,21 +235,32 @@ func (d *Daemon) waitCondition(ctx context.Context, f *stack.File, name, cond st
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	every := 500 * time.Millisecond
-	if h := in.Spec.Health; h != nil && cond == stack.CondHealthy && h.Interval > 0 {
+	h := in.Spec.Health
+	if h != nil && cond == stack.CondHealthy && h.Interval > 0 {
 		every = h.Interval
 	}
 	var last error
+	var answered time.Time
+	failed := 0
 	for {
 		ok, err := d.check(ctx, f.Name, in, cond)
 		if ok {
 			d.markReady(ctx, f.Name, name, cond, in)
 			return nil
 		}
-		if err != nil {
+		var cf *checkFailed
+		switch {
+		case errors.As(err, &cf):
 			last = err
-			if !errors.Is(err, errUnhealthy) {
-				return err
+			failed++
+			if answered.IsZero() {
+				answered = time.Now()
 			}
+			if h != nil && h.Retries > 0 && failed >= h.Retries && time.Since(answered) >= h.StartPeriod {
+				return fmt.Errorf("unhealthy: %d checks failed in a row, the last: %w", failed, err)
+			}
+		case err != nil:
+			return err
 		}
 		select {
 		case <-ctx.Done():
@@ -261,7 +273,12 @@ func (d *Daemon) waitCondition(ctx context.Context, f *stack.File, name, cond st
 	}
 }
 
-var errUnhealthy = errors.New("unhealthy")
+// checkFailed is a health probe that ran in the guest and failed.
+type checkFailed struct {
+	cmd, why string
+}
+
+func (e *checkFailed) Error() string { return fmt.Sprintf("check %q: %s", e.cmd, e.why) }
 
 // check says whether VM in of stack stackName has reached cond now.
 func (d *Daemon) check(ctx context.Context, stackName string, in stack.Instance, cond string) (bool, error) {
@@ -313,16 +330,17 @@ func (d *Daemon) healthy(ctx context.Context, in stack.Instance) (bool, error) {
 	res, err := d.vms.Exec(ctx, in.Name, api.ExecRequest{Command: []string{"/bin/sh", "-c", cmd}, TimeoutSeconds: int(max(timeout/time.Second, 1))})
 	switch {
 	case errors.Is(err, errdefs.ErrNoAgent) || errors.Is(err, errdefs.ErrState):
-		// No agent yet (the guest is booting): not a failed check.
+		// No agent answering (the guest is booting, or too busy to
+		// answer in time): not a failed check.
 		return false, nil
 	case err != nil:
-		return false, fmt.Errorf("%w: %q: %w", errUnhealthy, cmd, err)
+		return false, &checkFailed{cmd: cmd, why: err.Error()}
 	case res.ExitCode != 0:
 		msg := "exit code " + strconv.Itoa(res.ExitCode)
 		if out := strings.TrimSpace(string(res.Stderr)); out != "" {
 			msg += ": " + out
 		}
-		return false, fmt.Errorf("%w: %q: %s", errUnhealthy, cmd, msg)
+		return false, &checkFailed{cmd: cmd, why: msg}
 	}
 	return true, nil
 }

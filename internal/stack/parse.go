@@ -26,7 +26,7 @@ var (
 	networkFields = []string{"subnet", "nat", "isolated"}
 	memberFields  = []string{"image", "cpus", "memory", "max_memory", "disk", "networks", "count",
 		"depends_on", "health", "oneshot", "cloud_init", "timeout"}
-	healthFields = []string{"exec", "tcp", "interval", "timeout", "retries"}
+	healthFields = []string{"exec", "tcp", "interval", "timeout", "retries", "start_period"}
 )
 
 const badName = "not a valid name: use lower-case letters, digits and '-', starting with a letter or digit, not ending with '-', at most 63 characters"
@@ -428,6 +428,15 @@ func (p *parser) size(n *yaml.Node, what string) int64 {
 }
 
 func (p *parser) duration(n *yaml.Node, what string) (time.Duration, bool) {
+	return p.durationFrom(n, what, time.Nanosecond, "must be more than 0")
+}
+
+// grace is a duration that may be zero.
+func (p *parser) grace(n *yaml.Node, what string) (time.Duration, bool) {
+	return p.durationFrom(n, what, 0, "must not be negative")
+}
+
+func (p *parser) durationFrom(n *yaml.Node, what string, least time.Duration, below string) (time.Duration, bool) {
 	s, ok := p.str(n, what)
 	if !ok {
 		return 0, false
@@ -437,8 +446,8 @@ func (p *parser) duration(n *yaml.Node, what string) (time.Duration, bool) {
 	case err != nil:
 		p.e.invalid(posOf(n), "%s %q: not a duration (use e.g. 30s, 5m or 1h30m)", what, s)
 		return 0, false
-	case d <= 0:
-		p.e.invalid(posOf(n), "%s %q: must be more than 0", what, s)
+	case d < least:
+		p.e.invalid(posOf(n), "%s %q: %s", what, s, below)
 		return 0, false
 	}
 	return d, true
@@ -669,7 +678,7 @@ func (p *parser) dependsOn(v *yaml.Node, what, member string) map[string]string 
 }
 
 func (p *parser) health(fl entry, what string) *Health {
-	h := &Health{Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Retries: DefaultHealthRetries}
+	h := &Health{Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Retries: DefaultHealthRetries, StartPeriod: DefaultStartPeriod}
 	fs, ok := p.fields(fl.v, what, "want {exec: COMMAND} or {tcp: PORT}", healthFields)
 	probes := 0
 	for _, hf := range fs {
@@ -696,6 +705,10 @@ func (p *parser) health(fl entry, what string) *Health {
 		case "timeout":
 			if d, ok := p.duration(hf.v, hwhat); ok {
 				h.Timeout = d
+			}
+		case "start_period":
+			if d, ok := p.grace(hf.v, hwhat); ok {
+				h.StartPeriod = d
 			}
 		case "retries":
 			if v, ok := p.integer(hf.v, hwhat); ok {

@@ -69,6 +69,7 @@ func TestParseShop(t *testing.T) {
 		{"db interval", db.Health.Interval, DefaultHealthInterval},
 		{"db health timeout", db.Health.Timeout, DefaultHealthTimeout},
 		{"db retries", db.Health.Retries, DefaultHealthRetries},
+		{"db start period", db.Health.StartPeriod, DefaultStartPeriod},
 		{"seed oneshot", seed.Oneshot, true},
 		{"seed memory", seed.Memory, int64(0)},
 		{"app count", app.Count, 2},
@@ -79,6 +80,7 @@ func TestParseShop(t *testing.T) {
 		{"app interval", app.Health.Interval, 2 * time.Second},
 		{"app health timeout", app.Health.Timeout, 120 * time.Second},
 		{"app retries", app.Health.Retries, 3},
+		{"app start period", app.Health.StartPeriod, time.Duration(0)},
 		{"app cloud_init", app.CloudInit, "#cloud-config\nhostname: app\n"},
 	}
 	for _, tt := range tests {
@@ -159,7 +161,7 @@ func TestParseErrors(t *testing.T) {
 			"name: shop",
 			"vms:",
 			"  db: {image: tiny, health: {port: 1433}}",
-		), `s.yaml:3:30: vm "db": health: unknown field "port" (want exec, tcp, interval, timeout or retries)`},
+		), `s.yaml:3:30: vm "db": health: unknown field "port" (want exec, tcp, interval, timeout, retries or start_period)`},
 		{"field twice", lines(
 			"name: shop",
 			"vms:",
@@ -355,6 +357,10 @@ func TestParseErrors(t *testing.T) {
 			"vms: {db: {image: tiny}}",
 			"timeout: -1m",
 		), `s.yaml:3:10: timeout "-1m": must be more than 0`},
+		{"negative start period", lines(
+			"name: shop",
+			"vms: {db: {image: tiny, health: {exec: true, start_period: -5s}}}",
+		), `s.yaml:2:60: vm "db": health: start_period "-5s": must not be negative`},
 		{"health with both probes", lines(
 			"name: shop",
 			"vms:",
@@ -451,7 +457,7 @@ func TestParseDefaults(t *testing.T) {
 	if got, want := a.Timeout, 5*time.Minute; got != want {
 		t.Fatalf("timeout: got %v, want %v", got, want)
 	}
-	if got, want := *a.Health, (Health{Exec: "true", Interval: 2 * time.Second, Timeout: 10 * time.Second, Retries: 3}); got != want {
+	if got, want := *a.Health, (Health{Exec: "true", Interval: 2 * time.Second, Timeout: 10 * time.Second, Retries: 3, StartPeriod: 30 * time.Second}); got != want {
 		t.Fatalf("health: got %v, want %v", got, want)
 	}
 	if got, want := f.Timeout, time.Duration(0); got != want {

@@ -40,6 +40,10 @@ const (
 	DefaultHealthInterval = 2 * time.Second
 	DefaultHealthTimeout  = 10 * time.Second
 	DefaultHealthRetries  = 3
+	// DefaultStartPeriod is how long, after a guest's agent first
+	// answers, failed probes are expected: services come up after the
+	// agent does.
+	DefaultStartPeriod = 30 * time.Second
 )
 
 // MaxInstances bounds the VMs one stack expands to. A stack is a handful
@@ -111,9 +115,13 @@ type Health struct {
 	// Timeout bounds one probe, so that a hung command cannot stall the
 	// wait; the whole wait is bounded by the member's Timeout.
 	Timeout time.Duration
-	// Retries is how many probes in a row must fail, once the check has
-	// passed, before the member counts as unhealthy again.
+	// Retries is how many probes in a row must fail, after the start
+	// period, before the member counts as unhealthy: the rollout then
+	// stops at once rather than waiting out the member's timeout.
 	Retries int
+	// StartPeriod is the grace given after the guest's agent first
+	// answers (the guest has booted), during which failures don't count.
+	StartPeriod time.Duration
 }
 
 // Instance is one VM of a stack.

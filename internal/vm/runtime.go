@@ -405,6 +405,11 @@ func (s *Service) withAgent(ctx context.Context, name string, wait time.Duration
 		_ = in.agent.Close()
 		in.agent = nil
 	}
+	if errors.Is(err, qga.ErrUnresponsive) {
+		// Callers tell "the agent did not answer" from "the command
+		// failed" by this sentinel, whether the connection was new or not.
+		err = fmt.Errorf("vm %q: %w: %w", name, errdefs.ErrNoAgent, err)
+	}
 	return err
 }
 

@@ -79,12 +79,17 @@ vms:
 	// what came before is left running.
 	bad := writeStack(t, "bad.yaml", `name: sick
 vms:
-  base: {image: tiny, memory: 256M, health: {exec: "exit 3", interval: 1s}, timeout: 40s}
+  base: {image: tiny, memory: 256M, health: {exec: "exit 3", interval: 1s, retries: 2, start_period: 0s}, timeout: 10m}
   top: {image: tiny, memory: 256M, depends_on: {base: healthy}}
 `)
+	began := time.Now()
 	_, errOut, code := h.lodge("stack", "up", bad)
-	if code != 1 || !strings.Contains(errOut, `"sick-base" never became healthy`) || !strings.Contains(errOut, "exit code 3") {
+	if code != 1 || !strings.Contains(errOut, `"sick-base" never became healthy: unhealthy: 2 checks failed in a row`) || !strings.Contains(errOut, "exit code 3") {
 		t.Errorf("up with a failing health check: exit %d, %q", code, errOut)
+	}
+	// The retries end the wait, long before the member's timeout.
+	if took := time.Since(began); took > 5*time.Minute {
+		t.Errorf("the failing check took %s to stop the rollout", took)
 	}
 	if v := h.show("sick-base"); v.State != api.StateRunning {
 		t.Errorf("the member before the failure: %s", v.State)
