@@ -91,12 +91,14 @@ type CreateVM struct {
 	MinMemory int64  `json:"min_memory,omitempty"`
 	DiskSize  int64  `json:"disk_size,omitempty"`
 	// Project is the project the VM counts against; default "default".
-	Project   string `json:"project,omitempty"`
-	DiskBus   string `json:"disk_bus,omitempty"`
-	Pool      string `json:"pool,omitempty"`
-	Network   string `json:"network,omitempty"`
-	CloudInit string `json:"cloud_init,omitempty"`
-	Start     bool   `json:"start,omitempty"`
+	Project string `json:"project,omitempty"`
+	DiskBus string `json:"disk_bus,omitempty"`
+	Pool    string `json:"pool,omitempty"`
+	Network string `json:"network,omitempty"`
+	// Networks puts a NIC on each, in order; it overrides Network.
+	Networks  []string `json:"networks,omitempty"`
+	CloudInit string   `json:"cloud_init,omitempty"`
+	Start     bool     `json:"start,omitempty"`
 	// Stack marks the VM as a member of a stack (set by stack up).
 	Stack string `json:"stack,omitempty"`
 }
@@ -610,4 +612,44 @@ type StackStatus struct {
 // StackDown stops a stack, dependents first.
 type StackDown struct {
 	Delete bool `json:"delete,omitempty"`
+}
+
+// Network is a network VMs attach to, as `lodge net list -o json` prints
+// it. "nat" is built in: QEMU's user-mode NAT, private to each VM.
+type Network struct {
+	Name string `json:"name"`
+	// Builtin marks "nat", which cannot be created or deleted.
+	Builtin bool   `json:"builtin,omitempty"`
+	Subnet  string `json:"subnet,omitempty"`
+	Gateway string `json:"gateway,omitempty"`
+	// Bridge is the host's Linux bridge.
+	Bridge string `json:"bridge,omitempty"`
+	// NAT routes the network to the outside through the host.
+	NAT bool `json:"nat"`
+	// Isolated keeps the guests from the host and the outside: they
+	// reach only each other (and DHCP and DNS).
+	Isolated bool `json:"isolated"`
+	// Stack is the stack that declared the network, if any.
+	Stack     string         `json:"stack,omitempty"`
+	Leases    []NetworkLease `json:"leases,omitempty"`
+	CreatedAt time.Time      `json:"created_at,omitzero"`
+}
+
+// NetworkLease is the address a VM's NIC gets on a network, and the names
+// it answers to there.
+type NetworkLease struct {
+	VM    string   `json:"vm"`
+	MAC   string   `json:"mac"`
+	IP    string   `json:"ip"`
+	Names []string `json:"names"`
+}
+
+// CreateNetwork is the body of POST /v1/networks.
+type CreateNetwork struct {
+	Name string `json:"name"`
+	// Subnet is an IPv4 CIDR; empty picks a free /24 in 10.0.0.0/8.
+	Subnet   string `json:"subnet,omitempty"`
+	NAT      bool   `json:"nat,omitempty"`
+	Isolated bool   `json:"isolated,omitempty"`
+	Stack    string `json:"stack,omitempty"`
 }

@@ -288,3 +288,18 @@ if [ -f "$c/backup-days.tsv" ]; then
   echo
   echo "During a backup Lodge's hashing and compression run at nice 10, so a guest's vCPU thread (nice 0) outweighs them nine to one. The guest's dd kept 0.60 of its speed (0.40 in this session's first run, before the nice), its CPU loop 0.59: under TCG the vCPU is a host thread that competes for the two CPUs with QEMU's own copy-before-write and NBD serving, which run inside QEMU at normal priority; with KVM a guest doing dd mostly waits on I/O. An exec sent while the backup has the filesystems frozen is now held until the thaw instead of refused."
 fi
+if [ -f "$c/stack.tsv" ]; then
+  f=$c/stack.tsv
+  a=$(col "$f" 2 ""); b=$(col "$f" 3 ""); w=$(col "$f" 4 ""); o=$(col "$f" 5 "")
+  echo
+  echo "## Stacks"
+  echo
+  echo "\`lodge stack up\` against the same VMs created and started by hand, back to back, each waited on until its agent runs a command; every side creates its VMs anew. Medians of $(($(wc -l <"$f") - 1)) runs, alternated."
+  echo
+  echo "| measure | stack up | by hand | stack / by hand | target | result |"
+  echo "|---|---|---|---|---|---|"
+  echo "| chain of 3 (b waits for a's agent, c for b's) (s) | $a | $b | $(ratio "$a" "$b") | ≤ 1.05 | $(verdict "$a <= 1.05 * $b") |"
+  echo "| 3 independent members against one VM alone (s) | $w | $o | $(ratio "$w" "$o") | close to 1 | |"
+  echo
+  echo "The three independent members boot at once on this machine's two CPUs under TCG, where booting is CPU-bound: three guests share what one had, so their time is not one guest's. The rollout itself adds up to its polling interval (250 ms) per wait."
+fi

@@ -459,3 +459,26 @@ func (c *Client) Events(ctx context.Context, fn func(api.Event)) error {
 		fn(ev)
 	}
 }
+
+// ListNetworks returns the built-in network and the private ones.
+func (c *Client) ListNetworks(ctx context.Context) ([]api.Network, error) {
+	var ns []api.Network
+	return ns, c.do(ctx, http.MethodGet, "/v1/networks", nil, &ns)
+}
+
+// CreateNetwork makes a private network.
+func (c *Client) CreateNetwork(ctx context.Context, req api.CreateNetwork) (api.Network, error) {
+	var n api.Network
+	return n, c.do(ctx, http.MethodPost, "/v1/networks", req, &n)
+}
+
+// GetNetwork returns one network with its leases.
+func (c *Client) GetNetwork(ctx context.Context, name string) (api.Network, error) {
+	var n api.Network
+	return n, c.do(ctx, http.MethodGet, "/v1/networks/"+url.PathEscape(name), nil, &n)
+}
+
+// DeleteNetwork removes a private network no VM is on.
+func (c *Client) DeleteNetwork(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/networks/"+url.PathEscape(name), nil, nil)
+}

@@ -19,16 +19,17 @@ import (
 
 func createCmd(g *globals) *cobra.Command {
 	var (
-		image, memory, maxMemory, minMemory, disk, bus, pool, network, cloudInit, proj string
-		cpus, maxCPUs                                                                  int
-		start                                                                          bool
+		image, memory, maxMemory, minMemory, disk, bus, pool, cloudInit, proj string
+		networks                                                              []string
+		cpus, maxCPUs                                                         int
+		start                                                                 bool
 	)
 	cmd := &cobra.Command{
 		Use:   "create NAME --image IMG",
 		Short: "Create a VM from an image (a thin overlay: nothing is copied)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := api.CreateVM{Name: args[0], Image: image, CPUs: cpus, MaxCPUs: maxCPUs, DiskBus: bus, Pool: pool, Network: network, Start: start, Project: proj}
+			req := api.CreateVM{Name: args[0], Image: image, CPUs: cpus, MaxCPUs: maxCPUs, DiskBus: bus, Pool: pool, Networks: networks, Start: start, Project: proj}
 			if cmd.Flags().Changed("cpus") && cpus < 1 {
 				return usagef("--cpus %d: must be at least 1", cpus)
 			}
@@ -68,7 +69,7 @@ func createCmd(g *globals) *cobra.Command {
 	f.StringVar(&disk, "disk", "", "root disk size (default 8G or the image's size)")
 	f.StringVar(&bus, "disk-bus", "virtio", "disk bus: virtio, scsi, ide or nvme")
 	f.StringVar(&pool, "pool", "default", "storage pool for the disk")
-	f.StringVar(&network, "net", "nat", "network to join")
+	f.StringSliceVar(&networks, "net", nil, "network to put a NIC on; repeat for more NICs, in order (default nat)")
 	f.StringVar(&cloudInit, "cloud-init", "", "cloud-init user-data file")
 	f.BoolVar(&start, "start", false, "start the VM once created")
 	return cmd

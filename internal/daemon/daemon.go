@@ -20,6 +20,7 @@ import (
 	"github.com/lodge-vm/lodge/internal/config"
 	"github.com/lodge-vm/lodge/internal/identity"
 	"github.com/lodge-vm/lodge/internal/image"
+	"github.com/lodge-vm/lodge/internal/network"
 	"github.com/lodge-vm/lodge/internal/pool"
 	"github.com/lodge-vm/lodge/internal/project"
 	"github.com/lodge-vm/lodge/internal/qemu"
@@ -52,6 +53,7 @@ type Daemon struct {
 	listenAddr string
 	transfers  *transfers
 	backups    *manager.Manager
+	networks   *network.Manager
 
 	accelMu sync.Mutex
 	accel   qemu.Accel
@@ -84,8 +86,9 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, err
 		_ = st.Close()
 		return nil, err
 	}
+	d.networks = network.New(st, cfg.Home, network.NewLinux(log), log)
 	d.vms = vm.New(vm.Config{
-		Home: cfg.Home, Store: st, Driver: d.driver, Volumes: img, Images: d.images, Pools: d.pools,
+		Home: cfg.Home, Store: st, Driver: d.driver, Volumes: img, Images: d.images, Pools: d.pools, Networks: d.networks,
 		Events: d.events, Log: log, Host: d.host, Accel: d.waitAccel, StopTimeout: cfg.StopTimeout,
 		IdentityGrace: cfg.IdentityGrace, TCGCache: int64(cfg.TCGCache),
 		Vsock: hasVhostVsock(),
@@ -113,6 +116,11 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, err
 	if err := d.images.Recover(ctx); err != nil {
 		_ = st.Close()
 		return nil, fmt.Errorf("recover images: %w", err)
+	}
+	// Networks first: a VM that was running keeps its tap, but its DHCP
+	// and DNS must be there for it.
+	if err := d.networks.Recover(ctx); err != nil {
+		d.log.Error("networks not brought up", "err", err)
 	}
 	if err := d.vms.Recover(ctx); err != nil {
 		_ = st.Close()

@@ -71,6 +71,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("GET /v1/events", d.streamEvents)
 	d.backupRoutes(mux)
 	d.stackRoutes(mux)
+	d.networkRoutes(mux)
 	return mux
 }
 

@@ -234,10 +234,16 @@ func (d *Daemon) waitCondition(ctx context.Context, f *stack.File, name, cond st
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	every := 500 * time.Millisecond
+	// A rollout waits for the first success, so it asks often: each wait
+	// in a chain adds up to this much to the whole. Health probes keep
+	// the check's own interval, which its retries are counted in.
+	every := 250 * time.Millisecond
 	h := in.Spec.Health
 	if h != nil && cond == stack.CondHealthy && h.Interval > 0 {
 		every = h.Interval
+	}
+	if cond == stack.CondAgent || cond == stack.CondHealthy {
+		d.waitAgent(ctx, name, timeout)
 	}
 	var last error
 	var answered time.Time
@@ -269,6 +275,32 @@ func (d *Daemon) waitCondition(ctx context.Context, f *stack.File, name, cond st
 			}
 			return fmt.Errorf("not within %s", timeout)
 		case <-time.After(every):
+		}
+	}
+}
+
+// waitAgent waits, up to timeout, for VM name to be running and its
+// agent to answer. The daemon's own agent wait connects the moment the
+// guest's agent is up; polling with short execs instead costs a
+// handshake timeout each time the guest is not there yet. A VM that
+// stops or fails ends the wait early, for the caller's check to report.
+func (d *Daemon) waitAgent(ctx context.Context, name string, timeout time.Duration) {
+	for {
+		v, err := d.vms.Get(ctx, name)
+		if err != nil {
+			return
+		}
+		switch v.State {
+		case api.StateRunning:
+			_, _ = d.vms.Exec(ctx, name, api.ExecRequest{Command: []string{"true"}, WaitSeconds: int(timeout / time.Second)})
+			return
+		case api.StateStopped, api.StateError:
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
 }

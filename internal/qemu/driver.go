@@ -77,6 +77,7 @@ func (q *QEMU) Launch(ctx context.Context, m Machine) (int, error) {
 	}
 	cmd := exec.CommandContext(ctx, q.Binary, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	cmd.ExtraFiles = m.Files()
 	cmd.WaitDelay = 5 * time.Second
 	var stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stderr, &stderr

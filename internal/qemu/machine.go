@@ -7,6 +7,7 @@ package qemu
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -34,9 +35,11 @@ type Disk struct {
 	ReadOnly bool
 }
 
-// NIC is one network card. Only user-mode NAT exists so far.
+// NIC is one network card: on QEMU's user-mode NAT, or, with Tap set, on
+// a tap device the caller opened (a private network's bridge).
 type NIC struct {
 	MAC string
+	Tap *os.File
 }
 
 // Machine is everything needed to build a QEMU command line.
@@ -191,8 +194,12 @@ func (m Machine) Args() ([]string, error) {
 	}
 	for i, n := range m.NICs {
 		id := "net" + strconv.Itoa(i)
+		netdev := "user,id=" + id
+		if n.Tap != nil {
+			netdev = "tap,id=" + id + ",fd=" + strconv.Itoa(m.tapFD(i))
+		}
 		args = append(args,
-			"-netdev", "user,id="+id,
+			"-netdev", netdev,
 			"-device", "virtio-net-pci,netdev="+id+",mac="+n.MAC+",id="+id+"-dev")
 	}
 	if m.VsockCID != 0 {
@@ -202,6 +209,28 @@ func (m Machine) Args() ([]string, error) {
 		args = append(args, "-incoming", "defer")
 	}
 	return append(args, m.ExtraArgs...), nil
+}
+
+// Files are the open files QEMU inherits, from fd 3 on: the taps.
+func (m Machine) Files() []*os.File {
+	var out []*os.File
+	for _, n := range m.NICs {
+		if n.Tap != nil {
+			out = append(out, n.Tap)
+		}
+	}
+	return out
+}
+
+// tapFD is the descriptor NIC i's tap has in QEMU (see Files).
+func (m Machine) tapFD(i int) int {
+	fd := 3
+	for _, n := range m.NICs[:i] {
+		if n.Tap != nil {
+			fd++
+		}
+	}
+	return fd
 }
 
 func (m Machine) smpOption() string {

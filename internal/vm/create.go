@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/identity"
+	"github.com/lodge-vm/lodge/internal/network"
 	"github.com/lodge-vm/lodge/internal/project"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/store"
@@ -80,11 +82,16 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 	if req.Pool == "" {
 		req.Pool = "default"
 	}
-	if req.Network == "" {
-		req.Network = "nat"
+	if len(req.Networks) == 0 {
+		req.Networks = []string{cmp.Or(req.Network, network.Builtin)}
 	}
-	if req.Network != "nat" {
-		return api.Image{}, fmt.Errorf("vm %q: network %q: %w: only the built-in \"nat\" network exists so far", req.Name, req.Network, errdefs.ErrNotFound)
+	for i, n := range req.Networks {
+		if slices.Contains(req.Networks[:i], n) {
+			return api.Image{}, fmt.Errorf("vm %q: network %q: %w: given twice", req.Name, n, errdefs.ErrInvalid)
+		}
+		if err := s.checkNetwork(ctx, n); err != nil {
+			return api.Image{}, fmt.Errorf("vm %q: %w", req.Name, err)
+		}
 	}
 	if req.DiskSize == 0 {
 		req.DiskSize = max(DefaultDiskSize, img.VirtualSize)
@@ -93,6 +100,17 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 		return api.Image{}, fmt.Errorf("vm %q: disk %s is smaller than image %q (%s): %w", req.Name, units.FormatSize(req.DiskSize), img.Name, units.FormatSize(img.VirtualSize), errdefs.ErrInvalid)
 	}
 	return img, nil
+}
+
+// checkNetwork says whether a VM may have a NIC on network n.
+func (s *Service) checkNetwork(ctx context.Context, n string) error {
+	if n == network.Builtin {
+		return nil
+	}
+	if s.cfg.Networks == nil {
+		return fmt.Errorf("network %q: %w: only the built-in %q network exists here", n, errdefs.ErrNotFound, network.Builtin)
+	}
+	return s.cfg.Networks.Check(ctx, n)
 }
 
 // errIdentityTaken means a freshly drawn UUID or MAC is already in use;
@@ -194,7 +212,9 @@ func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) 
 	}
 	r.Project = project.Name(req.Project)
 	r.Stack = req.Stack
-	r.NICs = []api.NIC{{Network: req.Network}}
+	for _, n := range req.Networks {
+		r.NICs = append(r.NICs, api.NIC{Network: n})
+	}
 	if err := s.insert(ctx, &r, true, nil); err != nil {
 		return api.VM{}, err
 	}
@@ -292,6 +312,11 @@ func (s *Service) Delete(ctx context.Context, name string, force bool) error {
 	}
 	s.discard(ctx, r)
 	s.collectLayers(ctx)
+	if s.cfg.Networks != nil {
+		if err := s.cfg.Networks.Release(ctx, name); err != nil {
+			s.log.Warn("release network leases", "vm", name, "err", err)
+		}
+	}
 	s.publish(name, "vm-deleted", "", "")
 	s.log.Info("deleted", "vm", name)
 	return nil

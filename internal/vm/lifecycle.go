@@ -9,6 +9,7 @@ import (
 
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/network"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qmp"
 	"github.com/lodge-vm/lodge/internal/units"
@@ -61,7 +62,19 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.
 			m.CPUs, m.MaxCPUs, m.HotCPUs = from.BootCPUs, from.BootMaxCPUs, from.HotCPUs
 		}
 	}
+	ips, closeTaps, err := s.attachNICs(ctx, r, &m)
+	if err != nil {
+		return api.VM{}, fmt.Errorf("start vm %q: %w", name, err)
+	}
+	// QEMU holds its own copies of the taps; ours go once it has started
+	// (or failed to), and a tap goes with the last holder.
+	defer closeTaps()
 	if _, err := s.update(ctx, name, func(x *record) error {
+		for i, ip := range ips {
+			if i < len(x.NICs) {
+				x.NICs[i].IP = ip
+			}
+		}
 		x.State, x.StateReason, x.Wanted, x.StartedAt = api.StateStarting, "", api.StateRunning, nil
 		x.BootMemory, x.BootMaxMemory = m.Memory, m.Memory+m.HotplugSize()
 		x.Ballooned, x.Dimms = 0, m.Dimms
@@ -122,6 +135,45 @@ func (s *Service) machine(r record, accel qemu.Accel) qemu.Machine {
 		m.VsockCID = r.CID
 	}
 	return m
+}
+
+// attachNICs opens the taps of r's NICs on private networks into m and
+// returns the address each such NIC leased, by index.
+func (s *Service) attachNICs(ctx context.Context, r record, m *qemu.Machine) (map[int]string, func(), error) {
+	ips := map[int]string{}
+	var taps []*os.File
+	closeTaps := func() {
+		for _, t := range taps {
+			_ = t.Close()
+		}
+	}
+	names := []string{r.Hostname}
+	if !strings.EqualFold(r.Name, r.Hostname) {
+		names = append(names, r.Name)
+	}
+	// A stack's members answer to their member name (db, app-2) too, as
+	// other members know them by it.
+	if r.Stack != "" && strings.HasPrefix(r.Name, r.Stack+"-") {
+		names = append(names, strings.TrimPrefix(r.Name, r.Stack+"-"))
+	}
+	for i, n := range r.NICs {
+		if n.Network == network.Builtin {
+			continue
+		}
+		if s.cfg.Networks == nil {
+			closeTaps()
+			return nil, nil, fmt.Errorf("network %q: %w", n.Network, errdefs.ErrNotFound)
+		}
+		a, err := s.cfg.Networks.Attach(ctx, r.Name, names, network.NIC{Network: n.Network, MAC: n.MAC, Index: i})
+		if err != nil {
+			closeTaps()
+			return nil, nil, err
+		}
+		taps = append(taps, a.Tap)
+		m.NICs[i].Tap = a.Tap
+		ips[i] = a.IP
+	}
+	return ips, closeTaps, nil
 }
 
 // checkConflicts refuses to run two VMs with one identity at once.

@@ -20,6 +20,7 @@ import (
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/image"
+	"github.com/lodge-vm/lodge/internal/network"
 	"github.com/lodge-vm/lodge/internal/project"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qga"
@@ -74,6 +75,20 @@ type Images interface {
 	Publish(ctx context.Context, spec image.PublishSpec) (api.Image, error)
 }
 
+// Networks are the private networks VM NICs attach to; see
+// internal/network. Without it only the built-in "nat" network exists.
+type Networks interface {
+	// Check says whether a network exists.
+	Check(ctx context.Context, name string) error
+	// Attach leases the NIC's address, registers names (hostname first)
+	// with the network's DNS and opens its tap.
+	Attach(ctx context.Context, vm string, names []string, nic network.NIC) (network.Attachment, error)
+	// Release drops a deleted VM's leases.
+	Release(ctx context.Context, vm string) error
+}
+
+var _ Networks = (*network.Manager)(nil)
+
 // Volumes makes and inspects disk files.
 type Volumes interface {
 	CreateOverlay(ctx context.Context, backing, path string, size int64) error
@@ -120,6 +135,7 @@ type Config struct {
 	Store       store.Store
 	Driver      qemu.Driver
 	Volumes     Volumes
+	Networks    Networks
 	Images      Images
 	Pools       Pools
 	Events      Publisher
@@ -368,7 +384,16 @@ func (s *Service) view(r record) api.VM {
 		v.Agent = in.agentUp()
 		v.NICs = append([]api.NIC(nil), v.NICs...)
 		for i := range v.NICs {
-			v.NICs[i].IP = in.ip(v.NICs[i].MAC)
+			// What the guest reports wins; a private network's lease
+			// is what it will get, shown before the agent is up.
+			if ip := in.ip(v.NICs[i].MAC); ip != "" || v.NICs[i].Network == network.Builtin {
+				v.NICs[i].IP = ip
+			}
+		}
+	} else {
+		v.NICs = append([]api.NIC(nil), v.NICs...)
+		for i := range v.NICs {
+			v.NICs[i].IP = ""
 		}
 	}
 	if v.NICs == nil {
