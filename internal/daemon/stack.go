@@ -12,6 +12,7 @@ import (
 
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/network"
 	"github.com/lodge-vm/lodge/internal/stack"
 	"github.com/lodge-vm/lodge/internal/store"
 )
@@ -41,7 +42,12 @@ func (d *Daemon) parseStack(ctx context.Context, req api.StackUp) (*stack.File, 
 		return nil, err
 	}
 	for _, n := range f.Networks {
-		return nil, fmt.Errorf("%s: stack %q: network %q: %w: private networks are not built yet; members use the built-in nat network", req.Path, f.Name, n.Name, errdefs.ErrInvalid)
+		if err := network.ValidName(stackNetwork(f.Name, n.Name)); err != nil {
+			return nil, fmt.Errorf("%s: stack %q: network %q: %w", req.Path, f.Name, n.Name, err)
+		}
+		if err := d.networks.Supported(); err != nil {
+			return nil, fmt.Errorf("%s: stack %q: network %q: %w", req.Path, f.Name, n.Name, err)
+		}
 	}
 	vms, err := d.vms.List(ctx)
 	if err != nil {
@@ -102,6 +108,9 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 	if err != nil {
 		return err
 	}
+	if err := d.stackNetworks(ctx, f); err != nil {
+		return err
+	}
 	vms, err := d.vms.List(ctx)
 	if err != nil {
 		return err
@@ -115,7 +124,7 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 		}
 		e := stack.Existing{Name: v.Name, Image: v.Image, CPUs: v.CPUs, Memory: v.Memory, Running: v.State == api.StateRunning}
 		for _, n := range v.NICs {
-			e.Networks = append(e.Networks, n.Network)
+			e.Networks = append(e.Networks, strings.TrimPrefix(n.Network, f.Name+"-"))
 		}
 		e.Completed = !e.Running && d.stackReady(ctx, f.Name, v.Name) != nil
 		existing = append(existing, e)
@@ -134,7 +143,7 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 			o.Progress("create "+c.Instance, 0, 0)
 			if _, err := d.vms.Create(ctx, api.CreateVM{
 				Name: in.Name, Image: in.Spec.Image, CPUs: in.Spec.CPUs, Memory: in.Spec.Memory, MaxMemory: in.Spec.MaxMemory,
-				DiskSize: in.Spec.Disk, CloudInit: in.Spec.CloudInit, Network: "nat", Stack: f.Name,
+				DiskSize: in.Spec.Disk, CloudInit: in.Spec.CloudInit, Networks: memberNetworks(f.Name, in.Spec.Networks), Stack: f.Name,
 			}); err != nil {
 				return fmt.Errorf("stack %q: %w", f.Name, err)
 			}
@@ -166,6 +175,50 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 		done += int64(len(wave))
 	}
 	o.Progress("done", total, total)
+	return nil
+}
+
+// stackNetwork is the host's name for network net of stack: network
+// names are global on a host, like VM names.
+func stackNetwork(stackName, net string) string {
+	if net == stack.BuiltinNetwork {
+		return net
+	}
+	return stackName + "-" + net
+}
+
+func memberNetworks(stackName string, nets []string) []string {
+	if len(nets) == 0 {
+		return []string{stack.BuiltinNetwork}
+	}
+	out := make([]string, 0, len(nets))
+	for _, n := range nets {
+		out = append(out, stackNetwork(stackName, n))
+	}
+	return out
+}
+
+// stackNetworks creates the networks f declares that are missing. One
+// that exists must be this stack's and as declared: it is not changed
+// under running members.
+func (d *Daemon) stackNetworks(ctx context.Context, f *stack.File) error {
+	for _, n := range f.Networks {
+		name := stackNetwork(f.Name, n.Name)
+		have, err := d.networks.Get(ctx, name)
+		switch {
+		case errors.Is(err, errdefs.ErrNotFound):
+			if _, err := d.networks.Create(ctx, api.CreateNetwork{Name: name, Subnet: n.Subnet, NAT: n.NAT, Isolated: n.Isolated, Stack: f.Name}); err != nil {
+				return fmt.Errorf("stack %q: %w", f.Name, err)
+			}
+		case err != nil:
+			return err
+		case have.Stack != f.Name:
+			return fmt.Errorf("stack %q: network %q %w and is not this stack's", f.Name, name, errdefs.ErrExists)
+		case (n.Subnet != "" && n.Subnet != have.Subnet) || n.NAT != have.NAT || n.Isolated != have.Isolated:
+			return fmt.Errorf("stack %q: network %q differs from the file (subnet %s nat %t isolated %t on the host): %w; take the stack down with --delete to change it",
+				f.Name, name, have.Subnet, have.NAT, have.Isolated, errdefs.ErrConflict)
+		}
+	}
 	return nil
 }
 
@@ -490,6 +543,14 @@ func (d *Daemon) stackDown(w http.ResponseWriter, r *http.Request) {
 			}
 			if req.Delete {
 				if err := d.vms.Delete(ctx, in.Name, true); err != nil {
+					return nil, fmt.Errorf("stack %q: %w", name, err)
+				}
+			}
+		}
+		if req.Delete {
+			for _, n := range f.Networks {
+				err := d.removeNetwork(ctx, stackNetwork(name, n.Name))
+				if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 					return nil, fmt.Errorf("stack %q: %w", name, err)
 				}
 			}

@@ -76,6 +76,9 @@ func ValidName(name string) error {
 	return nil
 }
 
+// Supported says whether this daemon can build private networks.
+func (m *Manager) Supported() error { return m.host.Check() }
+
 // Create makes a network and brings it up on the host.
 func (m *Manager) Create(ctx context.Context, req api.CreateNetwork) (api.Network, error) {
 	if err := ValidName(req.Name); err != nil {

@@ -157,10 +157,66 @@ func (h *host) cleanup() {
 	}
 	h.mu.Unlock()
 	time.Sleep(200 * time.Millisecond)
+	teardownNetworks(h.home)
 	if h.t.Failed() {
 		h.t.Logf("daemon log:\n%s", h.log.String())
 	}
 	_ = os.RemoveAll(h.home)
+}
+
+// teardownNetworks removes what a test's networks left on the host:
+// dnsmasq, bridges and iptables rules outlive the daemon by design.
+func teardownNetworks(home string) {
+	confs, _ := filepath.Glob(filepath.Join(home, "networks", "*", "dnsmasq.conf"))
+	for _, c := range confs {
+		dir := filepath.Dir(c)
+		if raw, err := os.ReadFile(filepath.Join(dir, "dnsmasq.pid")); err == nil {
+			var pid int
+			if _, err := fmt.Sscanf(string(raw), "%d", &pid); err == nil && pid > 1 {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		raw, _ := os.ReadFile(c)
+		for _, line := range strings.Split(string(raw), "\n") {
+			br, ok := strings.CutPrefix(line, "interface=")
+			if !ok {
+				continue
+			}
+			_ = exec.Command("ip", "link", "del", "dev", br).Run()
+			for _, table := range []string{"filter", "nat"} {
+				out, _ := exec.Command("iptables", "-w", "-t", table, "-S").Output()
+				for _, rule := range strings.Split(string(out), "\n") {
+					if strings.HasPrefix(rule, "-A ") && strings.Contains(rule, " on "+br+"\"") {
+						args := append([]string{"-w", "-t", table, "-D"}, strings.Fields(strings.TrimPrefix(rule, "-A "))...)
+						// The comment is quoted in -S output; pass it whole.
+						args = unquoteComment(args)
+						_ = exec.Command("iptables", args...).Run()
+					}
+				}
+			}
+		}
+	}
+}
+
+// unquoteComment joins the words of a quoted --comment back into one
+// argument, as iptables -S prints it quoted.
+func unquoteComment(args []string) []string {
+	var out []string
+	for i := 0; i < len(args); i++ {
+		if args[i] == "--comment" && i+1 < len(args) && strings.HasPrefix(args[i+1], "\"") {
+			words := []string{}
+			for i++; i < len(args); i++ {
+				words = append(words, args[i])
+				if strings.HasSuffix(args[i], "\"") {
+					break
+				}
+			}
+			out = append(out, "--comment", strings.Trim(strings.Join(words, " "), "\""))
+			continue
+		}
+		out = append(out, args[i])
+	}
+	return out
 }
 
 // lodge runs the CLI and returns stdout, stderr and the exit code.

@@ -1,0 +1,258 @@
+package integration
+
+import (
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lodge-vm/lodge/api"
+)
+
+// requireNetAdmin skips a test of private networks where the test cannot
+// build bridges: they need root.
+func requireNetAdmin(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("private networks need root (bridges, taps, iptables)")
+	}
+	if _, err := exec.LookPath("dnsmasq"); err != nil {
+		t.Skip("private networks need dnsmasq (apt-get install dnsmasq-base)")
+	}
+}
+
+// guestIP waits until NIC dev of vm has an IPv4 address and returns it.
+func (h *host) guestIP(vm, dev string) string {
+	h.t.Helper()
+	var ip string
+	eventually(h.t, 90*time.Second, vm+" "+dev+" to get an address by DHCP", func() bool {
+		out, _, _ := h.lodge("exec", vm, "--", "sh", "-c", "ip -4 addr show "+dev+" | awk '$1 == \"inet\" { print $2 }'")
+		ip, _, _ = strings.Cut(strings.TrimSpace(out), "/")
+		return ip != ""
+	})
+	return ip
+}
+
+// reaches says whether vm can ping target (a name or an address).
+func (h *host) reaches(vm, target string) bool {
+	h.t.Helper()
+	_, _, code := h.lodge("exec", vm, "--", "ping", "-c", "1", "-W", "3", target)
+	return code == 0
+}
+
+func (h *host) network(name string) api.Network {
+	h.t.Helper()
+	var n api.Network
+	mustJSON(h.t, h.must("net", "show", name, "-o", "json"), &n)
+	return n
+}
+
+// dnsmasqPID is the pid of network n's dnsmasq, 0 if it is not running.
+func dnsmasqPID(n api.Network, home string) int {
+	raw, err := os.ReadFile(filepath.Join(home, "networks", n.Name, "dnsmasq.pid"))
+	if err != nil {
+		return 0
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(raw)))
+	if err != nil || syscall.Kill(pid, 0) != nil {
+		return 0
+	}
+	return pid
+}
+
+func bridgePorts(t *testing.T, bridge string) int {
+	t.Helper()
+	out, err := exec.Command("ip", "-o", "link", "show", "master", bridge).Output()
+	if err != nil {
+		t.Fatalf("ip link show master %s: %v", bridge, err)
+	}
+	return strings.Count(string(out), "\n")
+}
+
+// TestNetworks: VMs on a private network get the address Lodge leased
+// them and reach each other by name; isolated and NAT networks do what
+// they say; a killed daemon leaves DHCP and DNS running; a deleted VM's
+// address goes to the next VM; a network in use cannot be deleted, and
+// deleting it leaves nothing on the host.
+func TestNetworks(t *testing.T) {
+	t.Parallel()
+	requireNetAdmin(t)
+	h := newHost(t)
+	h.importGuest()
+
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"net", "create", "Back"}, `network name "Back"`},
+		{[]string{"net", "create", "nat"}, "built in"},
+		{[]string{"net", "create", "x", "--subnet", "10.1.2.3/24"}, "host bits set"},
+		{[]string{"net", "create", "x", "--subnet", "fd00::/64"}, "only IPv4"},
+		{[]string{"net", "create", "x", "--subnet", "10.0.0.0/8"}, "/16 to /29"},
+		{[]string{"net", "create", "x", "--nat", "--isolated"}, "contradict"},
+		{[]string{"net", "delete", "nosuch"}, `network "nosuch": not found`},
+		{[]string{"net", "delete", "nat"}, "built in"},
+		{[]string{"create", "v", "--image", "tiny", "--net", "nosuch"}, `network "nosuch": not found`},
+		{[]string{"create", "v", "--image", "tiny", "--net", "nat", "--net", "nat"}, "given twice"},
+	} {
+		_, errOut, code := h.lodge(tc.args...)
+		if code == 0 || !strings.Contains(errOut, tc.want) || strings.Count(strings.TrimSpace(errOut), "\n") > 0 {
+			t.Errorf("lodge %v: exit %d, %q; want one line with %q", tc.args, code, errOut, tc.want)
+		}
+	}
+	if _, _, code := h.lodge("show", "v"); code == 0 {
+		t.Error("a refused create left vm v behind")
+	}
+
+	h.must("net", "create", "back")
+	h.must("net", "create", "iso", "--isolated")
+	h.must("net", "create", "out", "--nat")
+	back, iso, out := h.network("back"), h.network("iso"), h.network("out")
+	subnet := netip.MustParsePrefix(back.Subnet)
+	if _, errOut, code := h.lodge("net", "create", "again", "--subnet", back.Subnet); code == 0 || !strings.Contains(errOut, `overlaps network "back"`) {
+		t.Errorf("a second network on %s: exit %d, %q", back.Subnet, code, errOut)
+	}
+	var list []api.Network
+	mustJSON(t, h.must("net", "list", "-o", "json"), &list)
+	if len(list) != 4 || list[0].Name != "nat" || !list[0].Builtin {
+		t.Errorf("net list: %+v", list)
+	}
+
+	h.vm("a", "--net", "back", "--net", "iso")
+	h.vm("b", "--net", "back", "--net", "nat", "--net", "out")
+	aIP, bIP := h.guestIP("a", "eth0"), h.guestIP("b", "eth0")
+	if want := h.show("a").NICs[0].IP; aIP != want || !subnet.Contains(netip.MustParseAddr(aIP)) {
+		t.Errorf("a has %s on back (%s); lodge show says %s", aIP, back.Subnet, want)
+	}
+	if !h.reaches("a", "b") || !h.reaches("b", "a") {
+		t.Errorf("a and b do not reach each other by name on network back")
+	}
+	if got := h.exec("a", "sh", "-c", "nslookup b "+back.Gateway+" | awk '/^Address/ { a = $2 } END { print a }'"); got != bIP {
+		t.Errorf("back's DNS says b is %q; b has %s", got, bIP)
+	}
+
+	// Isolated: DHCP and DNS answer, the host does not.
+	h.guestIP("a", "eth1")
+	if h.reaches("a", iso.Gateway) {
+		t.Errorf("a reaches the host (%s) over isolated network iso", iso.Gateway)
+	}
+	// NAT: the host routes the guests out, and is reachable.
+	h.guestIP("b", "eth2")
+	if !h.reaches("b", out.Gateway) {
+		t.Errorf("b does not reach the host (%s) over NAT network out", out.Gateway)
+	}
+	if rules, _ := exec.Command("iptables", "-w", "-t", "nat", "-S", "POSTROUTING").Output(); !strings.Contains(string(rules), "-s "+out.Subnet+" ! -d "+out.Subnet) {
+		t.Errorf("no masquerade rule for %s:\n%s", out.Subnet, rules)
+	}
+
+	if _, errOut, code := h.lodge("net", "delete", "back"); code == 0 || !strings.Contains(errOut, "in use by vm a, b") {
+		t.Errorf("deleting a network in use: exit %d, %q", code, errOut)
+	}
+
+	// A killed daemon leaves the guests their DHCP and DNS.
+	h.killDaemon()
+	if dnsmasqPID(back, h.home) == 0 {
+		t.Error("dnsmasq of back died with the daemon")
+	}
+	h.startDaemon()
+	if !h.reaches("a", "b") {
+		t.Error("after a daemon restart a no longer reaches b by name")
+	}
+
+	// b's address goes to the next VM, which DHCP must not refuse it.
+	h.must("delete", "--force", "b")
+	h.vm("c", "--net", "back")
+	if got := h.guestIP("c", "eth0"); got != bIP {
+		t.Errorf("c got %s on back; b's freed address was %s", got, bIP)
+	}
+	if !h.reaches("c", "a") {
+		t.Error("c does not reach a by name")
+	}
+
+	// Stopped VMs leave no tap on the bridge.
+	if got := bridgePorts(t, back.Bridge); got != 2 {
+		t.Errorf("back's bridge has %d ports with a and c running", got)
+	}
+	h.must("stop", "--force", "a")
+	h.must("stop", "--force", "c")
+	if got := bridgePorts(t, back.Bridge); got != 0 {
+		t.Errorf("back's bridge has %d ports with no VM running", got)
+	}
+
+	h.must("delete", "a")
+	h.must("delete", "c")
+	pid := dnsmasqPID(back, h.home)
+	if pid == 0 {
+		t.Fatal("back has no dnsmasq running")
+	}
+	for _, n := range []string{"back", "iso", "out"} {
+		h.must("net", "delete", n)
+	}
+	if err := exec.Command("ip", "link", "show", "dev", back.Bridge).Run(); err == nil {
+		t.Errorf("bridge %s left after net delete", back.Bridge)
+	}
+	// Ended, then reaped by init.
+	eventually(t, 10*time.Second, "dnsmasq of back to go after net delete", func() bool { return syscall.Kill(pid, 0) != nil })
+	if rules, _ := exec.Command("iptables", "-w", "-S").Output(); strings.Contains(string(rules), back.Bridge) {
+		t.Errorf("iptables rules of %s left after net delete", back.Bridge)
+	}
+}
+
+// TestStackNetwork: a stack's declared network is made for it, its
+// members reach each other by member name on it, and down --delete
+// removes it with the members.
+func TestStackNetwork(t *testing.T) {
+	t.Parallel()
+	requireNetAdmin(t)
+	h := newHost(t)
+	h.importGuest()
+	file := writeStack(t, "web.yaml", `name: web
+networks:
+  back: {}
+vms:
+  db: {image: tiny, memory: 256M, networks: [back], health: {exec: "true"}}
+  app: {image: tiny, memory: 256M, count: 2, networks: [back, nat], depends_on: {db: healthy}}
+`)
+	var st api.StackStatus
+	mustJSON(t, h.must("stack", "up", file, "-o", "json"), &st)
+	back := h.network("web-back")
+	if back.Stack != "web" {
+		t.Errorf("web-back belongs to stack %q", back.Stack)
+	}
+	subnet := netip.MustParsePrefix(back.Subnet)
+	for _, m := range st.Members {
+		if len(m.IPs) == 0 || !subnet.Contains(netip.MustParseAddr(m.IPs[0])) {
+			t.Errorf("member %s: IPs %v, want one in %s first", m.Name, m.IPs, back.Subnet)
+		}
+	}
+	h.guestIP("web-app-1", "eth0")
+	for _, name := range []string{"db", "app-2", "web-db"} {
+		if !h.reaches("web-app-1", name) {
+			t.Errorf("web-app-1 does not reach %s by name", name)
+		}
+	}
+	if _, errOut, code := h.lodge("net", "delete", "web-back"); code == 0 || !strings.Contains(errOut, "in use") {
+		t.Errorf("deleting the stack's network under its members: exit %d, %q", code, errOut)
+	}
+
+	var again api.StackStatus
+	mustJSON(t, h.must("stack", "up", file, "-o", "json"), &again)
+	for i, m := range again.Members {
+		if !m.StartedAt.Equal(*st.Members[i].StartedAt) {
+			t.Errorf("second up restarted %s", m.Name)
+		}
+	}
+
+	h.must("stack", "down", "web", "--delete")
+	if _, _, code := h.lodge("net", "show", "web-back"); code == 0 {
+		t.Error("down --delete left network web-back")
+	}
+	if err := exec.Command("ip", "link", "show", "dev", back.Bridge).Run(); err == nil {
+		t.Errorf("bridge %s left after down --delete", back.Bridge)
+	}
+}
