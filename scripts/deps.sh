@@ -3,8 +3,10 @@
 # Usage: scripts/deps.sh [run|guest|bench]...
 set -euo pipefail
 
-# e2fsprogs: debugfs reads single files out of backups.
-want=(qemu-system-x86 qemu-utils genisoimage e2fsprogs)
+# e2fsprogs: debugfs reads single files out of backups. dnsmasq-base
+# (the binary alone, no system service), iproute2 and iptables: private
+# networks.
+want=(qemu-system-x86 qemu-utils genisoimage e2fsprogs dnsmasq-base iproute2 iptables)
 for set in "$@"; do
   case "$set" in
     run) ;;

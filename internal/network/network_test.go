@@ -386,7 +386,12 @@ func TestAttach(t *testing.T) {
 	m, home := newManager(t, fake)
 	n := mustCreate(t, m, api.CreateNetwork{Name: "back", Subnet: "10.77.0.0/24"})
 	dir := filepath.Join(home, "networks", "back")
-	const mac1, mac2 = "52:54:00:00:00:01", "52:54:00:00:00:02"
+	// As after a reboot: the bridge and the files are gone.
+	fake.IsUp = nil
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	const mac1, mac2 = "52:54:00:00:00:01", "52:54:00:ab:cd:02"
 
 	if got, want := mustAttach(t, m, "web", []string{"web", "www"}, NIC{Network: "back", MAC: mac1}), "10.77.0.2"; got != want {
 		t.Fatalf("first NIC: got %v, want %v", got, want)
@@ -449,6 +454,16 @@ func TestAttach(t *testing.T) {
 
 	if _, err := attach(t, m, "web", []string{"web"}, NIC{Network: "nope", MAC: mac1}); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Fatalf("Attach to an unknown network: got %v, want %v", err, errdefs.ErrNotFound)
+	}
+
+	// A host that cannot bring the bridge up opens no tap.
+	fake.FailUp = true
+	taps := len(fake.Taps)
+	if _, err := attach(t, m, "web", []string{"web", "www"}, NIC{Network: "back", MAC: mac1}); err == nil || !strings.Contains(err.Error(), "fake: bridge refused") {
+		t.Fatalf("Attach with Up failing: got %v, want the host's error", err)
+	}
+	if got, want := len(fake.Taps), taps; got != want {
+		t.Fatalf("taps after a failed attach: got %v, want %v", got, want)
 	}
 }
 
