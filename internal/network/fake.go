@@ -3,8 +3,11 @@ package network
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"sync"
+
+	"github.com/lodge-vm/lodge/internal/errdefs"
 )
 
 // Fake is a Host for unit tests: it records what is up and hands out
@@ -15,7 +18,7 @@ type Fake struct {
 	UsedPrefixes []Used
 	// FailUp makes Up fail.
 	FailUp  bool
-	IsUp     map[string]Wiring
+	IsUp    map[string]Wiring
 	Reloads int
 	Taps    []string
 	// Denied makes Check fail, as for an unprivileged daemon.
@@ -24,15 +27,18 @@ type Fake struct {
 
 var _ Host = (*Fake)(nil)
 
+// Check implements Host.
 func (f *Fake) Check() error {
 	if f.Denied {
-		return ErrPrivilege
+		return fmt.Errorf("%w: %w", errdefs.ErrInvalid, ErrPrivilege)
 	}
 	return nil
 }
 
+// Used implements Host.
 func (f *Fake) Used() ([]Used, error) { return f.UsedPrefixes, nil }
 
+// Up implements Host.
 func (f *Fake) Up(_ context.Context, w Wiring) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -46,6 +52,7 @@ func (f *Fake) Up(_ context.Context, w Wiring) error {
 	return nil
 }
 
+// Reload implements Host.
 func (f *Fake) Reload(context.Context, Wiring) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -53,6 +60,7 @@ func (f *Fake) Reload(context.Context, Wiring) error {
 	return nil
 }
 
+// Down implements Host.
 func (f *Fake) Down(_ context.Context, w Wiring) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -60,6 +68,7 @@ func (f *Fake) Down(_ context.Context, w Wiring) error {
 	return nil
 }
 
+// OpenTap implements Host.
 func (f *Fake) OpenTap(_ context.Context, _, name string) (*os.File, error) {
 	f.mu.Lock()
 	f.Taps = append(f.Taps, name)

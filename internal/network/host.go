@@ -78,6 +78,7 @@ func NewLinux(log *slog.Logger) *Linux {
 	return &Linux{DNSMasq: "dnsmasq", IP: "ip", IPTables: "iptables", Log: log.With("component", "network")}
 }
 
+// Check implements Host.
 func (l *Linux) Check() error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("%w: %w; this daemon runs as uid %d and has only the built-in %q network", errdefs.ErrInvalid, ErrPrivilege, os.Geteuid(), Builtin)
@@ -93,6 +94,7 @@ func (l *Linux) Check() error {
 	return nil
 }
 
+// Used implements Host.
 func (l *Linux) Used() ([]Used, error) {
 	var out []Used
 	ifs, err := net.Interfaces()
@@ -157,6 +159,7 @@ func (l *Linux) run(ctx context.Context, name string, args ...string) error {
 	return nil
 }
 
+// Up implements Host.
 func (l *Linux) Up(ctx context.Context, w Wiring) error {
 	if l.run(ctx, l.IP, "link", "show", "dev", w.Bridge) != nil {
 		if err := l.run(ctx, l.IP, "link", "add", "name", w.Bridge, "type", "bridge"); err != nil {
@@ -335,6 +338,7 @@ func (l *Linux) startDNSMasq(ctx context.Context, w Wiring) error {
 	return fmt.Errorf("start dnsmasq on %s: it wrote no pid file", w.Bridge)
 }
 
+// Reload implements Host.
 func (l *Linux) Reload(ctx context.Context, w Wiring) error {
 	pid := l.dnsmasqPID(w)
 	if pid == 0 {
@@ -405,6 +409,7 @@ func (l *Linux) stopDNSMasq(w Wiring) {
 	}
 }
 
+// Down implements Host.
 func (l *Linux) Down(ctx context.Context, w Wiring) error {
 	l.stopDNSMasq(w)
 	l.dropRules(ctx, rules(w))
@@ -421,6 +426,7 @@ type ifreq struct {
 	_     [22]byte
 }
 
+// OpenTap implements Host.
 func (l *Linux) OpenTap(ctx context.Context, bridge, name string) (*os.File, error) {
 	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {

@@ -65,13 +65,13 @@ func New(st store.Store, home string, host Host, log *slog.Logger) *Manager {
 	return &Manager{st: st, home: home, dir: filepath.Join(home, "networks"), host: host, log: log.With("component", "network")}
 }
 
-var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,39}$`)
+var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$`)
 
 // ValidName checks a network name: it becomes a DNS domain and a
 // directory, so it is kept to lower-case letters, digits and '-'.
 func ValidName(name string) error {
 	if !nameRE.MatchString(name) {
-		return fmt.Errorf("network name %q: %w: use 1 to 40 lower-case letters, digits and '-', starting with a letter or digit", name, errdefs.ErrInvalid)
+		return fmt.Errorf("network name %q: %w: use 1 to 40 lower-case letters, digits and '-', starting and ending with a letter or digit", name, errdefs.ErrInvalid)
 	}
 	return nil
 }
@@ -135,6 +135,15 @@ func (m *Manager) Create(ctx context.Context, req api.CreateNetwork) (api.Networ
 	return n, nil
 }
 
+// privateRanges are where a private network's subnet may lie: RFC 1918
+// and the shared range of RFC 6598. Anything else would shadow real hosts.
+var privateRanges = []netip.Prefix{
+	netip.MustParsePrefix("10.0.0.0/8"),
+	netip.MustParsePrefix("172.16.0.0/12"),
+	netip.MustParsePrefix("192.168.0.0/16"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+}
+
 // parseSubnet accepts an IPv4 CIDR with room for a gateway and guests.
 func parseSubnet(s string) (netip.Prefix, error) {
 	p, err := netip.ParsePrefix(s)
@@ -147,8 +156,8 @@ func parseSubnet(s string) (netip.Prefix, error) {
 		return p, fmt.Errorf("subnet %q: %w: want a prefix from /16 to /29", s, errdefs.ErrInvalid)
 	case p.Masked() != p:
 		return p, fmt.Errorf("subnet %q: %w: host bits set; did you mean %s?", s, errdefs.ErrInvalid, p.Masked())
-	case p.Addr().IsLoopback() || p.Addr().IsMulticast() || p.Addr().IsLinkLocalUnicast():
-		return p, fmt.Errorf("subnet %q: %w: not a private unicast range", s, errdefs.ErrInvalid)
+	case !slices.ContainsFunc(privateRanges, func(r netip.Prefix) bool { return r.Contains(p.Addr()) && r.Bits() <= p.Bits() }):
+		return p, fmt.Errorf("subnet %q: %w: not in a private range (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10)", s, errdefs.ErrInvalid)
 	}
 	return p, nil
 }
@@ -335,6 +344,9 @@ type Attachment struct {
 // registers the VM's names with the network's DNS and opens a tap on the
 // network's bridge. names are the VM's hostname first, then aliases.
 func (m *Manager) Attach(ctx context.Context, vm string, names []string, nic NIC) (Attachment, error) {
+	if nic.Network == Builtin {
+		return Attachment{}, fmt.Errorf("vm %q: network %q: %w: it is QEMU's own NAT, with no tap", vm, Builtin, errdefs.ErrInvalid)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	n, err := m.Get(ctx, nic.Network)
@@ -374,6 +386,17 @@ func (m *Manager) Attach(ctx context.Context, vm string, names []string, nic NIC
 func assign(n *api.Network, vm, mac string, names []string) (api.NetworkLease, bool, error) {
 	mac = strings.ToLower(mac)
 	names = slices.Compact(slices.Clone(names))
+	// DNS names are case-blind, and one name answers for one VM.
+	for _, l := range n.Leases {
+		if l.VM == vm || l.MAC == mac {
+			continue
+		}
+		for _, name := range names {
+			if slices.ContainsFunc(l.Names, func(o string) bool { return strings.EqualFold(o, name) }) {
+				return api.NetworkLease{}, false, fmt.Errorf("%w: name %q is vm %q's", errdefs.ErrConflict, name, l.VM)
+			}
+		}
+	}
 	for i, l := range n.Leases {
 		if l.MAC != mac {
 			continue
@@ -393,13 +416,6 @@ func assign(n *api.Network, vm, mac string, names []string) (api.NetworkLease, b
 			// address and its names.
 			n.Leases[i].MAC, n.Leases[i].Names = mac, names
 			return n.Leases[i], true, nil
-		}
-	}
-	for _, l := range n.Leases {
-		for _, name := range names {
-			if l.VM != vm && slices.Contains(l.Names, name) {
-				return api.NetworkLease{}, false, fmt.Errorf("%w: name %q is vm %q's", errdefs.ErrConflict, name, l.VM)
-			}
 		}
 	}
 	ip, err := nextFree(*n)

@@ -264,6 +264,10 @@ func TestCreateRefused(t *testing.T) {
 		{"loopback", api.CreateNetwork{Name: "back", Subnet: "127.1.0.0/16"}, nil, false, errdefs.ErrInvalid},
 		{"link local", api.CreateNetwork{Name: "back", Subnet: "169.254.0.0/16"}, nil, false, errdefs.ErrInvalid},
 		{"multicast", api.CreateNetwork{Name: "back", Subnet: "239.1.0.0/16"}, nil, false, errdefs.ErrInvalid},
+		{"public", api.CreateNetwork{Name: "back", Subnet: "8.8.8.0/24"}, nil, false, errdefs.ErrInvalid},
+		{"zero", api.CreateNetwork{Name: "back", Subnet: "0.0.0.0/16"}, nil, false, errdefs.ErrInvalid},
+		{"reserved", api.CreateNetwork{Name: "back", Subnet: "240.0.0.0/16"}, nil, false, errdefs.ErrInvalid},
+		{"trailing dash", api.CreateNetwork{Name: "back-"}, nil, false, errdefs.ErrInvalid},
 		{"overlaps network (wider)", api.CreateNetwork{Name: "back", Subnet: "10.50.0.0/16"}, nil, false, errdefs.ErrConflict},
 		{"overlaps network (narrower)", api.CreateNetwork{Name: "back", Subnet: "10.50.0.128/25"}, nil, false, errdefs.ErrConflict},
 		{"overlaps network (same)", api.CreateNetwork{Name: "back", Subnet: taken}, nil, false, errdefs.ErrConflict},
@@ -272,7 +276,7 @@ func TestCreateRefused(t *testing.T) {
 		{"overlaps host (narrower)", api.CreateNetwork{Name: "back", Subnet: "192.168.1.64/29"},
 			[]Used{{Prefix: netip.MustParsePrefix("192.168.1.0/24"), Where: "interface eth0"}}, false, errdefs.ErrConflict},
 		{"nat and isolated", api.CreateNetwork{Name: "back", NAT: true, Isolated: true}, nil, false, errdefs.ErrInvalid},
-		{"unprivileged", api.CreateNetwork{Name: "back"}, nil, true, ErrPrivilege},
+		{"unprivileged", api.CreateNetwork{Name: "back"}, nil, true, errdefs.ErrInvalid},
 		{"unprivileged, subnet", api.CreateNetwork{Name: "back", Subnet: "10.77.0.0/24"}, nil, true, ErrPrivilege},
 	}
 	for _, tt := range tests {
@@ -520,10 +524,17 @@ func TestAttachNameTaken(t *testing.T) {
 	m, home := newManager(t, fake)
 	mustCreate(t, m, api.CreateNetwork{Name: "back", Subnet: "10.77.0.0/24"})
 	mustAttach(t, m, "web", []string{"web", "www"}, NIC{Network: "back", MAC: "52:54:00:00:00:01"})
-	before := readFile(t, filepath.Join(home, "networks", "back", "dhcp-hosts"))
 
-	for _, names := range [][]string{{"www"}, {"other", "web"}} {
-		_, err := attach(t, m, "other", names, NIC{Network: "back", MAC: "52:54:00:00:00:02"})
+	mustAttach(t, m, "other", []string{"other"}, NIC{Network: "back", MAC: "52:54:00:00:00:02"})
+	before := readFile(t, filepath.Join(home, "networks", "back", "dhcp-hosts"))
+	// Refused on every path: a new lease, a lease kept with new names,
+	// a lease kept under a new MAC; and whatever the case.
+	for _, tc := range []struct {
+		names []string
+		mac   string
+	}{{[]string{"www"}, "52:54:00:00:00:02"}, {[]string{"other", "web"}, "52:54:00:00:00:02"}, {[]string{"WEB"}, "52:54:00:00:00:02"}, {[]string{"other", "www"}, "52:54:00:00:00:09"}} {
+		names := tc.names
+		_, err := attach(t, m, "other", names, NIC{Network: "back", MAC: tc.mac})
 		if !errors.Is(err, errdefs.ErrConflict) {
 			t.Fatalf("Attach(other, %v): got %v, want %v", names, err, errdefs.ErrConflict)
 		}
@@ -531,10 +542,10 @@ func TestAttachNameTaken(t *testing.T) {
 			t.Fatalf("Attach(other, %v) error %q: want it to name both VMs", names, err)
 		}
 	}
-	if got, want := len(leases(t, m, "back")), 1; got != want {
+	if got, want := len(leases(t, m, "back")), 2; got != want {
 		t.Fatalf("leases after refusals: got %v, want %v", got, want)
 	}
-	if got, want := len(fake.Taps), 1; got != want {
+	if got, want := len(fake.Taps), 2; got != want {
 		t.Fatalf("taps after refusals: got %v, want %v", got, want)
 	}
 	if got := readFile(t, filepath.Join(home, "networks", "back", "dhcp-hosts")); got != before {
@@ -747,8 +758,8 @@ func TestNames(t *testing.T) {
 			t.Errorf("%s name %q: got %d chars, want at most 15 starting %q", tt.what, tt.got, len(tt.got), tt.prefix)
 		}
 	}
-	if m1.bridgeName("back") != m1.bridgeName("back") {
-		t.Errorf("bridge name: got two for one home and network, want one")
+	if got, want := m1.bridgeName("back"), newBridge(t, m1.home, "back"); got != want {
+		t.Errorf("bridge name of back in one home, asked twice: got %s, want %s", got, want)
 	}
 	if m1.bridgeName("back") == m2.bridgeName("back") {
 		t.Errorf("bridge name of back in two homes: got %s for both, want different", m1.bridgeName("back"))
@@ -759,4 +770,28 @@ func TestNames(t *testing.T) {
 	if m1.tapName("web", 0) == m1.tapName("web", 1) || m1.tapName("web", 0) == m1.tapName("db", 0) || m1.tapName("web", 0) == m2.tapName("web", 0) {
 		t.Errorf("tap names: got a clash, want one per home, VM and NIC")
 	}
+}
+
+func TestSupported(t *testing.T) {
+	for _, denied := range []bool{false, true} {
+		m, _ := newManager(t, &Fake{Denied: denied})
+		err := m.Supported()
+		if got, want := errors.Is(err, ErrPrivilege), denied; got != want || (err != nil) != denied {
+			t.Errorf("Supported with Denied=%v: got %v, want privilege error %v", denied, err, want)
+		}
+	}
+}
+
+func TestAttachBuiltin(t *testing.T) {
+	m, _ := newManager(t, &Fake{})
+	_, err := attach(t, m, "web", []string{"web"}, NIC{Network: Builtin, MAC: "52:54:00:00:00:01"})
+	if !errors.Is(err, errdefs.ErrInvalid) {
+		t.Fatalf("Attach to %q: got %v, want %v", Builtin, err, errdefs.ErrInvalid)
+	}
+}
+
+// newBridge is the bridge name a fresh manager on home gives network.
+func newBridge(t *testing.T, home, network string) string {
+	t.Helper()
+	return New(store.NewMemory(), home, &Fake{}, nil).bridgeName(network)
 }
