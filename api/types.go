@@ -614,6 +614,17 @@ type StackDown struct {
 	Delete bool `json:"delete,omitempty"`
 }
 
+// StackRebuild is the body of POST /v1/stacks/{name}/rebuild.
+type StackRebuild struct {
+	// Member is a member's name (all its instances) or one instance's
+	// (app-2).
+	Member string `json:"member"`
+	// FromBackup takes each VM's latest backup (in Repo, or any
+	// repository) instead of a fresh disk on its image.
+	FromBackup bool   `json:"from_backup,omitempty"`
+	Repo       string `json:"repo,omitempty"`
+}
+
 // Network is a network VMs attach to, as `lodge net list -o json` prints
 // it. "nat" is built in: QEMU's user-mode NAT, private to each VM.
 type Network struct {

@@ -27,3 +27,10 @@ func (c *Client) StackDown(ctx context.Context, name string, req api.StackDown) 
 	var op api.Operation
 	return op, c.do(ctx, http.MethodPost, "/v1/stacks/"+url.PathEscape(name)+"/down", req, &op)
 }
+
+// StackRebuild recreates a stack member from its image or latest backup,
+// keeping its identity; it returns the operation.
+func (c *Client) StackRebuild(ctx context.Context, name string, req api.StackRebuild) (api.Operation, error) {
+	var op api.Operation
+	return op, c.do(ctx, http.MethodPost, "/v1/stacks/"+url.PathEscape(name)+"/rebuild", req, &op)
+}

@@ -33,17 +33,7 @@ left running. Running up again changes nothing that already matches.`,
 			}
 			c := g.client()
 			op, err := c.StackUp(cmd.Context(), api.StackUp{Path: args[0], File: string(raw)})
-			if err != nil {
-				return err
-			}
-			if op, err = wait(cmd.Context(), c, op); err != nil {
-				return err
-			}
-			var st api.StackStatus
-			if err := client.Result(op, &st); err != nil {
-				return err
-			}
-			return g.emit(cmd.OutOrStdout(), st, func(tw *tabwriter.Writer) { stackTable(tw, st) })
+			return g.stackResult(cmd, c, op, err)
 		},
 	}
 	status := &cobra.Command{
@@ -74,8 +64,44 @@ left running. Running up again changes nothing that already matches.`,
 		},
 	}
 	downCmd.Flags().BoolVar(&down.Delete, "delete", false, "delete the members and forget the stack")
-	root.AddCommand(up, status, downCmd)
+	var rebuild api.StackRebuild
+	rebuildCmd := &cobra.Command{
+		Use:   "rebuild NAME MEMBER [--from-backup [--repo R]]",
+		Short: "Recreate a member from its image or latest backup, keeping its identity",
+		Long: `Rebuild a member whose disk is lost or broken: it is stopped, gets a fresh
+disk on its image (or, with --from-backup, its latest backup's content), and
+is started and waited on again. Its UUID, MACs, hostname and network
+addresses stay, since other members know it by them; no other member is
+stopped. MEMBER is a member's name (all its instances) or an instance's
+(app-2). A VM with snapshots is refused.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			rebuild.Member = args[1]
+			c := g.client()
+			op, err := c.StackRebuild(cmd.Context(), args[0], rebuild)
+			return g.stackResult(cmd, c, op, err)
+		},
+	}
+	rebuildCmd.Flags().BoolVar(&rebuild.FromBackup, "from-backup", false, "restore each VM's latest backup instead of a fresh disk on its image")
+	rebuildCmd.Flags().StringVar(&rebuild.Repo, "repo", "", "backup repository to take the backup from (default: any)")
+	root.AddCommand(up, status, downCmd, rebuildCmd)
 	return root
+}
+
+// stackResult waits for a stack operation and prints the stack it
+// leaves.
+func (g *globals) stackResult(cmd *cobra.Command, c *client.Client, op api.Operation, err error) error {
+	if err != nil {
+		return err
+	}
+	if op, err = wait(cmd.Context(), c, op); err != nil {
+		return err
+	}
+	var st api.StackStatus
+	if err := client.Result(op, &st); err != nil {
+		return err
+	}
+	return g.emit(cmd.OutOrStdout(), st, func(tw *tabwriter.Writer) { stackTable(tw, st) })
 }
 
 func stackTable(tw *tabwriter.Writer, st api.StackStatus) {

@@ -33,6 +33,7 @@ func (d *Daemon) stackRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/stacks", d.stackUp)
 	mux.HandleFunc("GET /v1/stacks/{name}", d.stackStatus)
 	mux.HandleFunc("POST /v1/stacks/{name}/down", d.stackDown)
+	mux.HandleFunc("POST /v1/stacks/{name}/rebuild", d.stackRebuild)
 }
 
 // parseStack reads and checks a stack file against this host.
@@ -568,4 +569,110 @@ func (d *Daemon) stackDown(w http.ResponseWriter, r *http.Request) {
 		})
 		return nil, err
 	}))
+}
+
+// stackRebuild recreates a member's VMs from their image or latest
+// backup, one at a time, keeping their identities and addresses (others
+// know them by those), and leaves every other member running.
+func (d *Daemon) stackRebuild(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	var req api.StackRebuild
+	if !decode(w, r, &req) {
+		return
+	}
+	f, err := d.loadStack(r.Context(), name)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	var targets []stack.Step
+	for _, wave := range f.Plan() {
+		for _, step := range wave {
+			if step.Instance.Member == req.Member || step.Instance.Name == name+"-"+req.Member {
+				targets = append(targets, step)
+			}
+		}
+	}
+	if len(targets) == 0 {
+		writeErr(w, fmt.Errorf("stack %q: member %q: %w", name, req.Member, errdefs.ErrNotFound))
+		return
+	}
+	// What would fail the rebuild once the VM is stopped is checked
+	// first: a refused rebuild leaves the member running.
+	for _, step := range targets {
+		if err := d.canRebuild(r.Context(), step.Instance.Name, req); err != nil {
+			writeErr(w, fmt.Errorf("stack %q: %w", name, err))
+			return
+		}
+	}
+	accepted(w, d.ops.start("stack-rebuild", name+"/"+req.Member, func(ctx context.Context, o *operation) (any, error) {
+		for _, step := range targets {
+			if err := d.rebuildMember(ctx, f, step, req, o); err != nil {
+				return nil, fmt.Errorf("stack %q: %w", name, err)
+			}
+		}
+		return d.stackView(ctx, name)
+	}))
+}
+
+func (d *Daemon) canRebuild(ctx context.Context, vmName string, req api.StackRebuild) error {
+	v, err := d.vms.Get(ctx, vmName)
+	if err != nil {
+		return fmt.Errorf("%w; lodge stack up creates it afresh", err)
+	}
+	if len(v.Snapshots) > 0 {
+		return fmt.Errorf("rebuild vm %q: %w: it has snapshots (%s), which its new disks could not go back to; delete them first", vmName, errdefs.ErrState, strings.Join(v.Snapshots, ", "))
+	}
+	if req.FromBackup {
+		bs, err := d.backups.List(ctx, vmName, req.Repo)
+		if err != nil {
+			return err
+		}
+		if len(bs) == 0 {
+			return fmt.Errorf("rebuild vm %q from a backup: %w: it has no backup (lodge backup create %s)", vmName, errdefs.ErrNotFound, vmName)
+		}
+		return nil
+	}
+	if v.Image == "" {
+		return fmt.Errorf("rebuild vm %q: %w: it was not created from an image; rebuild it --from-backup", vmName, errdefs.ErrInvalid)
+	}
+	if _, err := d.images.Get(ctx, v.Image); err != nil {
+		return fmt.Errorf("rebuild vm %q from its image: %w", vmName, err)
+	}
+	return nil
+}
+
+func (d *Daemon) rebuildMember(ctx context.Context, f *stack.File, step stack.Step, req api.StackRebuild, o *operation) error {
+	vmName := step.Instance.Name
+	v, err := d.vms.Get(ctx, vmName)
+	if err != nil {
+		return err
+	}
+	o.Progress("stop "+vmName, 0, 0)
+	if v.State == api.StateRunning || v.State == api.StatePaused {
+		if _, err := d.vms.Stop(ctx, vmName, false, 0); err != nil {
+			return err
+		}
+	}
+	o.Progress("rebuild "+vmName, 0, 0)
+	if req.FromBackup {
+		_, _, err = d.backups.RebuildVM(ctx, vmName, req.Repo, func(stage string, done, total int64) { o.Progress(stage+" "+vmName, done, total) })
+	} else {
+		_, err = d.vms.Rebuild(ctx, vmName, nil)
+	}
+	if err != nil {
+		return err
+	}
+	// It is ready again only once it has come back.
+	if err := d.store.Update(ctx, func(tx store.Tx) error {
+		var rec stackRecord
+		if err := store.GetJSON(tx, stackBucket, f.Name, &rec); err != nil {
+			return err
+		}
+		delete(rec.ReadyAt, vmName)
+		return store.PutJSON(tx, stackBucket, f.Name, rec)
+	}); err != nil {
+		return err
+	}
+	return d.rollOut(ctx, f, step)
 }

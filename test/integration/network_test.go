@@ -248,6 +248,51 @@ vms:
 		}
 	}
 
+	// Rebuild db from its backup, then from its image: it keeps its
+	// identity and address, and app is not disturbed.
+	before := h.show("web-db")
+	app := h.show("web-app-1")
+	h.exec("web-db", "sh", "-c", "echo one >/root/mark && sync")
+	h.must("backup", "create", "web-db")
+	h.exec("web-db", "sh", "-c", "echo two >/root/mark && sync")
+	h.must("stack", "rebuild", "web", "db", "--from-backup")
+	if got := h.exec("web-db", "cat", "/root/mark"); got != "one" {
+		t.Errorf("db rebuilt from its backup holds %q, want the backup's \"one\"", got)
+	}
+	h.must("stack", "rebuild", "web", "db")
+	if _, _, code := h.lodge("exec", "web-db", "--", "test", "-e", "/root/mark"); code == 0 {
+		t.Error("db rebuilt from its image still has the file written after it was created")
+	}
+	after := h.show("web-db")
+	if after.UUID != before.UUID || after.NICs[0].MAC != before.NICs[0].MAC || after.NICs[0].IP != before.NICs[0].IP || after.Hostname != before.Hostname {
+		t.Errorf("rebuilt db: uuid %s mac %s ip %s host %s; before %s %s %s %s", after.UUID, after.NICs[0].MAC, after.NICs[0].IP, after.Hostname,
+			before.UUID, before.NICs[0].MAC, before.NICs[0].IP, before.Hostname)
+	}
+	if got := h.guestIP("web-db", "eth0"); got != before.NICs[0].IP {
+		t.Errorf("rebuilt db has %s on back, had %s", got, before.NICs[0].IP)
+	}
+	if v := h.show("web-app-1"); v.State != api.StateRunning || !v.StartedAt.Equal(*app.StartedAt) {
+		t.Errorf("the rebuild disturbed app-1: %s, started %v (was %v)", v.State, v.StartedAt, app.StartedAt)
+	}
+	if !h.reaches("web-app-1", "db") {
+		t.Error("app-1 does not reach the rebuilt db by name")
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"stack", "rebuild", "web", "nosuch"}, `member "nosuch": not found`},
+		{[]string{"stack", "rebuild", "nosuch", "db"}, "nosuch"},
+		{[]string{"stack", "rebuild", "web", "app-1", "--from-backup"}, "has no backup"},
+	} {
+		if _, errOut, code := h.lodge(tc.args...); code == 0 || !strings.Contains(errOut, tc.want) {
+			t.Errorf("lodge %v: exit %d, %q; want %q", tc.args, code, errOut, tc.want)
+		}
+	}
+	if v := h.show("web-app-1"); v.State != api.StateRunning {
+		t.Errorf("a refused rebuild of app-1 left it %s", v.State)
+	}
+
 	h.must("stack", "down", "web", "--delete")
 	if _, _, code := h.lodge("net", "show", "web-back"); code == 0 {
 		t.Error("down --delete left network web-back")

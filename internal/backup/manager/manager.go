@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -39,6 +40,7 @@ type VMs interface {
 	Get(ctx context.Context, name string) (api.VM, error)
 	OpenBackup(ctx context.Context, name string, opts vm.BackupOptions) (*vm.BackupPoint, error)
 	BeginImport(ctx context.Context, spec vm.ImportSpec) (*vm.Import, error)
+	Rebuild(ctx context.Context, name string, fill vm.DiskFiller) (api.VM, error)
 }
 
 var _ VMs = (*vm.Service)(nil)
@@ -790,4 +792,44 @@ func (m *Manager) mirror(ctx context.Context, name string, progress Progress) {
 // keepOf converts the API's policy.
 func keepOf(k api.BackupKeep) backup.Keep {
 	return backup.Keep{Last: k.Last, Hourly: k.Hourly, Daily: k.Daily, Weekly: k.Weekly, Monthly: k.Monthly}
+}
+
+// RebuildVM rebuilds VM vmName in place from its latest backup (in
+// repoName, or in any repository): its disks get the backup's content,
+// and it keeps its identity, NICs and settings. It must be stopped.
+func (m *Manager) RebuildVM(ctx context.Context, vmName, repoName string, progress Progress) (api.VM, api.Backup, error) {
+	bs, err := m.List(ctx, vmName, repoName)
+	if err != nil {
+		return api.VM{}, api.Backup{}, err
+	}
+	if len(bs) == 0 {
+		return api.VM{}, api.Backup{}, fmt.Errorf("rebuild vm %q from a backup: %w: it has no backup (lodge backup create %s)", vmName, errdefs.ErrNotFound, vmName)
+	}
+	latest := bs[len(bs)-1]
+	_, repo, b, err := m.find(ctx, latest.ID, latest.Repo)
+	if err != nil {
+		return api.VM{}, api.Backup{}, err
+	}
+	var done int64
+	fill := func(ctx context.Context, disk string, w io.WriterAt) error {
+		for _, d := range b.Disks {
+			if d.Name != disk {
+				continue
+			}
+			return repo.ReadDisk(ctx, d, func(off int64, data []byte) error {
+				if _, err := w.WriteAt(data, off); err != nil {
+					return err
+				}
+				done += int64(len(data))
+				progress("restore", done, b.Stats.Data)
+				return nil
+			})
+		}
+		return fmt.Errorf("%w: backup %s has no disk %q", errdefs.ErrInvalid, latest.ID, disk)
+	}
+	v, err := m.vms.Rebuild(ctx, vmName, fill)
+	if err != nil {
+		return api.VM{}, api.Backup{}, fmt.Errorf("rebuild vm %q from backup %s: %w", vmName, latest.ID, err)
+	}
+	return v, latest, nil
 }
