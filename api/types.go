@@ -488,6 +488,8 @@ type RestoreBackup struct {
 	Repo  string `json:"repo,omitempty"`
 	Pool  string `json:"pool,omitempty"`
 	Start bool   `json:"start,omitempty"`
+	// Stack labels the restored VM as a member of a stack (stack restore).
+	Stack string `json:"stack,omitempty"`
 }
 
 // BackupKeep is a retention policy: how many backups to keep per VM, by
@@ -663,4 +665,32 @@ type CreateNetwork struct {
 	NAT      bool   `json:"nat,omitempty"`
 	Isolated bool   `json:"isolated,omitempty"`
 	Stack    string `json:"stack,omitempty"`
+}
+
+// StackBackup is a stack backed up at one point: its file and one backup
+// per member, in one repository.
+type StackBackup struct {
+	ID        string    `json:"id"`
+	Stack     string    `json:"stack"`
+	Repo      string    `json:"repo"`
+	CreatedAt time.Time `json:"created_at"`
+	// Path and File are the stack file as `stack up` last read it.
+	Path string `json:"path"`
+	File string `json:"file"`
+	// Members maps each member VM to its backup's id.
+	Members map[string]string `json:"members"`
+}
+
+// StackBackupRequest is the body of POST /v1/stacks/{name}/backup.
+type StackBackupRequest struct {
+	Repo string `json:"repo,omitempty"`
+}
+
+// StackRestore is the body of POST /v1/stacks/restore.
+type StackRestore struct {
+	// Stack is the stack's name; From picks one of its stack backups
+	// (default: the latest) in Repo.
+	Stack string `json:"stack"`
+	From  string `json:"from,omitempty"`
+	Repo  string `json:"repo,omitempty"`
 }

@@ -84,8 +84,88 @@ stopped. MEMBER is a member's name (all its instances) or an instance's
 	}
 	rebuildCmd.Flags().BoolVar(&rebuild.FromBackup, "from-backup", false, "restore each VM's latest backup instead of a fresh disk on its image")
 	rebuildCmd.Flags().StringVar(&rebuild.Repo, "repo", "", "backup repository to take the backup from (default: any)")
-	root.AddCommand(up, status, downCmd, rebuildCmd)
+	root.AddCommand(up, status, downCmd, rebuildCmd, stackBackupCmd(g), stackBackupsCmd(g), stackRestoreCmd(g))
 	return root
+}
+
+func stackBackupCmd(g *globals) *cobra.Command {
+	var req api.StackBackupRequest
+	cmd := &cobra.Command{
+		Use:   "backup NAME [--repo R]",
+		Short: "Back up every member at one point, with the stack's file",
+		Long: `Back up all of a stack's members into one repository. Every member's point
+is taken (each guest's filesystems frozen for its instant) before any data
+is read, so the backups are as close in time as the guests allow. The set
+is recorded with the stack's file in the repository: lodge stack restore
+brings the stack back from it, on this host or on one that has the
+repository.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := g.client()
+			op, err := c.StackBackup(cmd.Context(), args[0], req)
+			if err != nil {
+				return err
+			}
+			if op, err = wait(cmd.Context(), c, op); err != nil {
+				return err
+			}
+			var sb api.StackBackup
+			if err := client.Result(op, &sb); err != nil {
+				return err
+			}
+			return g.emit(cmd.OutOrStdout(), sb, func(tw *tabwriter.Writer) { stackBackupTable(tw, []api.StackBackup{sb}) })
+		},
+	}
+	cmd.Flags().StringVar(&req.Repo, "repo", "", "backup repository (default: default)")
+	return cmd
+}
+
+func stackBackupsCmd(g *globals) *cobra.Command {
+	var repo string
+	cmd := &cobra.Command{
+		Use:   "backups NAME [--repo R]",
+		Short: "List a stack's backups in a repository",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sbs, err := g.client().StackBackups(cmd.Context(), args[0], repo)
+			if err != nil {
+				return err
+			}
+			return g.emit(cmd.OutOrStdout(), sbs, func(tw *tabwriter.Writer) { stackBackupTable(tw, sbs) })
+		},
+	}
+	cmd.Flags().StringVar(&repo, "repo", "", "backup repository (default: default)")
+	return cmd
+}
+
+func stackBackupTable(tw *tabwriter.Writer, sbs []api.StackBackup) {
+	fmt.Fprintln(tw, "ID\tSTACK\tREPO\tCREATED\tMEMBERS")
+	for _, sb := range sbs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\n", sb.ID, sb.Stack, sb.Repo, sb.CreatedAt.Local().Format(time.DateTime), len(sb.Members))
+	}
+}
+
+func stackRestoreCmd(g *globals) *cobra.Command {
+	var req api.StackRestore
+	cmd := &cobra.Command{
+		Use:   "restore NAME [--from ID] [--repo R]",
+		Short: "Bring a stack back from a stack backup: networks, members with their identities, then up",
+		Long: `Restore a stack from one of its stack backups (the latest by default) in a
+repository: on another host, add the repository first (lodge backup repo
+add NAME PATH). The stack's networks are made, each member is restored with
+its identity (UUID, MACs, hostname), and the stack is brought up in
+dependency order. Neither the stack nor any of its members may exist here.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req.Stack = args[0]
+			c := g.client()
+			op, err := c.StackRestore(cmd.Context(), req)
+			return g.stackResult(cmd, c, op, err)
+		},
+	}
+	cmd.Flags().StringVar(&req.From, "from", "", "stack backup id (default: the latest)")
+	cmd.Flags().StringVar(&req.Repo, "repo", "", "backup repository (default: default)")
+	return cmd
 }
 
 // stackResult waits for a stack operation and prints the stack it

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/backup"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/network"
 	"github.com/lodge-vm/lodge/internal/stack"
@@ -34,6 +35,9 @@ func (d *Daemon) stackRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/stacks/{name}", d.stackStatus)
 	mux.HandleFunc("POST /v1/stacks/{name}/down", d.stackDown)
 	mux.HandleFunc("POST /v1/stacks/{name}/rebuild", d.stackRebuild)
+	mux.HandleFunc("POST /v1/stacks/{name}/backup", d.stackBackup)
+	mux.HandleFunc("GET /v1/stacks/{name}/backups", d.stackBackups)
+	mux.HandleFunc("POST /v1/stacks/restore", d.stackRestore)
 }
 
 // parseStack reads and checks a stack file against this host.
@@ -56,14 +60,30 @@ func (d *Daemon) parseStack(ctx context.Context, req api.StackUp) (*stack.File, 
 	}
 	h := d.host()
 	var others int64
+	members := map[string]bool{}
 	for _, v := range vms {
 		if v.Stack != f.Name {
 			others += max(v.Memory, v.MaxMemory) + h.VMOverhead
+		} else {
+			members[v.Name] = true
 		}
+	}
+	// An image is needed only to create members: a stack restored from
+	// its backups on a host without the image still comes up.
+	imageOK := func(name string) bool {
+		if _, err := d.images.Get(ctx, name); err == nil {
+			return true
+		}
+		for _, in := range f.Instances() {
+			if in.Spec.Image == name && !members[in.Name] {
+				return false
+			}
+		}
+		return true
 	}
 	limit := int64(float64(h.MemoryLimit)*max(h.Overcommit, 1)) - others
 	err = f.Validate(stack.Env{
-		ImageExists: func(name string) bool { _, err := d.images.Get(ctx, name); return err == nil },
+		ImageExists: imageOK,
 		MemoryLimit: max(limit, 1),
 		DefaultMemory: func(image string) int64 {
 			if img, err := d.images.Get(ctx, image); err == nil && img.Memory > 0 {
@@ -467,15 +487,20 @@ func (d *Daemon) stackReady(ctx context.Context, stackName, vm string) *time.Tim
 }
 
 func (d *Daemon) loadStack(ctx context.Context, name string) (*stack.File, error) {
-	var rec stackRecord
-	err := d.store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, stackBucket, name, &rec) })
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, fmt.Errorf("stack %q: %w", name, errdefs.ErrNotFound)
-	}
+	rec, err := d.stackRecord(ctx, name)
 	if err != nil {
 		return nil, err
 	}
 	return stack.Parse(rec.Path, []byte(rec.File))
+}
+
+func (d *Daemon) stackRecord(ctx context.Context, name string) (stackRecord, error) {
+	var rec stackRecord
+	err := d.store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, stackBucket, name, &rec) })
+	if errors.Is(err, store.ErrNotFound) {
+		return rec, fmt.Errorf("stack %q: %w", name, errdefs.ErrNotFound)
+	}
+	return rec, err
 }
 
 // stackView is a stack's status now; health checks run as it is asked.
@@ -675,4 +700,138 @@ func (d *Daemon) rebuildMember(ctx context.Context, f *stack.File, step stack.St
 		return err
 	}
 	return d.rollOut(ctx, f, step)
+}
+
+// stackBackup backs every member up at one point (see
+// manager.CreateGroup) and records the set, with the stack's file, in the
+// repository, so that the stack can be brought back from it elsewhere.
+func (d *Daemon) stackBackup(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	var req api.StackBackupRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	rec, err := d.stackRecord(r.Context(), name)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	f, err := stack.Parse(rec.Path, []byte(rec.File))
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	var members []string
+	for _, in := range f.Instances() {
+		if _, err := d.vms.Get(r.Context(), in.Name); err == nil {
+			members = append(members, in.Name)
+		}
+	}
+	if len(members) == 0 {
+		writeErr(w, fmt.Errorf("stack %q: %w: none of its members exists", name, errdefs.ErrState))
+		return
+	}
+	accepted(w, d.ops.start("stack-backup", name, func(ctx context.Context, o *operation) (any, error) {
+		now := time.Now().UTC()
+		bs, err := d.backups.CreateGroup(ctx, members, req.Repo, o.Progress)
+		if err != nil {
+			return nil, fmt.Errorf("stack %q: %w", name, err)
+		}
+		sb := api.StackBackup{ID: backup.NewID(now), Stack: name, Repo: bs[0].Repo, CreatedAt: now, Path: rec.Path, File: rec.File, Members: map[string]string{}}
+		for _, b := range bs {
+			sb.Members[b.VM] = b.ID
+		}
+		if err := d.backups.PutStackBackup(ctx, sb); err != nil {
+			return nil, err
+		}
+		return sb, nil
+	}))
+}
+
+func (d *Daemon) stackBackups(w http.ResponseWriter, r *http.Request) {
+	sbs, err := d.backups.StackBackups(r.Context(), r.PathValue("name"), r.URL.Query().Get("repo"))
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, sbs)
+}
+
+// stackRestore brings a stack back from one of its stack backups: its
+// networks, each member restored with its identity, then up in
+// dependency order. The stack and its members must not exist here.
+func (d *Daemon) stackRestore(w http.ResponseWriter, r *http.Request) {
+	var req api.StackRestore
+	if !decode(w, r, &req) {
+		return
+	}
+	sb, f, err := d.pickStackBackup(r.Context(), req)
+	if err != nil {
+		writeErr(w, err)
+		return
+	}
+	accepted(w, d.ops.start("stack-restore", f.Name, func(ctx context.Context, o *operation) (any, error) {
+		if err := d.store.Update(ctx, func(tx store.Tx) error {
+			return store.PutJSON(tx, stackBucket, f.Name, stackRecord{Name: f.Name, Path: sb.Path, File: sb.File})
+		}); err != nil {
+			return nil, err
+		}
+		if err := d.stackNetworks(ctx, f); err != nil {
+			return nil, err
+		}
+		for _, in := range f.Instances() {
+			id, ok := sb.Members[in.Name]
+			if !ok {
+				continue // not created when backed up: up creates it
+			}
+			o.Progress("restore "+in.Name, 0, 0)
+			if _, err := d.backups.Restore(ctx, id, api.RestoreBackup{VM: in.Name, Repo: sb.Repo, Stack: f.Name}, o.Progress); err != nil {
+				return nil, fmt.Errorf("stack %q: %w", f.Name, err)
+			}
+		}
+		if err := d.applyStack(ctx, f, api.StackUp{Path: sb.Path, File: sb.File}, o); err != nil {
+			return nil, err
+		}
+		return d.stackView(ctx, f.Name)
+	}))
+}
+
+// pickStackBackup finds the stack backup a restore asks for and checks
+// that nothing of the stack is here yet.
+func (d *Daemon) pickStackBackup(ctx context.Context, req api.StackRestore) (api.StackBackup, *stack.File, error) {
+	if _, err := d.stackRecord(ctx, req.Stack); err == nil {
+		return api.StackBackup{}, nil, fmt.Errorf("restore stack %q: %w here; take it down with --delete first", req.Stack, errdefs.ErrExists)
+	}
+	sbs, err := d.backups.StackBackups(ctx, req.Stack, req.Repo)
+	if err != nil {
+		return api.StackBackup{}, nil, fmt.Errorf("restore stack %q: %w", req.Stack, err)
+	}
+	var sb *api.StackBackup
+	for i := range sbs {
+		if req.From == "" || sbs[i].ID == req.From {
+			sb = &sbs[i]
+		}
+	}
+	if sb == nil {
+		what := "no stack backup"
+		if req.From != "" {
+			what = "no stack backup " + req.From
+		}
+		return api.StackBackup{}, nil, fmt.Errorf("restore stack %q: %w: %s in that repository (lodge stack backup %s)", req.Stack, errdefs.ErrNotFound, what, req.Stack)
+	}
+	f, err := stack.Parse(sb.Path, []byte(sb.File))
+	if err != nil {
+		return api.StackBackup{}, nil, fmt.Errorf("restore stack %q: %w", req.Stack, err)
+	}
+	for vm := range sb.Members {
+		if _, err := d.vms.Get(ctx, vm); err == nil {
+			return api.StackBackup{}, nil, fmt.Errorf("restore stack %q: vm %q %w here", req.Stack, vm, errdefs.ErrExists)
+		}
+	}
+	for _, n := range f.Networks {
+		if err := d.networks.Supported(); err != nil {
+			return api.StackBackup{}, nil, fmt.Errorf("restore stack %q: network %q: %w", req.Stack, n.Name, err)
+		}
+	}
+	return *sb, f, nil
 }

@@ -89,7 +89,9 @@ func diffOne(in Instance, have map[string]Existing) Change {
 	switch {
 	case !ok:
 		return Change{Instance: in.Name, Action: ActionCreate, Why: "not created yet"}
-	case e.Image != m.Image:
+	case e.Image != "" && e.Image != m.Image:
+		// A member restored from a backup has no image: it is what the
+		// backup held, not a disk on an image, and it is kept.
 		return Change{Instance: in.Name, Action: ActionRecreate, Why: fmt.Sprintf("image %q -> %q", e.Image, m.Image)}
 	}
 	var diffs []string

@@ -13,6 +13,7 @@ import (
 	"github.com/lodge-vm/lodge/internal/bundle"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/nbd"
+	"github.com/lodge-vm/lodge/internal/network"
 	"github.com/lodge-vm/lodge/internal/project"
 	"github.com/lodge-vm/lodge/internal/qcow2"
 	"github.com/lodge-vm/lodge/internal/qga"
@@ -406,9 +407,16 @@ func (s *Service) BeginImport(ctx context.Context, spec ImportSpec) (_ *Import, 
 		Pool: pool.Name, CloudInit: spec.CloudInit, Intent: intentCreating, Wanted: api.StateStopped,
 	}
 	r.Project = project.Name(spec.Project)
+	r.Stack = spec.Stack
 	for _, n := range spec.NICs {
-		// Only the built-in network exists so far.
-		r.NICs = append(r.NICs, api.NIC{Network: "nat", MAC: n.MAC})
+		// A NIC stays on its network where this host has one of that
+		// name (a stack restored with its networks); otherwise it goes
+		// on the built-in one, which every host has.
+		nw := n.Network
+		if nw == "" || s.checkNetwork(ctx, nw) != nil {
+			nw = network.Builtin
+		}
+		r.NICs = append(r.NICs, api.NIC{Network: nw, MAC: n.MAC})
 	}
 	for _, d := range spec.Disks {
 		r.Disks = append(r.Disks, api.Disk{Name: d.Name, Bus: d.Bus, Size: d.Size, Pool: pool.Name, Path: pool.NewVolumePath(name, d.Name)})

@@ -301,3 +301,75 @@ vms:
 		t.Errorf("bridge %s left after down --delete", back.Bridge)
 	}
 }
+
+// TestStackBackupRestore backs a stack up at one point into a repository
+// and brings it back from there into a fresh LODGE_HOME, which has never
+// seen its image: members keep their data, identities and names.
+func TestStackBackupRestore(t *testing.T) {
+	t.Parallel()
+	requireNetAdmin(t)
+	src := newHost(t)
+	src.importGuest()
+	file := writeStack(t, "crm.yaml", `name: crm
+networks:
+  back: {}
+vms:
+  db: {image: tiny, memory: 256M, networks: [back]}
+  app: {image: tiny, memory: 256M, networks: [back], depends_on: {db: agent}}
+`)
+	src.must("stack", "up", file)
+	shared := filepath.Join(t.TempDir(), "shared")
+	src.must("backup", "repo", "add", "shared", shared)
+	src.exec("crm-db", "sh", "-c", "echo rows >/root/data && sync")
+	src.exec("crm-app", "sh", "-c", "echo config >/root/data && sync")
+	db := src.show("crm-db")
+
+	if _, errOut, code := src.lodge("stack", "backup", "nosuch"); code == 0 || !strings.Contains(errOut, `stack "nosuch": not found`) {
+		t.Errorf("backup of an unknown stack: exit %d, %q", code, errOut)
+	}
+	var sb api.StackBackup
+	mustJSON(t, src.must("stack", "backup", "crm", "--repo", "shared", "-o", "json"), &sb)
+	if len(sb.Members) != 2 || sb.Members["crm-db"] == "" || sb.Members["crm-app"] == "" {
+		t.Fatalf("stack backup members: %v", sb.Members)
+	}
+	if _, errOut, code := src.lodge("stack", "restore", "crm", "--repo", "shared"); code == 0 || !strings.Contains(errOut, "already exists") {
+		t.Errorf("restore over the stack itself: exit %d, %q", code, errOut)
+	}
+	src.must("stack", "down", "crm")
+
+	dst := newHost(t)
+	dst.must("backup", "repo", "add", "shared", shared)
+	var list []api.StackBackup
+	mustJSON(t, dst.must("stack", "backups", "crm", "--repo", "shared", "-o", "json"), &list)
+	if len(list) != 1 || list[0].ID != sb.ID {
+		t.Errorf("the other host lists %+v; want %s", list, sb.ID)
+	}
+	if _, errOut, code := dst.lodge("stack", "restore", "other", "--repo", "shared"); code == 0 || !strings.Contains(errOut, "no stack backup") {
+		t.Errorf("restore of a stack with no backup: exit %d, %q", code, errOut)
+	}
+	var st api.StackStatus
+	mustJSON(t, dst.must("stack", "restore", "crm", "--repo", "shared", "-o", "json"), &st)
+	for _, m := range st.Members {
+		if m.State != api.StateRunning {
+			t.Errorf("restored member %s: %s", m.Name, m.State)
+		}
+	}
+	if got := dst.exec("crm-db", "cat", "/root/data"); got != "rows" {
+		t.Errorf("restored db holds %q", got)
+	}
+	if got := dst.exec("crm-app", "cat", "/root/data"); got != "config" {
+		t.Errorf("restored app holds %q", got)
+	}
+	if v := dst.show("crm-db"); v.UUID != db.UUID || v.NICs[0].MAC != db.NICs[0].MAC || v.NICs[0].Network != "crm-back" || v.Stack != "crm" {
+		t.Errorf("restored db: uuid %s mac %s on %s, stack %q; want %s %s on crm-back, crm", v.UUID, v.NICs[0].MAC, v.NICs[0].Network, v.Stack, db.UUID, db.NICs[0].MAC)
+	}
+	dst.guestIP("crm-app", "eth0")
+	if !dst.reaches("crm-app", "db") {
+		t.Error("the restored app does not reach db by name")
+	}
+	// Up again changes nothing: the restored members count as the file's.
+	mustJSON(t, dst.must("stack", "up", file, "-o", "json"), &st)
+	if v := dst.show("crm-db"); v.UUID != db.UUID {
+		t.Errorf("up after the restore replaced db")
+	}
+}

@@ -290,75 +290,113 @@ type spec struct {
 // Create backs VM name up to repository repoName: incrementally if its
 // disks tracked their writes since its last backup there, fully
 // otherwise.
-func (m *Manager) Create(ctx context.Context, name, repoName string, progress Progress) (_ api.Backup, err error) {
+func (m *Manager) Create(ctx context.Context, name, repoName string, progress Progress) (api.Backup, error) {
+	bs, err := m.CreateGroup(ctx, []string{name}, repoName, progress)
+	if err != nil {
+		return api.Backup{}, err
+	}
+	return bs[0], nil
+}
+
+// job is one VM's backup within a group.
+type job struct {
+	name   string
+	parent *backup.Manifest
+	opts   vm.BackupOptions
+	w      *backup.Writer
+	p      *vm.BackupPoint
+}
+
+// CreateGroup backs several VMs up at one point: every VM's point is
+// taken (each guest frozen for its instant) before any data is read, so
+// the backups are as close in time as the guests allow, rather than each
+// a whole backup's time after the last. Then each is read and committed.
+func (m *Manager) CreateGroup(ctx context.Context, names []string, repoName string, progress Progress) (_ []api.Backup, err error) {
 	defer func() {
 		if err != nil {
-			m.log.Error("backup failed", "vm", name, "repo", repoName, "err", err)
+			m.log.Error("backup failed", "vms", names, "repo", repoName, "err", err)
 		}
 	}()
 	rec, repo, err := m.open(ctx, repoName)
 	if err != nil {
-		return api.Backup{}, fmt.Errorf("backup vm %q: %w", name, err)
-	}
-	v, err := m.vms.Get(ctx, name)
-	if err != nil {
-		return api.Backup{}, err
-	}
-	parent, err := latest(repo, v.UUID)
-	if err != nil {
-		return api.Backup{}, fmt.Errorf("backup vm %q: repository %q: %w", name, rec.Name, err)
-	}
-	opts := vm.BackupOptions{ID: backup.NewID(time.Now())}
-	if parent != nil {
-		opts.Parent = parent.ID
+		return nil, fmt.Errorf("backup vm %q: %w", strings.Join(names, ", "), err)
 	}
 	others, err := m.repoRecords(ctx)
 	if err != nil {
-		return api.Backup{}, err
+		return nil, err
 	}
-	for _, o := range others {
-		if o.Name == rec.Name {
-			continue
-		}
-		if r, err := m.openPath(o.Path, false); err == nil {
-			if b, err := latest(r, v.UUID); err == nil && b != nil {
-				opts.Keep = append(opts.Keep, b.ID)
+	jobs := make([]*job, 0, len(names))
+	defer func() {
+		for _, j := range jobs {
+			if j.p != nil {
+				j.p.Close()
+			}
+			if j.w != nil {
+				_ = j.w.Close()
 			}
 		}
+	}()
+	now := time.Now()
+	for _, name := range names {
+		v, err := m.vms.Get(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		j := &job{name: name}
+		if j.parent, err = latest(repo, v.UUID); err != nil {
+			return nil, fmt.Errorf("backup vm %q: repository %q: %w", name, rec.Name, err)
+		}
+		j.opts = vm.BackupOptions{ID: backup.NewID(now)}
+		if j.parent != nil {
+			j.opts.Parent = j.parent.ID
+		}
+		for _, o := range others {
+			if o.Name == rec.Name {
+				continue
+			}
+			if r, err := m.openPath(o.Path, false); err == nil {
+				if b, err := latest(r, v.UUID); err == nil && b != nil {
+					j.opts.Keep = append(j.opts.Keep, b.ID)
+				}
+			}
+		}
+		// Registered before the point is taken, so that GC keeps what
+		// the backup relies on from the start.
+		if j.w, err = repo.BeginWrite(ctx); err != nil {
+			return nil, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
+		}
+		jobs = append(jobs, j)
 	}
 	start := time.Now()
-	// Registered before the point is taken, so that GC keeps what the
-	// backup relies on from the start.
-	w, err := repo.BeginWrite(ctx)
-	if err != nil {
-		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
-	}
-	defer func() { _ = w.Close() }()
 	progress("freeze", 0, 0)
-	p, err := m.vms.OpenBackup(ctx, name, opts)
-	if err != nil {
-		return api.Backup{}, err
+	for _, j := range jobs {
+		if j.p, err = m.vms.OpenBackup(ctx, j.name, j.opts); err != nil {
+			return nil, err
+		}
 	}
-	defer p.Close()
-	man, err := m.read(ctx, w, repo.ChunkSize(), p, parent, opts, progress)
-	if err != nil {
-		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
+	out := make([]api.Backup, 0, len(jobs))
+	for _, j := range jobs {
+		man, err := m.read(ctx, j.w, repo.ChunkSize(), j.p, j.parent, j.opts, progress)
+		if err != nil {
+			return nil, fmt.Errorf("backup vm %q to repository %q: %w", j.name, rec.Name, err)
+		}
+		progress("commit", 0, 0)
+		if err := j.w.Flush(ctx); err != nil {
+			return nil, fmt.Errorf("backup vm %q to repository %q: %w", j.name, rec.Name, err)
+		}
+		man.Stats.Duration = time.Since(start)
+		if err := j.w.Commit(ctx, &man); err != nil {
+			return nil, fmt.Errorf("backup vm %q to repository %q: %w", j.name, rec.Name, err)
+		}
+		if err := j.p.Commit(context.WithoutCancel(ctx)); err != nil {
+			m.log.Warn("backup stored, change tracking not moved on", "vm", j.name, "backup", man.ID, "err", err)
+		}
+		m.log.Info("backed up", "vm", j.name, "repo", rec.Name, "backup", man.ID, "kind", man.Kind,
+			"read", man.Stats.Read, "stored", man.Stats.Stored, "seconds", man.Stats.Duration.Seconds(), "reason", man.Reason)
+		out = append(out, view(rec.Name, man, nil))
 	}
-	progress("commit", 0, 0)
-	if err := w.Flush(ctx); err != nil {
-		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
-	}
-	man.Stats.Duration = time.Since(start)
-	if err := w.Commit(ctx, &man); err != nil {
-		return api.Backup{}, fmt.Errorf("backup vm %q to repository %q: %w", name, rec.Name, err)
-	}
-	if err := p.Commit(context.WithoutCancel(ctx)); err != nil {
-		m.log.Warn("backup stored, change tracking not moved on", "vm", name, "backup", man.ID, "err", err)
-	}
-	m.log.Info("backed up", "vm", name, "repo", rec.Name, "backup", man.ID, "kind", man.Kind,
-		"read", man.Stats.Read, "stored", man.Stats.Stored, "seconds", man.Stats.Duration.Seconds(), "reason", man.Reason)
 	m.mirror(ctx, rec.Name, progress)
-	return view(rec.Name, man, nil), nil
+	return out, nil
 }
 
 // read reads the point's disks into the repository and returns the
@@ -628,7 +666,7 @@ func (m *Manager) Restore(ctx context.Context, id string, req api.RestoreBackup,
 	if err := json.Unmarshal(b.Spec, &sp); err != nil {
 		return api.VM{}, fmt.Errorf("restore backup %s: settings: %w: %w", id, backup.ErrCorrupt, err)
 	}
-	sp.VM.Name = name
+	sp.VM.Name, sp.VM.Stack = name, req.Stack
 	sp.VM.Disks = nil
 	for _, d := range b.Disks {
 		sp.VM.Disks = append(sp.VM.Disks, api.Disk{Name: d.Name, Size: d.Size, Bus: diskBus(sp, d.Name)})
@@ -832,4 +870,70 @@ func (m *Manager) RebuildVM(ctx context.Context, vmName, repoName string, progre
 		return api.VM{}, api.Backup{}, fmt.Errorf("rebuild vm %q from backup %s: %w", vmName, latest.ID, err)
 	}
 	return v, latest, nil
+}
+
+// stackDir holds a repository's stack backups, next to its manifests, so
+// that whoever has the repository can bring a stack back.
+func stackDir(repoPath string) string { return filepath.Join(repoPath, "stacks") }
+
+// PutStackBackup records a stack backup in its repository.
+func (m *Manager) PutStackBackup(ctx context.Context, sb api.StackBackup) error {
+	rec, _, err := m.open(ctx, sb.Repo)
+	if err != nil {
+		return err
+	}
+	dir := stackDir(rec.Path)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return fmt.Errorf("stack %q: backup %s: %w", sb.Stack, sb.ID, err)
+	}
+	raw, err := json.MarshalIndent(sb, "", "  ")
+	if err != nil {
+		return err
+	}
+	path := filepath.Join(dir, sb.Stack+"."+sb.ID+".json")
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, raw, 0o640); err != nil {
+		return fmt.Errorf("stack %q: backup %s: %w", sb.Stack, sb.ID, err)
+	}
+	if err := syncFile(tmp); err != nil {
+		return fmt.Errorf("stack %q: backup %s: %w", sb.Stack, sb.ID, err)
+	}
+	return os.Rename(tmp, path)
+}
+
+// StackBackups lists stack's backups in repository repoName (default:
+// the default repository), oldest first.
+func (m *Manager) StackBackups(ctx context.Context, stackName, repoName string) ([]api.StackBackup, error) {
+	rec, _, err := m.open(ctx, repoName)
+	if err != nil {
+		return nil, err
+	}
+	paths, err := filepath.Glob(filepath.Join(stackDir(rec.Path), stackName+".*.json"))
+	if err != nil {
+		return nil, err
+	}
+	var out []api.StackBackup
+	for _, p := range paths {
+		raw, err := os.ReadFile(p)
+		if err != nil {
+			return nil, err
+		}
+		var sb api.StackBackup
+		if err := json.Unmarshal(raw, &sb); err != nil || sb.Stack != stackName || !backup.ValidID(sb.ID) {
+			return nil, fmt.Errorf("stack backup %s: %w: not a stack backup", filepath.Base(p), backup.ErrCorrupt)
+		}
+		sb.Repo = rec.Name
+		out = append(out, sb)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].CreatedAt.Before(out[j].CreatedAt) })
+	return out, nil
+}
+
+func syncFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = f.Close() }()
+	return f.Sync()
 }
