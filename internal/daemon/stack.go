@@ -541,15 +541,24 @@ func (d *Daemon) stackStatus(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (d *Daemon) stackDown(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	var req api.StackDown
+// stackRequest decodes the body of a request on stack {name} and loads
+// the stack; it has answered with the error when ok is false.
+func stackRequest[T any](d *Daemon, w http.ResponseWriter, r *http.Request) (name string, req T, f *stack.File, ok bool) {
+	name = r.PathValue("name")
 	if !decode(w, r, &req) {
-		return
+		return name, req, nil, false
 	}
 	f, err := d.loadStack(r.Context(), name)
 	if err != nil {
 		writeErr(w, err)
+		return name, req, nil, false
+	}
+	return name, req, f, true
+}
+
+func (d *Daemon) stackDown(w http.ResponseWriter, r *http.Request) {
+	name, req, f, ok := stackRequest[api.StackDown](d, w, r)
+	if !ok {
 		return
 	}
 	accepted(w, d.ops.start("stack-down", name, func(ctx context.Context, o *operation) (any, error) {
@@ -600,14 +609,8 @@ func (d *Daemon) stackDown(w http.ResponseWriter, r *http.Request) {
 // backup, one at a time, keeping their identities and addresses (others
 // know them by those), and leaves every other member running.
 func (d *Daemon) stackRebuild(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	var req api.StackRebuild
-	if !decode(w, r, &req) {
-		return
-	}
-	f, err := d.loadStack(r.Context(), name)
-	if err != nil {
-		writeErr(w, err)
+	name, req, f, ok := stackRequest[api.StackRebuild](d, w, r)
+	if !ok {
 		return
 	}
 	var targets []stack.Step

@@ -151,4 +151,11 @@ func TestUnprivilegedDaemon(t *testing.T) {
 	if uid := statUID(st); uid != 65534 {
 		t.Fatalf("disk owned by uid %d, want 65534", uid)
 	}
+	// Private networks need root: refused in one line, nothing made.
+	if _, errOut, code := h.lodge("net", "create", "back"); code == 0 || !strings.Contains(errOut, "need root") || strings.Count(strings.TrimSpace(errOut), "\n") > 0 {
+		t.Errorf("net create by an unprivileged daemon: exit %d, %q", code, errOut)
+	}
+	if out := h.must("net", "list", "-o", "json"); strings.Contains(out, `"back"`) {
+		t.Errorf("a refused net create left a network: %s", out)
+	}
 }

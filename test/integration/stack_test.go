@@ -1,9 +1,11 @@
 package integration
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -39,8 +41,32 @@ vms:
     health: {exec: "test $(cut -d. -f1 /proc/uptime) -ge 8", interval: 1s}
   app: {image: tiny, memory: 256M, depends_on: {db: healthy}}
 `)
+	// The events stream tells the order too, as a watching user sees it.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var mu sync.Mutex
+	seen := map[string]time.Time{}
+	go func() {
+		_ = h.c.Events(ctx, func(ev api.Event) {
+			if strings.HasPrefix(ev.Kind, "stack-member-") {
+				mu.Lock()
+				seen[ev.Kind+" "+ev.Target] = ev.Time
+				mu.Unlock()
+			}
+		})
+	}()
+	time.Sleep(200 * time.Millisecond) // the stream is up before the first event
 	var st api.StackStatus
 	mustJSON(t, h.must("stack", "up", file, "-o", "json"), &st)
+	mu.Lock()
+	dbHealthy, appStarting, dcStarting, dbStarting := seen["stack-member-ready shop-db"], seen["stack-member-starting shop-app"], seen["stack-member-starting shop-dc"], seen["stack-member-starting shop-db"]
+	mu.Unlock()
+	if dbHealthy.IsZero() || appStarting.IsZero() || appStarting.Before(dbHealthy) {
+		t.Errorf("events: shop-db ready at %v, shop-app starting at %v: app must start after db is healthy", dbHealthy, appStarting)
+	}
+	if dcStarting.IsZero() || dbStarting.IsZero() || !dbStarting.After(dcStarting.Add(2*time.Second)) {
+		t.Errorf("events: shop-dc starting at %v, shop-db at %v: db must wait for dc's agent", dcStarting, dbStarting)
+	}
 	byName := map[string]api.StackMember{}
 	for _, m := range st.Members {
 		byName[m.Name] = m
@@ -103,7 +129,7 @@ vms:
 		{"name: c\nvms:\n  a: {image: tiny, depends_on: {b: started}}\n  b: {image: tiny, depends_on: {a: started}}\n", "cycle"},
 		{"name: u\nvms:\n  a: {image: nosuch}\n", "nosuch"},
 		{"name: y\nvms:\n  a: {image: tiny\n  b: [\n", ":"},
-		{"name: n\nnetworks:\n  back: {}\nvms:\n  a: {image: tiny, networks: [back]}\n", "private networks"},
+		{"name: n\nvms:\n  a: {image: tiny, networks: [back]}\n", "no such network"},
 	} {
 		p := writeStack(t, "x.yaml", tc.body)
 		_, errOut, code := h.lodge("stack", "up", p)
