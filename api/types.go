@@ -635,7 +635,10 @@ type Network struct {
 	Builtin bool   `json:"builtin,omitempty"`
 	Subnet  string `json:"subnet,omitempty"`
 	Gateway string `json:"gateway,omitempty"`
-	// Bridge is the host's Linux bridge.
+	// Mode is "bridge" (a Linux bridge with dnsmasq; needs root) or
+	// "user" (a switch inside the daemon; any user).
+	Mode string `json:"mode,omitempty"`
+	// Bridge is the host's Linux bridge, in bridge mode.
 	Bridge string `json:"bridge,omitempty"`
 	// NAT routes the network to the outside through the host.
 	NAT bool `json:"nat"`
@@ -655,6 +658,8 @@ type NetworkLease struct {
 	MAC   string   `json:"mac"`
 	IP    string   `json:"ip"`
 	Names []string `json:"names"`
+	// Port is the NIC's datagram socket on a user-mode network.
+	Port string `json:"port,omitempty"`
 }
 
 // CreateNetwork is the body of POST /v1/networks.
@@ -665,6 +670,9 @@ type CreateNetwork struct {
 	NAT      bool   `json:"nat,omitempty"`
 	Isolated bool   `json:"isolated,omitempty"`
 	Stack    string `json:"stack,omitempty"`
+	// Mode is "bridge", "user", or empty: bridge where the daemon may
+	// build one, user otherwise.
+	Mode string `json:"mode,omitempty"`
 }
 
 // StackBackup is a stack backed up at one point: its file and one backup

@@ -13,7 +13,7 @@ func netCmd(g *globals) *cobra.Command {
 	n := &cobra.Command{Use: "net", Aliases: []string{"network"}, Short: "Private networks: VMs on one reach each other by name"}
 	var req api.CreateNetwork
 	create := &cobra.Command{
-		Use: "create NAME", Short: "Make a network: a bridge with DHCP and DNS for its VMs (root only)", Args: cobra.ExactArgs(1),
+		Use: "create NAME", Short: "Make a network with DHCP and DNS for its VMs", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			req.Name = args[0]
 			nw, err := g.client().CreateNetwork(cmd.Context(), req)
@@ -29,6 +29,7 @@ func netCmd(g *globals) *cobra.Command {
 	f.StringVar(&req.Subnet, "subnet", "", "IPv4 subnet, e.g. 10.77.0.0/24 (default: a free /24 in 10.0.0.0/8)")
 	f.BoolVar(&req.NAT, "nat", false, "route the network to the outside through the host")
 	f.BoolVar(&req.Isolated, "isolated", false, "keep the guests from the host: they reach only each other")
+	f.StringVar(&req.Mode, "mode", "", "bridge (root: a Linux bridge, dnsmasq, NAT possible) or user (any user: a switch in the daemon); default: bridge where possible")
 	n.AddCommand(create,
 		&cobra.Command{
 			Use: "list", Aliases: []string{"ls"}, Short: "List networks", Args: cobra.NoArgs,
@@ -73,11 +74,11 @@ func netCmd(g *globals) *cobra.Command {
 func networkMode(n api.Network) string {
 	switch {
 	case n.Builtin:
-		return "user-mode NAT (per VM)"
+		return "QEMU NAT (per VM)"
 	case n.NAT:
-		return "bridge, NAT"
+		return n.Mode + ", NAT"
 	case n.Isolated:
-		return "bridge, isolated"
+		return n.Mode + ", isolated"
 	}
-	return "bridge"
+	return n.Mode
 }

@@ -172,6 +172,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 func (d *Daemon) shutdown() {
 	d.ops.wait()
 	d.vms.Close()
+	d.networks.Close()
 	_ = d.store.Close()
 	_ = os.Remove(d.cfg.Socket)
 	d.log.Info("stopped; VMs keep running")

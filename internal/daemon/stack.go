@@ -50,8 +50,8 @@ func (d *Daemon) parseStack(ctx context.Context, req api.StackUp) (*stack.File, 
 		if err := network.ValidName(stackNetwork(f.Name, n.Name)); err != nil {
 			return nil, fmt.Errorf("%s: stack %q: network %q: %w", req.Path, f.Name, n.Name, err)
 		}
-		if err := d.networks.Supported(); err != nil {
-			return nil, fmt.Errorf("%s: stack %q: network %q: %w", req.Path, f.Name, n.Name, err)
+		if err := d.networks.Supported(); err != nil && n.NAT {
+			return nil, fmt.Errorf("%s: stack %q: network %q: nat: %w", req.Path, f.Name, n.Name, err)
 		}
 	}
 	vms, err := d.vms.List(ctx)
@@ -832,8 +832,8 @@ func (d *Daemon) pickStackBackup(ctx context.Context, req api.StackRestore) (api
 		}
 	}
 	for _, n := range f.Networks {
-		if err := d.networks.Supported(); err != nil {
-			return api.StackBackup{}, nil, fmt.Errorf("restore stack %q: network %q: %w", req.Stack, n.Name, err)
+		if err := d.networks.Supported(); err != nil && n.NAT {
+			return api.StackBackup{}, nil, fmt.Errorf("restore stack %q: network %q: nat: %w", req.Stack, n.Name, err)
 		}
 	}
 	return *sb, f, nil

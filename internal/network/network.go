@@ -55,6 +55,7 @@ type Manager struct {
 	// mu serialises changes to leases and to the host's side of
 	// networks: two starts must not pick one address.
 	mu sync.Mutex
+	sw switches
 }
 
 // New returns a Manager for the daemon whose home is home.
@@ -76,7 +77,8 @@ func ValidName(name string) error {
 	return nil
 }
 
-// Supported says whether this daemon can build private networks.
+// Supported says whether this daemon can build bridge networks, which
+// NAT needs; user-mode networks work anywhere.
 func (m *Manager) Supported() error { return m.host.Check() }
 
 // Create makes a network and brings it up on the host.
@@ -90,7 +92,8 @@ func (m *Manager) Create(ctx context.Context, req api.CreateNetwork) (api.Networ
 	if req.NAT && req.Isolated {
 		return api.Network{}, fmt.Errorf("network %q: %w: --nat and --isolated contradict each other", req.Name, errdefs.ErrInvalid)
 	}
-	if err := m.host.Check(); err != nil {
+	mode, err := m.mode(req)
+	if err != nil {
 		return api.Network{}, fmt.Errorf("network %q: %w", req.Name, err)
 	}
 	m.mu.Lock()
@@ -109,16 +112,19 @@ func (m *Manager) Create(ctx context.Context, req api.CreateNetwork) (api.Networ
 		if subnet, err = parseSubnet(req.Subnet); err != nil {
 			return api.Network{}, fmt.Errorf("network %q: %w", req.Name, err)
 		}
-		if err := m.free(all, subnet); err != nil {
+		if err := m.free(all, subnet, mode); err != nil {
 			return api.Network{}, fmt.Errorf("network %q: subnet %s: %w", req.Name, subnet, err)
 		}
-	} else if subnet, err = m.pickSubnet(req.Name, all); err != nil {
+	} else if subnet, err = m.pickSubnet(req.Name, all, mode); err != nil {
 		return api.Network{}, fmt.Errorf("network %q: %w", req.Name, err)
 	}
 	n := api.Network{
-		Name: req.Name, Subnet: subnet.String(), Gateway: subnet.Addr().Next().String(),
-		Bridge: m.bridgeName(req.Name), NAT: req.NAT, Isolated: req.Isolated, Stack: req.Stack,
+		Name: req.Name, Subnet: subnet.String(), Gateway: subnet.Addr().Next().String(), Mode: mode,
+		NAT: req.NAT, Isolated: req.Isolated, Stack: req.Stack,
 		CreatedAt: time.Now().UTC(),
+	}
+	if mode == ModeBridge {
+		n.Bridge = m.bridgeName(req.Name)
 	}
 	// Record first: a network half set up on the host is found and
 	// finished (or removed) from its record.
@@ -126,12 +132,12 @@ func (m *Manager) Create(ctx context.Context, req api.CreateNetwork) (api.Networ
 		return api.Network{}, err
 	}
 	if err := m.up(ctx, n); err != nil {
-		_ = m.host.Down(context.WithoutCancel(ctx), m.wiring(n))
+		m.down(context.WithoutCancel(ctx), n)
 		_ = m.st.Update(context.WithoutCancel(ctx), func(tx store.Tx) error { return tx.Delete(bucket, n.Name) })
 		_ = os.RemoveAll(m.netDir(n.Name))
 		return api.Network{}, fmt.Errorf("network %q: %w", n.Name, err)
 	}
-	m.log.Info("created", "network", n.Name, "subnet", n.Subnet, "bridge", n.Bridge, "nat", n.NAT, "isolated", n.Isolated)
+	m.log.Info("created", "network", n.Name, "mode", n.Mode, "subnet", n.Subnet, "bridge", n.Bridge, "nat", n.NAT, "isolated", n.Isolated)
 	return n, nil
 }
 
@@ -164,11 +170,15 @@ func parseSubnet(s string) (netip.Prefix, error) {
 
 // free refuses a subnet that overlaps another network or any address or
 // route the host already has: guests would shadow real hosts.
-func (m *Manager) free(all []api.Network, p netip.Prefix) error {
+func (m *Manager) free(all []api.Network, p netip.Prefix, mode string) error {
 	for _, n := range all {
 		if o, err := netip.ParsePrefix(n.Subnet); err == nil && o.Overlaps(p) {
 			return fmt.Errorf("%w: overlaps network %q (%s)", errdefs.ErrConflict, n.Name, n.Subnet)
 		}
+	}
+	if mode == ModeUser {
+		// The host never sees a user-mode network's addresses.
+		return nil
 	}
 	used, err := m.host.Used()
 	if err != nil {
@@ -184,7 +194,7 @@ func (m *Manager) free(all []api.Network, p netip.Prefix) error {
 
 // pickSubnet chooses a free /24 in 10.0.0.0/8, starting from one derived
 // from the name so that a network gets the same subnet on every host.
-func (m *Manager) pickSubnet(name string, all []api.Network) (netip.Prefix, error) {
+func (m *Manager) pickSubnet(name string, all []api.Network, mode string) (netip.Prefix, error) {
 	sum := sha256.Sum256([]byte(name))
 	start := binary.BigEndian.Uint16(sum[:2])
 	for i := range 1 << 16 {
@@ -194,7 +204,7 @@ func (m *Manager) pickSubnet(name string, all []api.Network) (netip.Prefix, erro
 			continue
 		}
 		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, a, b, 0}), 24)
-		if m.free(all, p) == nil {
+		if m.free(all, p, mode) == nil {
 			return p, nil
 		}
 	}
@@ -221,16 +231,28 @@ func (m *Manager) wiring(n api.Network) Wiring {
 	return Wiring{Name: n.Name, Bridge: n.Bridge, Subnet: p, Gateway: netip.MustParseAddr(n.Gateway), NAT: n.NAT, Isolated: n.Isolated, Dir: m.netDir(n.Name)}
 }
 
-// up brings a network up on the host: bridge, firewall, files, dnsmasq.
+// up brings a network up: in bridge mode on the host (bridge, firewall,
+// files, dnsmasq), in user mode as a switch in the daemon.
 func (m *Manager) up(ctx context.Context, n api.Network) error {
-	w := m.wiring(n)
-	if err := os.MkdirAll(w.Dir, 0o755); err != nil {
+	if err := os.MkdirAll(m.netDir(n.Name), 0o755); err != nil {
 		return err
+	}
+	if n.Mode == ModeUser {
+		return m.startSwitch(n)
 	}
 	if err := m.writeHosts(n); err != nil {
 		return err
 	}
-	return m.host.Up(ctx, w)
+	return m.host.Up(ctx, m.wiring(n))
+}
+
+// down is up undone.
+func (m *Manager) down(ctx context.Context, n api.Network) {
+	if n.Mode == ModeUser {
+		m.stopSwitch(n.Name)
+		return
+	}
+	_ = m.host.Down(ctx, m.wiring(n))
 }
 
 // Recover brings every network up again, as after a host reboot or a
@@ -308,7 +330,9 @@ func (m *Manager) Delete(ctx context.Context, name string, users []string) error
 	if len(users) > 0 {
 		return fmt.Errorf("network %q: %w by vm %s", name, errdefs.ErrInUse, strings.Join(users, ", "))
 	}
-	if err := m.host.Down(ctx, m.wiring(n)); err != nil {
+	if n.Mode == ModeUser {
+		m.stopSwitch(n.Name)
+	} else if err := m.host.Down(ctx, m.wiring(n)); err != nil {
 		return fmt.Errorf("network %q: take down: %w", name, err)
 	}
 	if err := m.st.Update(ctx, func(tx store.Tx) error { return tx.Delete(bucket, name) }); err != nil {
@@ -331,13 +355,19 @@ type NIC struct {
 	MAC     string
 	// Index is the NIC's place on the VM, which names its tap.
 	Index int
+	// Port is where the NIC's datagram socket will be, for a user-mode
+	// network; QEMU binds it.
+	Port string
 }
 
-// Attachment is the host's side of a NIC on a private network.
+// Attachment is the host's side of a NIC on a private network: a tap
+// (bridge mode) or the switch's socket (user mode).
 type Attachment struct {
 	// Tap is the open tap device for QEMU's -netdev tap,fd=.
 	Tap *os.File
-	IP  string
+	// Switch is the switch's socket for QEMU's -netdev dgram.
+	Switch string
+	IP     string
 }
 
 // Attach leases an address for a VM's NIC (the one it had, if any),
@@ -357,10 +387,24 @@ func (m *Manager) Attach(ctx context.Context, vm string, names []string, nic NIC
 	if err != nil {
 		return Attachment{}, fmt.Errorf("vm %q on network %q: %w", vm, n.Name, err)
 	}
+	if n.Mode == ModeUser {
+		for i := range n.Leases {
+			if n.Leases[i].MAC == lease.MAC && n.Leases[i].Port != nic.Port {
+				n.Leases[i].Port, changed = nic.Port, true
+			}
+		}
+	}
 	if changed {
 		if err := m.put(ctx, n); err != nil {
 			return Attachment{}, err
 		}
+	}
+	if n.Mode == ModeUser {
+		if err := m.up(ctx, n); err != nil {
+			return Attachment{}, fmt.Errorf("network %q: bring up: %w", n.Name, err)
+		}
+		m.addPort(n.Name, nic.Port)
+		return Attachment{Switch: m.switchSocket(n.Name), IP: lease.IP}, nil
 	}
 	// A host rebooted since the network was made has lost the bridge.
 	w := m.wiring(n)
@@ -464,6 +508,12 @@ func (m *Manager) Release(ctx context.Context, vm string) error {
 	}
 	var errs []error
 	for _, n := range all {
+		var ports []string
+		for _, l := range n.Leases {
+			if l.VM == vm && l.Port != "" {
+				ports = append(ports, l.Port)
+			}
+		}
 		kept := slices.DeleteFunc(slices.Clone(n.Leases), func(l api.NetworkLease) bool { return l.VM == vm })
 		if len(kept) == len(n.Leases) {
 			continue
@@ -471,6 +521,14 @@ func (m *Manager) Release(ctx context.Context, vm string) error {
 		n.Leases = kept
 		if err := m.put(ctx, n); err != nil {
 			errs = append(errs, err)
+			continue
+		}
+		if n.Mode == ModeUser {
+			// The switch reads the leases at each request; only the
+			// ports go.
+			for _, p := range ports {
+				m.removePort(n.Name, p)
+			}
 			continue
 		}
 		if err := m.writeHosts(n); err != nil {

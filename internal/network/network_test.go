@@ -25,7 +25,9 @@ var discard = slog.New(slog.NewTextHandler(io.Discard, nil))
 func newManager(t *testing.T, fake *Fake) (*Manager, string) {
 	t.Helper()
 	home := t.TempDir()
-	return New(store.NewMemory(), home, fake, discard), home
+	m := New(store.NewMemory(), home, fake, discard)
+	t.Cleanup(m.Close)
+	return m, home
 }
 
 func mustCreate(t *testing.T, m *Manager, req api.CreateNetwork) api.Network {
@@ -276,8 +278,10 @@ func TestCreateRefused(t *testing.T) {
 		{"overlaps host (narrower)", api.CreateNetwork{Name: "back", Subnet: "192.168.1.64/29"},
 			[]Used{{Prefix: netip.MustParsePrefix("192.168.1.0/24"), Where: "interface eth0"}}, false, errdefs.ErrConflict},
 		{"nat and isolated", api.CreateNetwork{Name: "back", NAT: true, Isolated: true}, nil, false, errdefs.ErrInvalid},
-		{"unprivileged", api.CreateNetwork{Name: "back"}, nil, true, errdefs.ErrInvalid},
-		{"unprivileged, subnet", api.CreateNetwork{Name: "back", Subnet: "10.77.0.0/24"}, nil, true, ErrPrivilege},
+		{"unprivileged, nat", api.CreateNetwork{Name: "back", NAT: true}, nil, true, errdefs.ErrInvalid},
+		{"unprivileged, bridge asked", api.CreateNetwork{Name: "back", Mode: ModeBridge}, nil, true, ErrPrivilege},
+		{"user mode, nat", api.CreateNetwork{Name: "back", Mode: ModeUser, NAT: true}, nil, false, errdefs.ErrInvalid},
+		{"unknown mode", api.CreateNetwork{Name: "back", Mode: "vde"}, nil, false, errdefs.ErrInvalid},
 	}
 	for _, tt := range tests {
 		fake := &Fake{}
@@ -794,4 +798,46 @@ func TestAttachBuiltin(t *testing.T) {
 func newBridge(t *testing.T, home, network string) string {
 	t.Helper()
 	return New(store.NewMemory(), home, &Fake{}, nil).bridgeName(network)
+}
+
+// TestUserMode: without the rights for a bridge, a network is a switch in
+// the daemon: no bridge, a socket for QEMU, leases kept as in bridge
+// mode, and the socket gone with the network.
+func TestUserMode(t *testing.T) {
+	fake := &Fake{Denied: true}
+	m, home := newManager(t, fake)
+	n := mustCreate(t, m, api.CreateNetwork{Name: "back", Subnet: "10.77.0.0/24"})
+	if n.Mode != ModeUser || n.Bridge != "" || len(fake.IsUp) != 0 {
+		t.Fatalf("network made without privileges: got mode %q bridge %q, %d bridges up; want user, none, 0", n.Mode, n.Bridge, len(fake.IsUp))
+	}
+	sock := filepath.Join(home, "networks", "back", "switch.sock")
+	if st, err := os.Stat(sock); err != nil || st.Mode()&os.ModeSocket == 0 {
+		t.Fatalf("switch socket %s: got %v, want a socket", sock, err)
+	}
+	port := filepath.Join(home, "web.sock")
+	a, err := m.Attach(context.Background(), "web", []string{"web"}, NIC{Network: "back", MAC: "52:54:00:00:00:01", Port: port})
+	if err != nil {
+		t.Fatalf("Attach: %v", err)
+	}
+	if a.Switch != sock || a.Tap != nil || a.IP != "10.77.0.2" {
+		t.Fatalf("attachment: got switch %q tap %v ip %s, want %s, none, 10.77.0.2", a.Switch, a.Tap, a.IP, sock)
+	}
+	if got := leases(t, m, "back"); len(got) != 1 || got[0].Port != port {
+		t.Fatalf("leases: got %+v, want one with port %s", got, port)
+	}
+	if got := m.switchLeases("back"); len(got) != 1 || got[0].IP.String() != "10.77.0.2" || got[0].Names[0] != "web" {
+		t.Fatalf("what the switch serves: got %+v", got)
+	}
+	if err := m.Release(context.Background(), "web"); err != nil {
+		t.Fatalf("Release: %v", err)
+	}
+	if got := m.switchLeases("back"); len(got) != 0 {
+		t.Fatalf("what the switch serves after release: got %+v, want nothing", got)
+	}
+	if err := m.Delete(context.Background(), "back", nil); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("switch socket after delete: got %v, want it gone", err)
+	}
 }

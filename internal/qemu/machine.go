@@ -35,11 +35,13 @@ type Disk struct {
 	ReadOnly bool
 }
 
-// NIC is one network card: on QEMU's user-mode NAT, or, with Tap set, on
-// a tap device the caller opened (a private network's bridge).
+// NIC is one network card: on QEMU's user-mode NAT; with Tap set, on a
+// tap device the caller opened (a private network's bridge); with Switch
+// set, on a user-space switch, through a datagram socket at Port.
 type NIC struct {
-	MAC string
-	Tap *os.File
+	MAC          string
+	Tap          *os.File
+	Switch, Port string
 }
 
 // Machine is everything needed to build a QEMU command line.
@@ -195,8 +197,11 @@ func (m Machine) Args() ([]string, error) {
 	for i, n := range m.NICs {
 		id := "net" + strconv.Itoa(i)
 		netdev := "user,id=" + id
-		if n.Tap != nil {
+		switch {
+		case n.Tap != nil:
 			netdev = "tap,id=" + id + ",fd=" + strconv.Itoa(m.tapFD(i))
+		case n.Switch != "":
+			netdev = "dgram,id=" + id + ",local.type=unix,local.path=" + escape(n.Port) + ",remote.type=unix,remote.path=" + escape(n.Switch)
 		}
 		args = append(args,
 			"-netdev", netdev,

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -164,13 +166,24 @@ func (s *Service) attachNICs(ctx context.Context, r record, m *qemu.Machine) (ma
 			closeTaps()
 			return nil, nil, fmt.Errorf("network %q: %w", n.Network, errdefs.ErrNotFound)
 		}
-		a, err := s.cfg.Networks.Attach(ctx, r.Name, names, network.NIC{Network: n.Network, MAC: n.MAC, Index: i})
+		port := filepath.Join(m.RunDir, "net"+strconv.Itoa(i)+".sock")
+		// QEMU binds the port; one left by a QEMU that died would stop it.
+		_ = os.Remove(port)
+		if err := os.MkdirAll(m.RunDir, 0o700); err != nil {
+			closeTaps()
+			return nil, nil, err
+		}
+		a, err := s.cfg.Networks.Attach(ctx, r.Name, names, network.NIC{Network: n.Network, MAC: n.MAC, Index: i, Port: port})
 		if err != nil {
 			closeTaps()
 			return nil, nil, err
 		}
-		taps = append(taps, a.Tap)
-		m.NICs[i].Tap = a.Tap
+		if a.Tap != nil {
+			taps = append(taps, a.Tap)
+			m.NICs[i].Tap = a.Tap
+		} else {
+			m.NICs[i].Switch, m.NICs[i].Port = a.Switch, port
+		}
 		ips[i] = a.IP
 	}
 	return ips, closeTaps, nil
