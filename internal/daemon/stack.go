@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -173,10 +174,15 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 			if err := d.vms.Delete(ctx, c.Instance, true); err != nil {
 				return fmt.Errorf("stack %q: %w", f.Name, err)
 			}
-		case stack.ActionUpdate, stack.ActionRecreate:
-			// Changing a member in place (or losing its disk) is left to
-			// the user, who sees why here.
-			return fmt.Errorf("stack %q: vm %q differs from the file (%s): %w; change it with lodge set, or delete it and run up again", f.Name, c.Instance, c.Why, errdefs.ErrConflict)
+		case stack.ActionUpdate:
+			o.Progress("update "+c.Instance, 0, 0)
+			if err := d.updateMember(ctx, f, specs[c.Instance], c); err != nil {
+				return err
+			}
+		case stack.ActionRecreate:
+			// Losing a member's disk is left to the user, who sees why
+			// here.
+			return fmt.Errorf("stack %q: vm %q differs from the file (%s): %w; delete it and run up again, or lodge stack rebuild it", f.Name, c.Instance, c.Why, errdefs.ErrConflict)
 		}
 	}
 	plan := f.Plan()
@@ -196,6 +202,37 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 		done += int64(len(wave))
 	}
 	o.Progress("done", total, total)
+	return nil
+}
+
+// updateMember applies an edited member's CPUs and memory to its VM, as
+// lodge set does: live where the VM booted with room for it, otherwise
+// refused with the reason. Its NICs are not changed under it.
+func (d *Daemon) updateMember(ctx context.Context, f *stack.File, in stack.Instance, c stack.Change) error {
+	v, err := d.vms.Get(ctx, in.Name)
+	if err != nil {
+		return err
+	}
+	var have []string
+	for _, n := range v.NICs {
+		have = append(have, n.Network)
+	}
+	if len(in.Spec.Networks) > 0 && !slices.Equal(have, memberNetworks(f.Name, in.Spec.Networks)) {
+		return fmt.Errorf("stack %q: vm %q differs from the file (%s): %w; its NICs are not changed in place: delete it and run up again", f.Name, in.Name, c.Why, errdefs.ErrConflict)
+	}
+	var req api.SetVM
+	if in.Spec.CPUs != 0 && in.Spec.CPUs != v.CPUs {
+		req.CPUs = in.Spec.CPUs
+	}
+	if in.Spec.Memory != 0 && in.Spec.Memory != v.Memory {
+		req.Memory = in.Spec.Memory
+	}
+	if req == (api.SetVM{}) {
+		return nil
+	}
+	if _, err := d.vms.Set(ctx, in.Name, req); err != nil {
+		return fmt.Errorf("stack %q: apply %s to vm %q: %w", f.Name, c.Why, in.Name, err)
+	}
 	return nil
 }
 

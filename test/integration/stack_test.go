@@ -138,11 +138,28 @@ vms:
 		}
 	}
 
+	// An edited member is changed in place, not recreated: a running VM
+	// is refused what it booted without room for, with the reason; a
+	// stopped one takes it.
+	raw, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edited := writeStack(t, "shop2.yaml", strings.Replace(string(raw), "    memory: 256M\n    depends_on", "    memory: 320M\n    depends_on", 1))
+	uuid := h.show("shop-db").UUID
+	if _, errOut, code := h.lodge("stack", "up", edited); code == 0 || !strings.Contains(errOut, `to vm "shop-db"`) || !strings.Contains(errOut, "hot-plug") {
+		t.Errorf("up with more memory for running db: exit %d, %q", code, errOut)
+	}
+
 	h.must("stack", "down", "shop")
 	for _, vm := range []string{"shop-app", "shop-db", "shop-dc"} {
 		if v := h.show(vm); v.State != api.StateStopped {
 			t.Errorf("%s after down: %s", vm, v.State)
 		}
+	}
+	h.must("stack", "up", edited)
+	if v := h.show("shop-db"); v.Memory != 320<<20 || v.UUID != uuid || v.State != api.StateRunning {
+		t.Errorf("db after up with 320M while stopped: memory %d, uuid %s (was %s), %s", v.Memory, v.UUID, uuid, v.State)
 	}
 	h.must("stack", "down", "shop", "--delete")
 	if _, _, code := h.lodge("show", "shop-db"); code == 0 {
