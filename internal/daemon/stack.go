@@ -226,6 +226,10 @@ func (d *Daemon) updateMember(ctx context.Context, f *stack.File, in stack.Insta
 	}
 	if in.Spec.Memory != 0 && in.Spec.Memory != v.Memory {
 		req.Memory = in.Spec.Memory
+		// As at create, the ceiling is at least the memory.
+		if ceiling := max(in.Spec.MaxMemory, in.Spec.Memory); ceiling > v.MaxMemory {
+			req.MaxMemory = ceiling
+		}
 	}
 	if req == (api.SetVM{}) {
 		return nil

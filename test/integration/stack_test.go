@@ -147,7 +147,7 @@ vms:
 	}
 	edited := writeStack(t, "shop2.yaml", strings.Replace(string(raw), "    memory: 256M\n    depends_on", "    memory: 320M\n    depends_on", 1))
 	uuid := h.show("shop-db").UUID
-	if _, errOut, code := h.lodge("stack", "up", edited); code == 0 || !strings.Contains(errOut, `to vm "shop-db"`) || !strings.Contains(errOut, "hot-plug") {
+	if _, errOut, code := h.lodge("stack", "up", edited); code == 0 || !strings.Contains(errOut, `to vm "shop-db"`) || !strings.Contains(errOut, "while the VM is stopped") {
 		t.Errorf("up with more memory for running db: exit %d, %q", code, errOut)
 	}
 
