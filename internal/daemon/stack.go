@@ -358,7 +358,12 @@ func (d *Daemon) waitCondition(ctx context.Context, f *stack.File, name, cond st
 		every = h.Interval
 	}
 	if cond == stack.CondAgent || cond == stack.CondHealthy {
-		d.waitAgent(ctx, name, timeout)
+		// The wait's own command answering is the agent condition met:
+		// asking again would add a round trip to every link of a chain.
+		if d.waitAgent(ctx, name, timeout) && cond == stack.CondAgent {
+			d.markReady(ctx, f.Name, name, cond, in)
+			return nil
+		}
 	}
 	var last error
 	var answered time.Time
@@ -395,26 +400,27 @@ func (d *Daemon) waitCondition(ctx context.Context, f *stack.File, name, cond st
 }
 
 // waitAgent waits, up to timeout, for VM name to be running and its
-// agent to answer. The daemon's own agent wait connects the moment the
-// guest's agent is up; polling with short execs instead costs a
-// handshake timeout each time the guest is not there yet. A VM that
-// stops or fails ends the wait early, for the caller's check to report.
-func (d *Daemon) waitAgent(ctx context.Context, name string, timeout time.Duration) {
+// agent to answer, and says whether it did. The daemon's own agent wait
+// connects the moment the guest's agent is up; polling with short execs
+// instead costs a handshake timeout each time the guest is not there
+// yet. A VM that stops or fails ends the wait early, for the caller's
+// check to report.
+func (d *Daemon) waitAgent(ctx context.Context, name string, timeout time.Duration) bool {
 	for {
 		v, err := d.vms.Get(ctx, name)
 		if err != nil {
-			return
+			return false
 		}
 		switch v.State {
 		case api.StateRunning:
-			_, _ = d.vms.Exec(ctx, name, api.ExecRequest{Command: []string{"true"}, WaitSeconds: int(timeout / time.Second)})
-			return
+			res, err := d.vms.Exec(ctx, name, api.ExecRequest{Command: []string{"true"}, WaitSeconds: int(timeout / time.Second)})
+			return err == nil && res.ExitCode == 0
 		case api.StateStopped, api.StateError:
-			return
+			return false
 		}
 		select {
 		case <-ctx.Done():
-			return
+			return false
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
