@@ -11,7 +11,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lodge-vm/lodge/api"
-	"github.com/lodge-vm/lodge/client"
 	"github.com/lodge-vm/lodge/internal/units"
 )
 
@@ -99,14 +98,8 @@ the last one. Every backup can be restored alone.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c := g.client()
 			op, err := c.CreateBackup(cmd.Context(), args[0], req)
+			b, err := finish[api.Backup](cmd, c, op, err)
 			if err != nil {
-				return err
-			}
-			if op, err = wait(cmd.Context(), c, op); err != nil {
-				return err
-			}
-			var b api.Backup
-			if err := client.Result(op, &b); err != nil {
 				return err
 			}
 			return g.emit(cmd.OutOrStdout(), b, func(tw *tabwriter.Writer) {
@@ -190,14 +183,8 @@ func backupVerifyCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c := g.client()
 			op, err := c.VerifyBackups(cmd.Context(), repo, args)
+			v, err := finish[api.VerifyResult](cmd, c, op, err)
 			if err != nil {
-				return err
-			}
-			if op, err = wait(cmd.Context(), c, op); err != nil {
-				return err
-			}
-			var v api.VerifyResult
-			if err := client.Result(op, &v); err != nil {
 				return err
 			}
 			return g.emit(cmd.OutOrStdout(), v, func(tw *tabwriter.Writer) {
@@ -295,14 +282,8 @@ func backupGCCmd(g *globals) *cobra.Command {
 			}
 			c := g.client()
 			op, err := c.GCBackups(cmd.Context(), repo)
+			r, err := finish[api.GCResult](cmd, c, op, err)
 			if err != nil {
-				return err
-			}
-			if op, err = wait(cmd.Context(), c, op); err != nil {
-				return err
-			}
-			var r api.GCResult
-			if err := client.Result(op, &r); err != nil {
 				return err
 			}
 			return g.emit(cmd.OutOrStdout(), r, func(tw *tabwriter.Writer) {
@@ -320,14 +301,8 @@ func backupSyncCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c := g.client()
 			op, err := c.SyncBackups(cmd.Context(), api.SyncBackups{From: args[0], To: args[1]})
+			r, err := finish[api.SyncResult](cmd, c, op, err)
 			if err != nil {
-				return err
-			}
-			if op, err = wait(cmd.Context(), c, op); err != nil {
-				return err
-			}
-			var r api.SyncResult
-			if err := client.Result(op, &r); err != nil {
 				return err
 			}
 			return g.emit(cmd.OutOrStdout(), r, func(tw *tabwriter.Writer) {

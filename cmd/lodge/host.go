@@ -124,14 +124,8 @@ func (g *globals) emitHost(cmd *cobra.Command, h api.HostInfo) error {
 
 // waitImage follows an operation that ends with an image and prints it.
 func (g *globals) waitImage(cmd *cobra.Command, c *client.Client, op api.Operation, err error, verb string) error {
+	out, err := finish[api.Image](cmd, c, op, err)
 	if err != nil {
-		return err
-	}
-	if op, err = wait(cmd.Context(), c, op); err != nil {
-		return err
-	}
-	var out api.Image
-	if err := client.Result(op, &out); err != nil {
 		return err
 	}
 	return g.emit(cmd.OutOrStdout(), out, func(tw *tabwriter.Writer) {

@@ -9,7 +9,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lodge-vm/lodge/api"
-	"github.com/lodge-vm/lodge/client"
 	"github.com/lodge-vm/lodge/internal/units"
 )
 
@@ -29,14 +28,8 @@ they are consistent. Of a stopped VM it captures the disks.`,
 			req.Name = args[1]
 			c := g.client()
 			op, err := c.CreateSnapshot(cmd.Context(), args[0], req)
+			s, err := finish[api.Snapshot](cmd, c, op, err)
 			if err != nil {
-				return err
-			}
-			if op, err = wait(cmd.Context(), c, op); err != nil {
-				return err
-			}
-			var s api.Snapshot
-			if err := client.Result(op, &s); err != nil {
 				return err
 			}
 			return g.emit(cmd.OutOrStdout(), s, func(tw *tabwriter.Writer) {

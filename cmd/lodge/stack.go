@@ -103,14 +103,8 @@ repository.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c := g.client()
 			op, err := c.StackBackup(cmd.Context(), args[0], req)
+			sb, err := finish[api.StackBackup](cmd, c, op, err)
 			if err != nil {
-				return err
-			}
-			if op, err = wait(cmd.Context(), c, op); err != nil {
-				return err
-			}
-			var sb api.StackBackup
-			if err := client.Result(op, &sb); err != nil {
 				return err
 			}
 			return g.emit(cmd.OutOrStdout(), sb, func(tw *tabwriter.Writer) { stackBackupTable(tw, []api.StackBackup{sb}) })
@@ -171,14 +165,8 @@ dependency order. Neither the stack nor any of its members may exist here.`,
 // stackResult waits for a stack operation and prints the stack it
 // leaves.
 func (g *globals) stackResult(cmd *cobra.Command, c *client.Client, op api.Operation, err error) error {
+	st, err := finish[api.StackStatus](cmd, c, op, err)
 	if err != nil {
-		return err
-	}
-	if op, err = wait(cmd.Context(), c, op); err != nil {
-		return err
-	}
-	var st api.StackStatus
-	if err := client.Result(op, &st); err != nil {
 		return err
 	}
 	return g.emit(cmd.OutOrStdout(), st, func(tw *tabwriter.Writer) { stackTable(tw, st) })

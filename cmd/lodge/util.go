@@ -11,13 +11,13 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"golang.org/x/term"
-	"gopkg.in/yaml.v3"
-
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/client"
 	"github.com/lodge-vm/lodge/internal/config"
 	"github.com/lodge-vm/lodge/internal/units"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+	"gopkg.in/yaml.v3"
 )
 
 func (g *globals) resolvedHome() string {
@@ -71,6 +71,19 @@ func isTTY(f *os.File) bool { return term.IsTerminal(int(f.Fd())) }
 
 // wait follows an operation. On a TTY it draws progress; Ctrl-C cancels
 // the operation in the daemon rather than leaving it running unseen.
+// finish waits for the operation a call started (err is the call's) and
+// decodes its result: how every command that starts an operation ends.
+func finish[T any](cmd *cobra.Command, c *client.Client, op api.Operation, err error) (T, error) {
+	var out T
+	if err != nil {
+		return out, err
+	}
+	if op, err = wait(cmd.Context(), c, op); err != nil {
+		return out, err
+	}
+	return out, client.Result(op, &out)
+}
+
 func wait(ctx context.Context, c *client.Client, op api.Operation) (api.Operation, error) {
 	var progress func(api.Operation)
 	tty := isTTY(os.Stderr)

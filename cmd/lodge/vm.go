@@ -77,15 +77,8 @@ func createCmd(g *globals) *cobra.Command {
 
 // waitVM follows an operation that ends with a VM and prints the VM.
 func (g *globals) waitVM(cmd *cobra.Command, c *client.Client, op api.Operation, err error) error {
+	v, err := finish[api.VM](cmd, c, op, err)
 	if err != nil {
-		return err
-	}
-	op, err = wait(cmd.Context(), c, op)
-	if err != nil {
-		return err
-	}
-	var v api.VM
-	if err := client.Result(op, &v); err != nil {
 		return err
 	}
 	return g.emitVM(cmd, v)
