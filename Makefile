@@ -15,10 +15,17 @@ all: build
 deps:
 	@scripts/deps.sh run guest
 
+PROBE := bin/lodge-probe
+
 $(BIN): $(GO_SOURCES)
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN) ./cmd/lodge
 
-build: $(BIN)
+# The benchmark probe is copied into guests: static and stripped, so it
+# runs on any Linux guest and crosses the agent's channel quickly.
+$(PROBE): $(GO_SOURCES)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(PROBE) ./cmd/lodge-probe
+
+build: $(BIN) $(PROBE)
 
 $(GUEST): $(shell find guest -type f 2>/dev/null)
 	bash guest/build.sh

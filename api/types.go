@@ -290,13 +290,15 @@ const (
 
 // Operation is a long job.
 type Operation struct {
-	ID         string     `json:"id"`
-	Kind       string     `json:"kind"`
-	Target     string     `json:"target"`
-	State      string     `json:"state"`
-	Stage      string     `json:"stage,omitempty"`
-	Done       int64      `json:"done"`
-	Total      int64      `json:"total"`
+	ID     string `json:"id"`
+	Kind   string `json:"kind"`
+	Target string `json:"target"`
+	State  string `json:"state"`
+	Stage  string `json:"stage,omitempty"`
+	Done   int64  `json:"done"`
+	Total  int64  `json:"total"`
+	// Unit of Done and Total: bytes unless it says steps.
+	Unit       string     `json:"unit,omitempty"`
 	Error      string     `json:"error,omitempty"`
 	Code       string     `json:"code,omitempty"`
 	CreatedAt  time.Time  `json:"created_at"`
@@ -304,6 +306,9 @@ type Operation struct {
 	// Result carries the operation's object, e.g. the VM after create.
 	Result any `json:"result,omitempty"`
 }
+
+// UnitSteps marks an operation whose progress counts steps, not bytes.
+const UnitSteps = "steps"
 
 // Event is one entry of the event stream.
 type Event struct {
@@ -701,4 +706,71 @@ type StackRestore struct {
 	Stack string `json:"stack"`
 	From  string `json:"from,omitempty"`
 	Repo  string `json:"repo,omitempty"`
+}
+
+// BenchRequest asks for a benchmark of a running VM against its host.
+type BenchRequest struct {
+	// Duration of each test in each repeat, e.g. "1s"; default 1s.
+	Duration string `json:"duration,omitempty"`
+	// Repeats of the whole set on each side, alternated; default 3.
+	Repeats int `json:"repeats,omitempty"`
+	// With is how many extra busy VMs run alongside.
+	With int `json:"with,omitempty"`
+	// DiskBuses repeats the disk tests on a scratch disk on each bus;
+	// default virtio.
+	DiskBuses []string `json:"disk_buses,omitempty"`
+	// DiskSize is the scratch disk's tested area; default 256 MiB.
+	DiskSize int64 `json:"disk_size,omitempty"`
+	// Save keeps the report for bench history.
+	Save bool `json:"save,omitempty"`
+}
+
+// BenchReport is what a VM gets compared with its host.
+type BenchReport struct {
+	ID     string `json:"id,omitempty"`
+	VM     string `json:"vm"`
+	Accel  string `json:"accel"`
+	CPUs   int    `json:"cpus"`
+	Memory int64  `json:"memory"`
+	// HostCPUs is how many CPUs the host has; the all-CPU rows use as
+	// many threads as the VM has vCPUs on both sides.
+	HostCPUs  int           `json:"host_cpus"`
+	Repeats   int           `json:"repeats"`
+	Duration  float64       `json:"duration"`
+	With      int           `json:"with"`
+	DiskBuses []string      `json:"disk_buses"`
+	DiskSize  int64         `json:"disk_size"`
+	CreatedAt time.Time     `json:"created_at"`
+	Seconds   float64       `json:"seconds"`
+	Rows      []BenchRow    `json:"rows"`
+	Notes     []string      `json:"notes,omitempty"`
+	Saved     bool          `json:"saved,omitempty"`
+	Summary   *BenchSummary `json:"summary,omitempty"`
+}
+
+// BenchRow is one test: the host's and the guest's medians, the guest as
+// a percentage of the host, and each side's spread over the repeats.
+type BenchRow struct {
+	Test    string  `json:"test"`
+	Bus     string  `json:"bus,omitempty"`
+	Unit    string  `json:"unit"`
+	Host    float64 `json:"host"`
+	Guest   float64 `json:"guest"`
+	Percent float64 `json:"percent"`
+	// Spreads are half the range over the repeats, as a percentage of
+	// the median.
+	HostSpread    float64 `json:"host_spread"`
+	GuestSpread   float64 `json:"guest_spread"`
+	Repeats       int     `json:"repeats"`
+	LowerIsBetter bool    `json:"lower_is_better,omitempty"`
+	// HostBuffered is set when the host's file system refused direct
+	// I/O, so the host's disk figures include its page cache.
+	HostBuffered bool `json:"host_buffered,omitempty"`
+}
+
+// BenchSummary is the geometric mean of each group's percentages.
+type BenchSummary struct {
+	CPU    float64 `json:"cpu"`
+	Memory float64 `json:"memory"`
+	Disk   float64 `json:"disk"`
 }

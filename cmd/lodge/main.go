@@ -105,7 +105,7 @@ func newRoot(g *globals) *cobra.Command {
 		createCmd(g), cloneCmd(g), setCmd(g), snapshotCmd(g), lifecycleCmd(g, "start"), lifecycleCmd(g, "stop"), lifecycleCmd(g, "restart"),
 		lifecycleCmd(g, "pause"), lifecycleCmd(g, "resume"), deleteCmd(g),
 		listCmd(g), showCmd(g), consoleCmd(g), execCmd(g), eventsCmd(g), operationCmd(g),
-		exportCmd(g), importCmd(g), sendCmd(g), backupCmd(g), stackCmd(g),
+		exportCmd(g), importCmd(g), sendCmd(g), backupCmd(g), stackCmd(g), benchCmd(g),
 	)
 	return root
 }

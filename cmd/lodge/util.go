@@ -115,7 +115,13 @@ func drawProgress(o api.Operation, start time.Time) {
 	if o.Stage != "" {
 		line += " (" + o.Stage + ")"
 	}
-	if o.Total > 0 {
+	if o.Total > 0 && o.Unit == api.UnitSteps {
+		eta := "?"
+		if o.Done > 0 {
+			eta = time.Duration(float64(o.Total-o.Done) * float64(elapsed) / float64(o.Done)).Round(time.Second).String()
+		}
+		line += fmt.Sprintf(" step %d/%d, %.0fs, ETA %s", o.Done, o.Total, elapsed.Seconds(), eta)
+	} else if o.Total > 0 {
 		pct := float64(o.Done) / float64(o.Total)
 		rate := float64(o.Done) / max(elapsed.Seconds(), 0.001)
 		eta := "?"

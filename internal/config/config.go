@@ -49,6 +49,9 @@ type Config struct {
 	Accel   string `yaml:"accel"`
 	QEMU    string `yaml:"qemu"`
 	QEMUImg string `yaml:"qemu_img"`
+	// Probe is the lodge-probe binary that lodge bench copies into
+	// guests; by default the one beside the lodge binary.
+	Probe string `yaml:"probe"`
 	// MemoryReserve is host RAM kept back from VMs when MemoryLimit is unset.
 	MemoryReserve Size    `yaml:"memory_reserve"`
 	MemoryLimit   Size    `yaml:"memory_limit"`
@@ -138,6 +141,9 @@ func Load(home string) (Config, error) {
 	if v := os.Getenv("LODGE_ACCEL"); v != "" {
 		c.Accel = v
 	}
+	if v := os.Getenv("LODGE_PROBE"); v != "" {
+		c.Probe = v
+	}
 	if v := os.Getenv("LODGE_OVERCOMMIT"); v != "" {
 		f, err := strconv.ParseFloat(v, 64)
 		if err != nil {
@@ -164,6 +170,12 @@ func (c *Config) Default() {
 	}
 	if c.QEMUImg == "" {
 		c.QEMUImg = "qemu-img"
+	}
+	if c.Probe == "" {
+		c.Probe = "lodge-probe"
+		if exe, err := os.Executable(); err == nil {
+			c.Probe = filepath.Join(filepath.Dir(exe), "lodge-probe")
+		}
 	}
 	if c.MemoryReserve == 0 {
 		c.MemoryReserve = 1 << 30

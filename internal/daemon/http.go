@@ -70,6 +70,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("DELETE /v1/operations/{id}", d.cancelOp)
 	mux.HandleFunc("GET /v1/events", d.streamEvents)
 	d.backupRoutes(mux)
+	d.benchRoutes(mux)
 	d.stackRoutes(mux)
 	d.networkRoutes(mux)
 	return mux

@@ -27,6 +27,13 @@ func (o *operation) Progress(stage string, done, total int64) {
 	o.mu.Unlock()
 }
 
+// Steps records progress counted in steps rather than bytes.
+func (o *operation) Steps(stage string, done, total int64) {
+	o.mu.Lock()
+	o.op.Stage, o.op.Done, o.op.Total, o.op.Unit = stage, done, total, api.UnitSteps
+	o.mu.Unlock()
+}
+
 func (o *operation) snapshot() api.Operation {
 	o.mu.Lock()
 	defer o.mu.Unlock()

@@ -102,3 +102,12 @@ func frozen(err error) bool {
 	var qerr *qga.Error
 	return errors.As(err, &qerr) && strings.Contains(qerr.Desc, "frozen state")
 }
+
+// WriteGuestFile writes data to path in the guest through the agent.
+func (s *Service) WriteGuestFile(ctx context.Context, name, path string, data []byte) error {
+	err := s.withAgent(ctx, name, time.Minute, func(a qga.Agent) error { return a.FileWrite(ctx, path, data) })
+	if err != nil {
+		return fmt.Errorf("write %s in vm %q: %w", path, name, err)
+	}
+	return nil
+}
