@@ -8,7 +8,7 @@ GOLANGCI_VERSION := v2.6.2
 GOLANGCI := build/tools/golangci-lint
 GO_SOURCES := $(shell find . -name '*.go' -not -path './build/*') go.mod go.sum
 
-.PHONY: all build guest deps test unit integration lint fuzz demo demo-clean bench clean
+.PHONY: all build guest deps test unit integration lint fuzz demo demo-clean bench bench-quick clean
 
 all: build
 
@@ -61,8 +61,13 @@ demo: deps build guest
 demo-clean:
 	@bash scripts/demo.sh clean
 
+# The suite against libvirt (about 15 minutes; bench-quick runs each
+# scenario once). Results: bench/results.md and bench/charts/.
 bench: build guest
 	@bash bench/run.sh
+
+bench-quick: build guest
+	@bash bench/run.sh --quick
 
 clean:
 	rm -rf bin build/integration.log

@@ -746,6 +746,9 @@ type BenchReport struct {
 	Notes     []string      `json:"notes,omitempty"`
 	Saved     bool          `json:"saved,omitempty"`
 	Summary   *BenchSummary `json:"summary,omitempty"`
+	// Booted is set when the VM was stopped and Lodge booted it for the
+	// run, with its scratch disks attached (the only way to test IDE).
+	Booted bool `json:"booted,omitempty"`
 }
 
 // BenchRow is one test: the host's and the guest's medians, the guest as

@@ -4,10 +4,12 @@
 # against the incompressible data plus the text compressed by zstd -1;
 # `lodge import` against a plain `cp` of the bundle (and cp + sync, since
 # an import is durable when it returns). The disk is 4 GiB virtual with
-# 1 GiB of random data and 1 GiB of text (Go source). Lodge and the
-# comparisons alternate within each run. Writes results/bundle-*.tsv.
+# 1 GiB of random data and 1 GiB of text (Go source); DATA_MIB sets the
+# size of each half. Lodge and the comparisons alternate within each run.
+# Writes results/bundle-*.tsv.
 source "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-3}
+DATA_MIB=${DATA_MIB:-1024}
 start_lodged
 
 D=$WORK/bundle
@@ -17,11 +19,11 @@ for vm in bundle-src $(seq -f 'bundle-imp-%g' 1 "$RUNS"); do "$LODGE" delete --f
 "$LODGE" image delete bundledata >/dev/null 2>&1 || true
 
 # The disk: random at 512 MiB, text at 2 GiB, holes elsewhere.
-head -c 1G /dev/urandom >"$D/random.bin"
+head -c "${DATA_MIB}M" /dev/urandom >"$D/random.bin"
 find /usr/local/go/src /usr/share/doc -type f \( -name '*.go' -o -name '*.txt' -o -name 'copyright' \) -exec cat {} + 2>/dev/null >"$D/corpus.txt" || true
-# Repeat the corpus to 1 GiB; a copy is far apart from the next (more
+# Repeat the corpus to DATA_MIB; a copy is far apart from the next (more
 # than zstd's window), so repetition does not flatter the ratio.
-for _ in $(seq $(( (1 << 30) / $(stat -c %s "$D/corpus.txt") + 1 ))); do cat "$D/corpus.txt"; done | head -c 1G >"$D/text.bin" || true
+for _ in $(seq $(( (DATA_MIB << 20) / $(stat -c %s "$D/corpus.txt") + 1 ))); do cat "$D/corpus.txt"; done | head -c "${DATA_MIB}M" >"$D/text.bin" || true
 rm -f "$D/corpus.txt"
 truncate -s 4G "$D/data.raw"
 dd if="$D/random.bin" of="$D/data.raw" bs=4M seek=128 conv=notrunc status=none
@@ -48,7 +50,7 @@ for i in $(seq "$RUNS"); do
   # like with like:
   rm -f "$D/t.tar.zst"
   sync; t=$(now); tar -S -cf - -C "$D" data.qcow2 | zstd -1 -q -o "$D/t.tar.zst" -f; sync "$D/t.tar.zst"; e=$(elapsed "$t")
-  echo -e "$i\t$a\t$b\t$c\t$(stat -c %s "$D/b.lodge")\t$(stat -c %s "$D/c.qcow2")\t$(stat -c %s "$D/t.tar.zst")\t$((1073741824 + text_zst))\t$e" | tee -a "$out"
+  echo -e "$i\t$a\t$b\t$c\t$(stat -c %s "$D/b.lodge")\t$(stat -c %s "$D/c.qcow2")\t$(stat -c %s "$D/t.tar.zst")\t$(((DATA_MIB << 20) + text_zst))\t$e" | tee -a "$out"
   rm -f "$D/c.qcow2" "$D/t.tar.zst"
   [ "$i" = "$RUNS" ] || rm -f "$D/b.lodge"
 done

@@ -17,6 +17,14 @@ median() { sort -g | awk '{a[NR]=$1} END{ if (NR%2) print a[(NR+1)/2]; else prin
 
 start_libvirtd() {
   "$ROOT/scripts/deps.sh" bench
+  # Debian's udev rule makes /dev/kvm root:kvm 0660. Without udev (in a
+  # container) it stays root:root 0600: libvirt then finds KVM "not
+  # available now" for its QEMU user at every call, throws its capability
+  # cache away and probes QEMU again, which costs 30-40 s per define and
+  # about 4 s per start. Lodge runs its QEMUs as root and is unaffected.
+  if [ -c /dev/kvm ] && [ "$(stat -c %G /dev/kvm)" = root ] && getent group kvm >/dev/null; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+  fi
   if ! virsh -c qemu:///system version >/dev/null 2>&1; then
     pgrep -x virtlogd >/dev/null || /usr/sbin/virtlogd -d
     pgrep -x libvirtd >/dev/null || /usr/sbin/libvirtd -d

@@ -127,9 +127,7 @@ func Run(ctx context.Context, g Guest, h Host, probe []byte, o Options) ([]api.B
 	disks := make([]string, len(o.Buses))
 	for i, bus := range o.Buses {
 		progress("attach "+bus+" disk", 0, total)
-		// Each scratch disk gets its own odd size, by which the probe
-		// finds it among the guest's disks on any bus.
-		size := o.DiskBytes + int64(i+3)<<20
+		size := ScratchSize(o.DiskBytes, i)
 		detach, err := g.AttachDisk(ctx, bus, size)
 		if err != nil {
 			return nil, fmt.Errorf("attach scratch disk on bus %s: %w", bus, err)
@@ -203,6 +201,11 @@ func hostRound(ctx context.Context, h Host, o Options, args []string) ([]byte, e
 	}
 	return out, err
 }
+
+// ScratchSize is the size of the scratch disk for the i-th bus: each gets
+// its own odd size, by which the probe finds it among the guest's disks
+// on any bus.
+func ScratchSize(diskBytes int64, i int) int64 { return diskBytes + int64(i+3)<<20 }
 
 func probeArgs(o Options, groups string, mem int64, disk string) []string {
 	return []string{"run",

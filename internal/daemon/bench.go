@@ -21,6 +21,7 @@ import (
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/units"
+	"github.com/lodge-vm/lodge/internal/vm"
 )
 
 func (d *Daemon) benchRoutes(mux *http.ServeMux) {
@@ -83,9 +84,6 @@ func parseBench(name string, req api.BenchRequest) (benchPlan, error) {
 		if slices.Index(p.buses, b) != i {
 			return bad("disk bus %q given twice", b)
 		}
-		if b == qemu.BusIDE {
-			return bad("disk bus ide: QEMU cannot hot-plug an IDE disk into a running VM, and the scratch disks are hot-plugged")
-		}
 	}
 	if req.DiskSize != 0 {
 		p.disk = req.DiskSize
@@ -108,8 +106,17 @@ func (d *Daemon) benchVM(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Refuse at once what cannot start, rather than in the operation.
-	if _, _, err := d.vms.BenchGuest(r.Context(), name); err != nil {
+	v, err := d.vms.Get(r.Context(), name)
+	if err != nil {
 		writeErr(w, err)
+		return
+	}
+	switch {
+	case v.State == api.StateRunning && slices.Contains(plan.buses, qemu.BusIDE):
+		writeErr(w, fmt.Errorf("bench vm %q: %w: disk bus ide: QEMU cannot hot-plug an IDE disk into a running VM; stop it, and lodge bench boots it with its scratch disks attached", name, errdefs.ErrInvalid))
+		return
+	case v.State != api.StateRunning && v.State != api.StateStopped:
+		writeErr(w, fmt.Errorf("bench vm %q: %w: it is %s; a benchmark needs it running, or stopped (then Lodge boots it for the run)", name, errdefs.ErrState, v.State))
 		return
 	}
 	probe, err := os.ReadFile(d.cfg.Probe)
@@ -133,10 +140,11 @@ func (d *Daemon) runBench(ctx context.Context, o *operation, name string, p benc
 		return api.BenchReport{}, err
 	}
 	defer release()
-	g, dir, err := d.vms.BenchGuest(ctx, name)
+	g, dir, stopAfter, err := d.benchTarget(ctx, o, v, p)
 	if err != nil {
 		return api.BenchReport{}, err
 	}
+	defer stopAfter()
 	busy, names, cleanup, err := d.startBusyVMs(ctx, o, v, p.with)
 	defer cleanup()
 	if err != nil {
@@ -168,6 +176,7 @@ func (d *Daemon) runBench(ctx context.Context, o *operation, name string, p benc
 	}
 	sum := bench.SummarizeRows(rows)
 	rep.Summary = &sum
+	rep.Booted = v.State == api.StateStopped
 	rep.Notes = benchNotes(rep)
 	if p.save {
 		if err := d.saveBench(&rep); err != nil {
@@ -177,8 +186,46 @@ func (d *Daemon) runBench(ctx context.Context, o *operation, name string, p benc
 	return rep, nil
 }
 
+// benchTarget readies the VM under test: a running one as it is (scratch
+// disks are hot-plugged later); a stopped one booted with its scratch
+// disks attached, and stopped again, scratch disks removed, by stopAfter.
+func (d *Daemon) benchTarget(ctx context.Context, o *operation, v api.VM, p benchPlan) (bench.Guest, string, func(), error) {
+	if v.State != api.StateStopped {
+		g, dir, err := d.vms.BenchGuest(ctx, v.Name)
+		return g, dir, func() {}, err
+	}
+	sizes := make([]int64, len(p.buses))
+	for i := range p.buses {
+		sizes[i] = bench.ScratchSize(p.disk, i)
+	}
+	o.Steps("boot with scratch disks", 0, 0)
+	g, dir, err := d.vms.BootForBench(ctx, v.Name, p.buses, sizes)
+	stopAfter := func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Minute)
+		defer cancel()
+		if d.vms.Running(v.Name) {
+			if err := d.vms.StopAfterBench(cctx, v.Name); err != nil {
+				d.log.Warn("stop vm after bench", "vm", v.Name, "err", err)
+			}
+		}
+		if len(v.Disks) > 0 {
+			for _, b := range p.buses {
+				_ = os.Remove(vm.ScratchPath(filepath.Dir(v.Disks[0].Path), v.Name, b))
+			}
+		}
+	}
+	if err != nil {
+		stopAfter()
+		return nil, "", nil, err
+	}
+	return g, dir, stopAfter, nil
+}
+
 func benchNotes(rep api.BenchReport) []string {
 	var notes []string
+	if rep.Booted {
+		notes = append(notes, "the VM was stopped: Lodge booted it for the run with its scratch disks attached, and stopped it after")
+	}
 	if rep.Accel != "kvm" {
 		notes = append(notes, "accelerator "+rep.Accel+": QEMU emulates the guest's CPU in software, so these figures are for software emulation and say little about the same VM under KVM")
 	}

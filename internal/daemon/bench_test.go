@@ -27,7 +27,6 @@ func TestParseBench(t *testing.T) {
 		{api.BenchRequest{With: -1}, "with -1"},
 		{api.BenchRequest{DiskBuses: []string{"usb"}}, `disk bus "usb"`},
 		{api.BenchRequest{DiskBuses: []string{"scsi", "scsi"}}, "given twice"},
-		{api.BenchRequest{DiskBuses: []string{"ide"}}, "cannot hot-plug an IDE disk"},
 		{api.BenchRequest{DiskSize: 1 << 20}, "disk size 1M"},
 		{api.BenchRequest{DiskSize: 64<<20 + 512}, "whole number of MiB"},
 		{api.BenchRequest{DiskSize: 32 << 30}, "disk size 32G"},

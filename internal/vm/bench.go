@@ -24,6 +24,8 @@ type benchGuest struct {
 	// dir is where scratch disks go: beside the VM's own disks, so the
 	// disk tests measure the storage the VM really uses.
 	dir string
+	// booted are the buses whose scratch disk the VM was booted with.
+	booted map[string]bool
 }
 
 var _ bench.Guest = (*benchGuest)(nil)
@@ -44,6 +46,59 @@ func (s *Service) BenchGuest(ctx context.Context, name string) (bench.Guest, str
 	}
 	dir := filepath.Dir(r.Disks[0].Path)
 	return &benchGuest{s: s, name: name, dir: dir}, dir, nil
+}
+
+// ScratchPath is where the scratch disk of bus goes for a benchmark of
+// vm whose disks are in dir.
+func ScratchPath(dir, vm, bus string) string {
+	return filepath.Join(dir, ".bench-"+vm+"-"+bus+".qcow2")
+}
+
+// BootForBench starts a stopped VM that ReserveForBench holds, with a
+// new scratch disk of each size on each bus (IDE included, which cannot
+// be hot-plugged), for this boot only; StopAfterBench stops it again.
+// The scratch files are created beside the VM's disks; the caller
+// removes them (ScratchPath) once the VM has stopped.
+func (s *Service) BootForBench(ctx context.Context, name string, buses []string, sizes []int64) (bench.Guest, string, error) {
+	r, err := s.load(ctx, name)
+	if err != nil {
+		return nil, "", err
+	}
+	if len(r.Disks) == 0 {
+		return nil, "", fmt.Errorf("bench vm %q: %w: it has no disk", name, errdefs.ErrInvalid)
+	}
+	dir := filepath.Dir(r.Disks[0].Path)
+	// QEMU's IDE bus takes disks by position (see qemu.Machine.Args): an
+	// IDE scratch disk goes right after the VM's own.
+	order := make([]int, 0, len(buses))
+	for i, b := range buses {
+		if b == qemu.BusIDE {
+			order = append([]int{i}, order...)
+		} else {
+			order = append(order, i)
+		}
+	}
+	var extra []qemu.Disk
+	booted := map[string]bool{}
+	for _, i := range order {
+		path := ScratchPath(dir, name, buses[i])
+		_ = os.Remove(path)
+		if err := s.cfg.Volumes.CreateOverlay(ctx, "", path, sizes[i]); err != nil {
+			return nil, "", fmt.Errorf("scratch disk %s: %w", path, err)
+		}
+		extra = append(extra, qemu.Disk{Name: scratchID(buses[i]), Path: path, Bus: buses[i], Format: "qcow2"})
+		booted[buses[i]] = true
+	}
+	if _, err := s.boot(ctx, name, nil, extra...); err != nil {
+		return nil, "", fmt.Errorf("bench vm %q: boot with scratch disks: %w", name, err)
+	}
+	return &benchGuest{s: s, name: name, dir: dir, booted: booted}, dir, nil
+}
+
+// StopAfterBench stops a VM that BootForBench started, gracefully and
+// then by force.
+func (s *Service) StopAfterBench(ctx context.Context, name string) error {
+	return s.stopLocked(ctx, name, false, 0)
 }
 
 // ReserveForBench marks the VM busy with a benchmark, so that a stop, a
@@ -87,6 +142,10 @@ func scratchID(bus string) string { return "bench-" + bus }
 // opened as the VM's own disks are, on bus. IDE cannot be hot-plugged in
 // QEMU, so that bus is refused with the reason.
 func (g *benchGuest) AttachDisk(ctx context.Context, bus string, size int64) (func(context.Context) error, error) {
+	if g.booted[bus] {
+		// Leaves with the VM's QEMU; BootForBench's caller deletes it.
+		return func(context.Context) error { return nil }, nil
+	}
 	in := g.s.instance(g.name)
 	if in == nil {
 		return nil, fmt.Errorf("vm %q: %w: not running", g.name, errdefs.ErrState)
@@ -106,11 +165,11 @@ func (g *benchGuest) AttachDisk(ctx context.Context, bus string, size int64) (fu
 	case qemu.BusNVMe:
 		devices = []map[string]any{{"driver": "nvme", "serial": id, "drive": id, "id": id + "-dev"}}
 	case qemu.BusIDE:
-		return nil, fmt.Errorf("disk bus ide: %w: QEMU cannot hot-plug an IDE disk into running vm %q", errdefs.ErrInvalid, g.name)
+		return nil, fmt.Errorf("disk bus ide: %w: QEMU cannot hot-plug an IDE disk into running vm %q; stop it, and lodge bench boots it with its scratch disks", errdefs.ErrInvalid, g.name)
 	default:
 		return nil, fmt.Errorf("disk bus %q: %w: want %s", bus, errdefs.ErrInvalid, strings.Join(qemu.Buses, ", "))
 	}
-	path := filepath.Join(g.dir, ".bench-"+g.name+"-"+bus+".qcow2")
+	path := ScratchPath(g.dir, g.name, bus)
 	// A scratch disk left by a killed daemon is rubbish: start afresh.
 	sweepScratch(ctx, in.mon, id, devices)
 	_ = os.Remove(path)
@@ -191,3 +250,6 @@ func unplug(ctx context.Context, mon qmp.Monitor, id string) error {
 		}
 	}
 }
+
+// Running says whether the VM's QEMU is up.
+func (s *Service) Running(name string) bool { return s.alive(name) }

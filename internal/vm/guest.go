@@ -105,7 +105,9 @@ func frozen(err error) bool {
 
 // WriteGuestFile writes data to path in the guest through the agent.
 func (s *Service) WriteGuestFile(ctx context.Context, name, path string, data []byte) error {
-	err := s.withAgent(ctx, name, time.Minute, func(a qga.Agent) error { return a.FileWrite(ctx, path, data) })
+	// A VM started a moment ago may take a few minutes under TCG on a
+	// busy host to bring its agent up.
+	err := s.withAgent(ctx, name, 3*time.Minute, func(a qga.Agent) error { return a.FileWrite(ctx, path, data) })
 	if err != nil {
 		return fmt.Errorf("write %s in vm %q: %w", path, name, err)
 	}

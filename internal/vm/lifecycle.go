@@ -32,8 +32,9 @@ func (s *Service) startLocked(ctx context.Context, name string) (api.VM, error) 
 }
 
 // boot launches a VM's QEMU. With from set, QEMU does not boot the guest
-// but loads that snapshot's memory state and resumes it.
-func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.VM, error) {
+// but loads that snapshot's memory state and resumes it. extra disks are
+// attached after the VM's own for this boot only.
+func (s *Service) boot(ctx context.Context, name string, from *snapRecord, extra ...qemu.Disk) (api.VM, error) {
 	r, err := s.load(ctx, name)
 	if err != nil {
 		return api.VM{}, err
@@ -57,6 +58,7 @@ func (s *Service) boot(ctx context.Context, name string, from *snapRecord) (api.
 		}
 	}
 	m := s.machine(r, accel)
+	m.Disks = append(m.Disks, extra...)
 	if from != nil {
 		// The saved state fits only a QEMU of the size it came from.
 		m.Incoming, m.Memory, m.MaxMemory, m.Dimms = true, from.MemorySize, from.MaxMemorySize, from.Dimms

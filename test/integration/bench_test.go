@@ -26,7 +26,6 @@ func TestBench(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"bench", "cold"}, `vm "cold": wrong state: it is stopped, and a benchmark needs it running`},
 		{[]string{"bench", "nosuch"}, `vm "nosuch": not found`},
 		{[]string{"bench", "b", "--disk-bus", "ide"}, "cannot hot-plug an IDE disk"},
 		{[]string{"bench", "b", "--disk-bus", "virtio,usb"}, `disk bus "usb"`},
@@ -120,6 +119,31 @@ func TestBench(t *testing.T) {
 		t.Fatalf("cancelled bench (cancel sent: %v) ended %s, %v", cancelled, done.State, err)
 	}
 	checkBenchCleanedUp(t, h, "b", pool)
+
+	// A stopped VM is booted for the run with its scratch disks attached,
+	// IDE included, and stopped again after.
+	mustJSON(t, h.must("bench", "cold", "--duration", "50ms", "--repeats", "1", "--disk-size", "16M", "--disk-bus", "virtio,ide", "-o", "json"), &rep)
+	buses := map[string]int{}
+	for _, r := range rep.Rows {
+		buses[r.Bus]++
+		if !(r.Percent > 0) {
+			t.Errorf("cold run: row without a percentage: %+v", r)
+		}
+	}
+	if buses["ide"] != 4 || buses["virtio"] != 4 || !rep.Booted {
+		t.Errorf("cold run over virtio and ide: rows per bus %v, booted %v", buses, rep.Booted)
+	}
+	if st := h.show("cold").State; st != api.StateStopped {
+		t.Errorf("cold VM left %s after its run", st)
+	}
+	if left, _ := filepath.Glob(filepath.Join(pool, ".bench-*")); len(left) > 0 {
+		t.Errorf("scratch files left after the cold run: %v", left)
+	}
+	h.must("pause", "b")
+	if _, errOut, code := h.lodge("bench", "b"); code == 0 || !strings.Contains(errOut, "it is paused") {
+		t.Errorf("bench of a paused VM: exit %d, %q", code, errOut)
+	}
+	h.must("resume", "b")
 
 	// A daemon killed mid-run leaves its scratch disk plugged into the
 	// running QEMU; the next run clears it away and succeeds.
