@@ -14,9 +14,10 @@ qemu-img create -q -f qcow2 "$WORK/lv-ovh.qcow2" 1G
 : >"$WORK/lv-seed-empty.iso"
 
 cleanup_ovh() {
-  for d in $($V list --all --name | grep '^lv-ovh-'); do $V undefine "$d" >/dev/null; done
-  "$LODGE" list -o json | grep -o '"name": "ovh-[0-9]*"' | cut -d'"' -f4 |
-    while read -r vm; do "$LODGE" delete "$vm" >/dev/null; done
+  for d in $($V list --all --name | grep '^lv-ovh-' || true); do $V undefine "$d" >/dev/null; done
+  for vm in $("$LODGE" list -o json | grep -o '"name": "ovh-[0-9]*"' | cut -d'"' -f4 || true); do
+    "$LODGE" delete "$vm" >/dev/null
+  done
 }
 # Leftovers of an interrupted run would make the first create fail.
 cleanup_ovh
