@@ -9,7 +9,7 @@ start_lodged
 "$LODGE" delete --force bench-guest >/dev/null 2>&1 || true
 "$LODGE" create bench-guest --image tiny --cpus 2 --memory 512M --start >/dev/null
 "$LODGE" exec bench-guest --wait 180s -- true
-"$LODGE" bench bench-guest --repeats "$RUNS" --duration 1s --disk-size 128M -o json >"$RESULTS/guest-bench.json"
+"$LODGE" bench bench-guest --repeats "$RUNS" --duration 500ms --disk-size 128M -o json >"$RESULTS/guest-bench.json"
 "$LODGE" delete --force bench-guest >/dev/null
 {
   echo -e "run\tgroup\tpercent"

@@ -15,9 +15,8 @@ qemu-img create -q -f qcow2 "$WORK/lv-ovh.qcow2" 1G
 
 cleanup_ovh() {
   for d in $($V list --all --name | grep '^lv-ovh-' || true); do $V undefine "$d" >/dev/null; done
-  for vm in $("$LODGE" list -o json | grep -o '"name": "ovh-[0-9]*"' | cut -d'"' -f4 || true); do
-    "$LODGE" delete "$vm" >/dev/null
-  done
+  "$LODGE" list -o json | { grep -o '"name": "ovh-[0-9]*"' || true; } | cut -d'"' -f4 |
+    xargs -r -P 4 -I{} "$LODGE" delete {} >/dev/null
 }
 # Leftovers of an interrupted run would make the first create fail.
 cleanup_ovh
@@ -27,7 +26,16 @@ out=$RESULTS/overhead.tsv
 echo -e "op\tn\ti\tlodge_s\tlibvirt_s" >"$out"
 have=0
 for n in $SIZES; do
-  # Grow both sides to n, alternating; every create and define is timed.
+  # Grow both sides to n: untimed and in parallel up to the last 100,
+  # then alternating, every create and define timed.
+  if [ "$have" -gt 0 ] && [ $((n - have)) -gt 100 ]; then
+    seq $((have + 1)) $((n - 100)) | xargs -P 4 -I{} "$LODGE" create "ovh-{}" --image tiny >/dev/null
+    for i in $(seq $((have + 1)) $((n - 100))); do
+      sed -e "s|<name>.*</name>|<name>lv-ovh-$i</name>|" "$WORK/lv-ovh-1.xml" >"$WORK/lv-ovh-$i.xml"
+    done
+    seq $((have + 1)) $((n - 100)) | xargs -P 4 -I{} $V define "$WORK/lv-ovh-{}.xml" >/dev/null
+    have=$((n - 100))
+  fi
   for i in $(seq $((have + 1)) "$n"); do
     t=$(now); "$LODGE" create "ovh-$i" --image tiny >/dev/null; a=$(elapsed "$t")
     if [ "$i" -eq 1 ]; then
@@ -54,4 +62,4 @@ for n in $SIZES; do
   echo -e "rss_mib\t$n\t1\t$(rss_kib "$(pgrep -f "$LODGE daemon" | head -1)" | awk '{printf "%.1f", $1/1024}')\t$(rss_kib "$(pgrep -x libvirtd | head -1)" | awk '{printf "%.1f", $1/1024}')" >>"$out"
 done
 cleanup_ovh
-rm -f "$WORK/lv-ovh.qcow2" "$WORK/lv-seed-empty.iso" "$WORK/lv-ovh-i.xml"
+rm -f "$WORK/lv-ovh.qcow2" "$WORK/lv-seed-empty.iso" "$WORK"/lv-ovh-*.xml

@@ -41,6 +41,17 @@ func fakeDaemon() (socket string, stop func()) {
 		w.WriteHeader(http.StatusCreated)
 		_ = json.NewEncoder(w).Encode(api.VM{Name: r.URL.Query().Get("name"), UUID: "0a1b2c3d-4e5f-4071-8899-aabbccddeeff"})
 	})
+	mux.HandleFunc("POST /v1/vms/web/bench", func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusAccepted)
+		_ = json.NewEncoder(w).Encode(api.Operation{ID: "op2", Kind: "bench", Target: "web", State: api.OpRunning})
+	})
+	mux.HandleFunc("GET /v1/operations/op2/wait", func(w http.ResponseWriter, _ *http.Request) {
+		_ = json.NewEncoder(w).Encode(api.Operation{ID: "op2", Kind: "bench", Target: "web", State: api.OpSucceeded,
+			Result: api.BenchReport{VM: "web", Accel: "kvm", Rows: []api.BenchRow{
+				{Test: "cpu.int.single", Unit: "Mops/s", Host: 310, Guest: 301, Percent: 97.1},
+				{Test: "disk.rand_read_4k", Bus: "virtio", Unit: "IOPS", Host: 21000, Guest: 15960, Percent: 76},
+			}}})
+	})
 	srv := &http.Server{Handler: mux}
 	go func() { _ = srv.Serve(ln) }()
 	return socket, func() { _ = srv.Close(); _ = os.RemoveAll(dir) }
@@ -107,4 +118,31 @@ func ExampleClient_ExportVM() {
 	fmt.Println(vm.Name)
 	// Output:
 	// web-copy
+}
+
+// Benchmark a VM against its host and print the guest's share of each.
+func ExampleClient_Bench() {
+	socket, stop := fakeDaemon()
+	defer stop()
+	ctx := context.Background()
+	c := client.New(socket)
+
+	op, err := c.Bench(ctx, "web", api.BenchRequest{Repeats: 3, DiskBuses: []string{"virtio"}})
+	if err == nil {
+		op, err = c.Wait(ctx, op, nil)
+	}
+	var rep api.BenchReport
+	if err == nil {
+		err = client.Result(op, &rep)
+	}
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	for _, r := range rep.Rows {
+		fmt.Printf("%s %s: %.0f%% of the host\n", r.Test, r.Bus, r.Percent)
+	}
+	// Output:
+	// cpu.int.single : 97% of the host
+	// disk.rand_read_4k virtio: 76% of the host
 }
