@@ -39,6 +39,7 @@ rm -f "$D/random.bin" "$D/text.bin"
 cat "$D/data.qcow2" >/dev/null
 rm -f "$D/warm.lodge"
 
+echo "$DATA_MIB" >"$RESULTS/bundle-data-mib.txt"
 out=$RESULTS/bundle-export.tsv
 echo -e "run\tlodge_s\tqemuimg_c_s\ttar_zstd_s\tlodge_bytes\tqemuimg_bytes\ttar_zstd_bytes\tideal_bytes\ttar_zstd_sync_s" >"$out"
 for i in $(seq "$RUNS"); do

@@ -105,7 +105,7 @@ if [ -f "$c/memory.tsv" ]; then
   echo "| 1 GiB → 512 MiB (s) | $a | $b | $(ratio "$a" "$b") | < 5 s | $(verdict "$a < 5") |"
   echo "| 512 MiB → 1 GiB (s) | $g | $h | $(ratio "$g" "$h") | | |"
   echo
-  echo "How fast memory goes is up to the guest's balloon driver: it hands back 1 MiB (256 pages) per request to QEMU, which discards each page, and under TCG every round trip costs about 12 ms of emulated guest work. Lodge only sets the target and watches, so it tracks libvirt, run for run; the absolute time follows how busy this shared machine is (4.7 s against libvirt's 4.2 s in the previous session's run). A VM booted with room for hot-plug gives back what was plugged through virtio-mem instead, in 2 MiB blocks, which is faster: 768 MiB in under 4 s here."
+  echo "How fast memory goes is up to the guest's balloon driver: it hands back 1 MiB (256 pages) per request to QEMU, which discards each page, and under TCG every round trip costs about 12 ms of emulated guest work. Lodge only sets the target and watches, so it tracks libvirt run for run, and the absolute time follows how busy this shared machine is. A VM booted with room for hot-plug gives back what was plugged through virtio-mem instead, in 2 MiB blocks, which is faster."
 fi
 if [ -f "$c/density.tsv" ]; then
   f=$c/density.tsv
@@ -120,7 +120,7 @@ if [ -f "$c/density.tsv" ]; then
   echo
   echo "## Density"
   echo
-  echo "Tiny guests at 128 MiB, started 4 at a time, each waited on until its agent answers. Lodge ran as many as the host's memory limit admits at overcommit 1.0 ($(field admitted lodge); one more start refused: $(field next_refused lodge)); libvirt ran $vn (each define costs libvirtd about 30 s here, see the notes above). Per-VM figures, KiB."
+  echo "From \`density.sh\`, which is not part of \`make bench\` (it takes about 15 minutes); this is its last run, of $(date -u -r "$f" +%Y-%m-%d), before libvirtd was given Debian's /dev/kvm permissions (see bench/README.md). Tiny guests at 128 MiB, started 4 at a time, each waited on until its agent answers. Lodge ran as many as the host's memory limit admits at overcommit 1.0 ($(field admitted lodge); one more start refused: $(field next_refused lodge)); libvirt ran $vn. Per-VM figures, KiB."
   echo
   echo "| measure | Lodge | libvirt | Lodge / libvirt | target | result |"
   echo "|---|---|---|---|---|---|"
@@ -140,7 +140,8 @@ if [ -f "$c/bundle-export.tsv" ]; then
   echo
   echo "## Bundles"
   echo
-  echo "A stopped VM's 4 GiB disk holding 1 GiB of random data and 1 GiB of text (Go source), exported with \`lodge export\` (compression fast) against standard tools on the same disk. Medians of $(($(wc -l <"$f") - 1)) runs, alternated; \`sync\` before each."
+  dm=$(cat "$c/bundle-data-mib.txt" 2>/dev/null || echo 1024)
+  echo "A stopped VM's 4 GiB disk holding $dm MiB of random data and $dm MiB of text (Go source), exported with \`lodge export\` (compression fast) against standard tools on the same disk. Medians of $(($(wc -l <"$f") - 1)) runs, alternated; \`sync\` before each."
   echo
   echo "| measure | Lodge | comparison | Lodge / comparison | target | result |"
   echo "|---|---|---|---|---|---|"
@@ -159,9 +160,9 @@ if [ -f "$c/bundle-import.tsv" ]; then
 fi
 if [ -f "$c/bundle-import.tsv" ]; then
   echo
-  echo "The import target (within 1.2× of copying the bundle) cannot be met by any import that makes a usable disk: \`cp\` moves the 1.2 GiB bundle, while an import must decompress the text and write the whole 2 GiB of data, then make it durable. Profiled in-process: reading and checking the chunks (BLAKE3) and decompressing on both cores takes about 1.5 s, writing 2 GiB into the page cache about 1 s; \`cp\` + \`sync\` of the 2 GiB of raw data would be the fair floor. Writing the qcow2 directly (rather than through qemu-nbd) and sending the file with its length (rather than chunked) took the import from 7.2 s to about 3 s over this session."
+  echo "The import target (within 1.2× of copying the bundle) cannot be met by any import that makes a usable disk: \`cp\` moves the compressed bundle, while an import must check every chunk (BLAKE3), decompress the text and write the whole of the data, then make it durable; \`cp\` + \`sync\` of the raw data would be the fair floor. Lodge writes the qcow2 directly rather than through qemu-nbd."
   echo
-  echo "The export comparisons are noisy on this shared machine: see bench/results/bundle-export.tsv for each run. In the session's previous run Lodge's median export was 0.64× tar | zstd -1 (0.87× with a sync); in this one it is the ratio above. Lodge reads the disk through qemu-nbd, compresses 4 MiB chunks on both cores, stores chunks that do not compress as they are, and syncs the file before renaming it into place."
+  echo "The export comparisons are noisy on this shared machine: see bench/results/bundle-export.tsv for each run. Lodge reads the disk through qemu-nbd, compresses 4 MiB chunks on both cores, stores chunks that do not compress as they are, and syncs the file before renaming it into place. \`qemu-img convert -c\` compresses with zlib on one thread."
 fi
 if ls "$c"/backup-*.tsv >/dev/null 2>&1; then
   # pick FILE EXPR COND: median of the awk expression EXPR over the rows
@@ -173,7 +174,7 @@ if ls "$c"/backup-*.tsv >/dev/null 2>&1; then
   echo
   echo "## Backups"
   echo
-  echo "A VM made from the tiny guest with a 4 GiB disk holding 1 GiB of random data (written at 1 GiB, past the guest's partitions; the guest's own files add about 45 MiB). Each scenario backs up into a new repository (1 MiB chunks). The 5% change is 13 runs of 4 MiB of new random data (52 MiB, 5.1% of the 1 GiB) spread through the data: *aligned*, each run on a 4 MiB boundary; *unaligned*, each run 1 or 3 MiB past a 4 MiB boundary (it straddles two chunks of 4 MiB, the size this session started with and Proxmox uses; with 1 MiB chunks both patterns touch 4 chunks per run). \`sync\` before every timed step."
+  echo "A VM made from the tiny guest with a 4 GiB disk holding 1 GiB of random data (written at 1 GiB, past the guest's partitions; the guest's own files add about 45 MiB). Each scenario backs up into a new repository (1 MiB chunks). The 5% change is 13 runs of 4 MiB of new random data (52 MiB, 5.1% of the 1 GiB) spread through the data: *aligned*, each run on a 4 MiB boundary; *unaligned*, each run 1 or 3 MiB past a 4 MiB boundary (it would straddle two chunks of 4 MiB, the size Proxmox uses; with 1 MiB chunks both patterns touch 4 chunks per run). \`sync\` before every timed step."
 fi
 if [ -f "$c/backup-days.tsv" ]; then
   f=$c/backup-days.tsv
@@ -248,11 +249,11 @@ if [ -f "$c/backup-live.tsv" ]; then
 fi
 if [ -f "$c/backup-days.tsv" ]; then
   echo
-  echo "Chunk size: in this session's first run the repository used 4 MiB chunks, and the unaligned pattern made each incremental read and store both chunks a run straddles: twice the 52 MiB that changed (0.0996 of the full, just under the target), and ten days took 1.90× a full backup. With 1 MiB chunks both patterns cost what they change (1.45× after ten days), as libvirt's incremental does with its 64 KiB clusters. A 4 MiB write that is not even 1 MiB-aligned would touch 5 chunks (1.25× the data)."
+  echo "Chunk size: with 4 MiB chunks the unaligned pattern makes each incremental read and store both chunks a run straddles, twice the data that changed; with 1 MiB chunks both patterns cost what they change, as libvirt's incremental does with its 64 KiB clusters. A 4 MiB write that is not even 1 MiB-aligned touches 5 chunks (1.25× the data)."
   echo
-  echo "The full backup's gap to qemu-img convert is the work a backup does that a copy does not: it hashes every byte (BLAKE3), writes one file per chunk, and reads through qemu-nbd over a socket. This session took it from 0.34 (first run: an fsync per chunk file and per directory, zstd over random data) to the ratio above, by making all new chunks durable with one syncfs at commit and storing chunks that look random (byte entropy above 7.9 bits) as raw zstd blocks. A profile of the daemon after those changes: kernel copies from the NBD socket and into files about 15%, BLAKE3 8%, entropy sampling 2.5%, zstd 1%, and the CPUs about 15% idle. Reading a stopped VM's qcow2 directly, rather than through qemu-nbd, is the next step."
+  echo "The full backup's gap to qemu-img convert is the work a backup does that a copy does not: it hashes every byte (BLAKE3), writes one file per chunk, and reads through qemu-nbd over a socket. New chunks are made durable with one syncfs at commit, and chunks that look random (byte entropy above 7.9 bits) are stored as raw zstd blocks. Reading a stopped VM's qcow2 directly, rather than through qemu-nbd, is the next step."
   echo
-  echo "During a backup Lodge's hashing and compression run at nice 10, so a guest's vCPU thread (nice 0) outweighs them nine to one. The guest's dd kept 0.60 of its speed (0.40 in this session's first run, before the nice), its CPU loop 0.59: under TCG the vCPU is a host thread that competes for the two CPUs with QEMU's own copy-before-write and NBD serving, which run inside QEMU at normal priority; with KVM a guest doing dd mostly waits on I/O. An exec sent while the backup has the filesystems frozen is now held until the thaw instead of refused."
+  echo "During a backup Lodge's hashing and compression run at nice 10, so a guest's vCPU thread (nice 0) outweighs them nine to one. Under TCG the vCPU is a host thread that competes for the two CPUs with QEMU's own copy-before-write and NBD serving, which run inside QEMU at normal priority; with KVM a guest doing dd mostly waits on I/O. An exec sent while the backup has the filesystems frozen is held until the thaw."
 fi
 if [ -f "$c/stack.tsv" ]; then
   f=$c/stack.tsv
@@ -267,5 +268,5 @@ if [ -f "$c/stack.tsv" ]; then
   echo "| chain of 3 (b waits for a's agent, c for b's) (s) | $a | $b | $(ratio "$a" "$b") | ≤ 1.05 | $(verdict "$a <= 1.05 * $b") |"
   echo "| 3 independent members against one VM alone (s) | $w | $o | $(ratio "$w" "$o") | close to 1 | |"
   echo
-  echo "The three independent members boot at once on this machine's two CPUs under TCG, where booting is CPU-bound: three guests share what one had, so their time is not one guest's. The rollout itself adds up to its polling interval (250 ms) per wait, and no second round trip to an agent it has just heard from. Single runs of the same side varied from 38 s to 50 s in this session (the host is shared), so the chain's ratio is within the noise: a run of 3 just before gave 1.08 on medians and 1.02 on sums."
+  echo "The three independent members boot at once on this machine's two CPUs under TCG, where booting is CPU-bound: three guests share what one had, so their time is not one guest's. The rollout itself adds up to its polling interval (250 ms) per wait, and no second round trip to an agent it has just heard from. Single runs of the same side vary by 10 s or more on this shared host, so a chain ratio within 1.1 is within the noise."
 fi

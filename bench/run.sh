@@ -4,6 +4,7 @@
 #
 #   bench/run.sh            runs per scenario as below (RUNS=N for all)
 #   bench/run.sh --quick    1 run of each, fewer days of backups
+#   bench/run.sh --report   only rewrite results.md from bench/results/
 #
 # Under TCG on 2 CPUs a guest boot takes 15 s and most scenarios boot
 # guests, so the runs per scenario are chosen to fit the whole suite in
@@ -17,20 +18,22 @@ case "${1:-}" in
   --quick)
     for k in "${!runs[@]}"; do runs[$k]=1; done
     export DAYS=3 REPS=5 ;;
+  --report) SCENARIOS=none ;;
   "") ;;
-  *) echo "usage: bench/run.sh [--quick]" >&2; exit 2 ;;
+  *) echo "usage: bench/run.sh [--quick|--report]" >&2; exit 2 ;;
 esac
 SCENARIOS=${SCENARIOS:-startup overhead clone snapshot memory bundle backup stack guest}
 timing=$RESULTS/timing.tsv
-echo -e "scenario\tseconds" >"$timing"
+[ "$SCENARIOS" = none ] || echo -e "scenario\tseconds" >"$timing"
 start=$(date +%s)
 for s in $SCENARIOS; do
+  [ "$s" = none ] && continue
   t=$(date +%s)
   echo "== $s" >&2
   RUNS=${RUNS:-${runs[$s]:-1}} bash "$BENCH_DIR/$s.sh" >"$WORK/$s.log" 2>&1 || { echo "bench: scenario $s failed; its log: $WORK/$s.log" >&2; tail -20 "$WORK/$s.log" >&2; exit 1; }
   echo -e "$s\t$(( $(date +%s) - t ))" | tee -a "$timing" >&2
 done
-echo -e "total\t$(( $(date +%s) - start ))" | tee -a "$timing" >&2
+[ "$SCENARIOS" = none ] || echo -e "total\t$(( $(date +%s) - start ))" | tee -a "$timing" >&2
 bash "$BENCH_DIR/summarize.sh"
 {
   (cd "$ROOT" && go run ./bench/report -results bench/results -charts bench/charts -link charts)

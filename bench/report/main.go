@@ -346,10 +346,13 @@ func writeTable(w io.Writer, rows []Row) {
 		if peer == "" || peer == "-" {
 			peer = "none"
 		}
-		fmt.Fprintf(w, "| %s | %s (%s) | %s | %s | %s | %s | %s | %s |\n", r.Scenario, r.Measure, r.Unit,
-			cell(r.Lodge), peer, cell(r.Other), ratio, targetText(r.Target), verdict)
+		fmt.Fprintf(w, "| %s | %s (%s) | %s | %s | %s | %s | %s | %s |\n", mdCell(r.Scenario), mdCell(r.Measure), mdCell(r.Unit),
+			cell(r.Lodge), mdCell(peer), cell(r.Other), ratio, targetText(r.Target), mdCell(verdict))
 	}
 }
+
+// mdCell escapes what would end a markdown table cell.
+func mdCell(s string) string { return strings.ReplaceAll(s, "|", `\|`) }
 
 // readNotYet lists scenarios that cannot be measured yet: "name\twhy".
 func readNotYet(path string) [][2]string {

@@ -138,7 +138,8 @@ func TestRunWritesTableAndCharts(t *testing.T) {
 	summary := "startup\tstart to agent ready\ts\tlower\tlibvirt\tratio<=1.10\t10,12,11\t20,22,21\n" +
 		"clone size\t1 GiB disk\ts\tlower\tlibvirt\tlodge<0.1\t0.05,0.06\t0.5\n" +
 		"clone size\t16 GiB disk\ts\tlower\tlibvirt\tlodge<0.1\t0.07\t-\n" +
-		"export\tthroughput\tMB/s\thigher\tqemu-img\tratio>=0.9\t80\t100\n"
+		"export\tthroughput\tMB/s\thigher\tqemu-img\tratio>=0.9\t80\t100\n" +
+		"export\tpipe\ts\tlower\ttar | zstd\t-\t1\t2\n"
 	if err := os.WriteFile(filepath.Join(dir, "summary.tsv"), []byte(summary), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -155,6 +156,7 @@ func TestRunWritesTableAndCharts(t *testing.T) {
 		"| startup | start to agent ready (s) | 11.0 (10.0–12.0) | libvirt | 21.0 (20.0–22.0) | 0.524 | ratio ≤ 1.10 | pass |",
 		"| export | throughput (MB/s) | 80.0 | qemu-img | 100 | 0.800 | ratio ≥ 0.9 | fail |",
 		"- live migration: not yet (no cluster yet)",
+		"| export | pipe (s) | 1.00 | tar \\| zstd | 2.00 | 0.500 |  |  |",
 		"![Lodge against its peers](charts/ratios.svg)",
 		"![Linked clone time against disk size](charts/clone-size.svg)",
 	} {
@@ -172,9 +174,9 @@ func TestRunWritesTableAndCharts(t *testing.T) {
 		}
 	}
 	ratios, _ := os.ReadFile(filepath.Join(charts, "ratios.svg"))
-	// Three compared rows: startup, clone size 1 GiB, export.
-	if n := strings.Count(string(ratios), "<rect"); n != 3 {
-		t.Errorf("ratio chart has %d bars, want 3", n)
+	// Four compared rows: startup, clone size 1 GiB, export, pipe.
+	if n := strings.Count(string(ratios), "<rect"); n != 4 {
+		t.Errorf("ratio chart has %d bars, want 4", n)
 	}
 }
 
