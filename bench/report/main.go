@@ -19,10 +19,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/lodge-vm/lodge/internal/bench"
 )
 
 func main() {
@@ -138,26 +139,8 @@ func values(s string) ([]float64, error) {
 	return out, nil
 }
 
-// Stats of one side's runs.
-type Stats struct {
-	Median, Min, Max float64
-	N                int
-}
-
-func stats(v []float64) Stats {
-	if len(v) == 0 {
-		return Stats{}
-	}
-	s := slices.Clone(v)
-	slices.Sort(s)
-	st := Stats{Min: s[0], Max: s[len(s)-1], N: len(s)}
-	if m := len(s) / 2; len(s)%2 == 1 {
-		st.Median = s[m]
-	} else {
-		st.Median = (s[m-1] + s[m]) / 2
-	}
-	return st
-}
+// stats summarizes one side's runs, as lodge bench does its repeats.
+func stats(v []float64) bench.Summary { return bench.Summarize(v) }
 
 // Ratio is Lodge's median over the peer's, or NaN without a peer.
 func (r Row) Ratio() float64 {

@@ -65,23 +65,6 @@ func floatsEqual(a, b []float64) bool {
 	return true
 }
 
-func TestStats(t *testing.T) {
-	tests := []struct {
-		in   []float64
-		want Stats
-	}{
-		{nil, Stats{}},
-		{[]float64{7}, Stats{7, 7, 7, 1}},
-		{[]float64{9, 1, 5}, Stats{5, 1, 9, 3}},
-		{[]float64{4, 1, 3, 2}, Stats{2.5, 1, 4, 4}},
-	}
-	for _, tt := range tests {
-		if got := stats(tt.in); got != tt.want {
-			t.Errorf("stats(%v) = %+v, want %+v", tt.in, got, tt.want)
-		}
-	}
-}
-
 func TestRatioAdvantageVerdict(t *testing.T) {
 	tests := []struct {
 		row      Row
