@@ -113,6 +113,15 @@ func (s *Service) checkNetwork(ctx context.Context, n string) error {
 	return s.cfg.Networks.Check(ctx, n)
 }
 
+// identityOf is the part of a record that must be unique on the host.
+type identityOf struct {
+	UUID string `json:"uuid"`
+	CID  uint32 `json:"cid"`
+	NICs []struct {
+		MAC string `json:"mac"`
+	} `json:"nics"`
+}
+
 // errIdentityTaken means a freshly drawn UUID or MAC is already in use;
 // insert draws again.
 var errIdentityTaken = errors.New("identity already taken")
@@ -133,7 +142,9 @@ func (s *Service) insert(ctx context.Context, r *record, fresh bool, also func(t
 			if _, err := tx.Get(bucket, r.Name); err == nil {
 				return fmt.Errorf("vm %q: %w", r.Name, errdefs.ErrExists)
 			}
-			others, err := store.ListJSON[record](tx, bucket)
+			// Only the identities: decoding whole records made a create
+			// with 1000 VMs defined twice as slow as with 100.
+			others, err := store.ListJSON[identityOf](tx, bucket)
 			if err != nil {
 				return err
 			}
