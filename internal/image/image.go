@@ -93,6 +93,21 @@ func containsDotDot(s string) bool {
 
 // Get returns one image with the VMs that use it.
 func (l *Library) Get(ctx context.Context, name string) (api.Image, error) {
+	img, err := l.Resolve(ctx, name)
+	if err != nil {
+		return api.Image{}, err
+	}
+	all, err := l.records(ctx)
+	if err != nil {
+		return api.Image{}, err
+	}
+	return l.withUsers(ctx, img, all)
+}
+
+// Resolve returns an image as it is stored, without its chain, children
+// and users, which cost a look at every image and VM: what a VM being
+// created or rebuilt needs of it.
+func (l *Library) Resolve(ctx context.Context, name string) (api.Image, error) {
 	var r record
 	err := l.store.View(ctx, func(tx store.Tx) error { return store.GetJSON(tx, bucket, name, &r) })
 	if errors.Is(err, store.ErrNotFound) || (err == nil && r.Importing) {
@@ -101,11 +116,7 @@ func (l *Library) Get(ctx context.Context, name string) (api.Image, error) {
 	if err != nil {
 		return api.Image{}, err
 	}
-	all, err := l.records(ctx)
-	if err != nil {
-		return api.Image{}, err
-	}
-	return l.withUsers(ctx, r.Image, all)
+	return r.Image, nil
 }
 
 func (l *Library) records(ctx context.Context) (map[string]api.Image, error) {

@@ -38,7 +38,7 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 	if req.Image == "" {
 		return api.Image{}, fmt.Errorf("vm %q: %w: an image is required (--image)", req.Name, errdefs.ErrInvalid)
 	}
-	img, err := s.cfg.Images.Get(ctx, req.Image)
+	img, err := s.cfg.Images.Resolve(ctx, req.Image)
 	if err != nil {
 		return api.Image{}, fmt.Errorf("vm %q: %w", req.Name, err)
 	}

@@ -44,7 +44,7 @@ func (s *Service) Rebuild(ctx context.Context, name string, fill DiskFiller) (ap
 		if r.Image == "" {
 			return api.VM{}, fmt.Errorf("rebuild vm %q: %w: it was not created from an image (it was imported); rebuild it from a backup", name, errdefs.ErrInvalid)
 		}
-		img, err := s.cfg.Images.Get(ctx, r.Image)
+		img, err := s.cfg.Images.Resolve(ctx, r.Image)
 		if err != nil {
 			return api.VM{}, fmt.Errorf("rebuild vm %q from its image: %w", name, err)
 		}

@@ -71,7 +71,8 @@ type record struct {
 
 // Images resolves image names for the service and takes new ones.
 type Images interface {
-	Get(ctx context.Context, name string) (api.Image, error)
+	// Resolve returns an image without its users (see image.Library).
+	Resolve(ctx context.Context, name string) (api.Image, error)
 	Publish(ctx context.Context, spec image.PublishSpec) (api.Image, error)
 }
 

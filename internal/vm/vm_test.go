@@ -24,7 +24,7 @@ import (
 
 type fakeImages map[string]api.Image
 
-func (f fakeImages) Get(_ context.Context, name string) (api.Image, error) {
+func (f fakeImages) Resolve(_ context.Context, name string) (api.Image, error) {
 	img, ok := f[name]
 	if !ok {
 		return api.Image{}, fmt.Errorf("image %q: %w", name, errdefs.ErrNotFound)
