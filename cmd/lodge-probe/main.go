@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -77,11 +78,19 @@ func probe(ctx context.Context, args []string) error {
 	disk := fs.String("disk", "", "file or block device for the disk tests (overwritten), or size:BYTES for the disk of that size")
 	fs.Var(sizeFlag{&c.DiskBytes}, "disk-bytes", "area of the disk the tests use")
 	groups := fs.String("groups", "", "comma-separated groups to run: cpu, mem, disk (default all)")
+	evict := fs.Bool("evict", false, "first kill any other lodge-probe on this machine (in a guest, one left by an earlier run)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *groups != "" {
 		c.Groups = strings.Split(*groups, ",")
+	}
+	if *evict {
+		if n, err := bench.EvictOthers("/proc", filepath.Base(os.Args[0]), 10*time.Second); err != nil {
+			return err
+		} else if n > 0 {
+			fmt.Fprintf(os.Stderr, "lodge-probe: stopped %d probe(s) left running\n", n)
+		}
 	}
 	if *fit {
 		if avail, err := memAvailable(); err == nil && avail/3 < c.MemBytes {

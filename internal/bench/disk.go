@@ -190,3 +190,48 @@ func FindDisk(ctx context.Context, sysfs string, size int64, wait time.Duration)
 		}
 	}
 }
+
+// EvictOthers kills every other process whose command name is name (as
+// /proc/PID/comm has it, under proc) and waits up to wait for them to
+// go. A probe that a killed daemon left running in a guest would skew
+// the next run and hold the memory it needs; guests need not have pkill.
+func EvictOthers(proc, name string, wait time.Duration) (int, error) {
+	entries, err := os.ReadDir(proc)
+	if err != nil {
+		return 0, fmt.Errorf("probe: list processes: %w", err)
+	}
+	self := os.Getpid()
+	var victims []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		comm, err := os.ReadFile(filepath.Join(proc, e.Name(), "comm"))
+		if err != nil || strings.TrimSpace(string(comm)) != name {
+			continue
+		}
+		if syscall.Kill(pid, syscall.SIGKILL) == nil {
+			victims = append(victims, pid)
+		}
+	}
+	deadline := time.Now().Add(wait)
+	for _, pid := range victims {
+		// A killed child of someone else lingers as a zombie until reaped,
+		// but has let go of its memory: gone enough.
+		for alive(proc, pid) && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return len(victims), nil
+}
+
+func alive(proc string, pid int) bool {
+	raw, err := os.ReadFile(filepath.Join(proc, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return false
+	}
+	// The state follows the command name in brackets: "123 (name) Z ...".
+	i := strings.LastIndexByte(string(raw), ')')
+	return i < 0 || i+2 >= len(raw) || raw[i+2] != 'Z'
+}

@@ -3,7 +3,9 @@ package bench
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -130,4 +132,52 @@ func TestBurnStopsWithItsContext(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Burn ran on after its context ended")
 	}
+}
+
+func TestEvictOthers(t *testing.T) {
+	// A copy of sleep under a name no other process has.
+	src, err := exec.LookPath("sleep")
+	if err != nil {
+		t.Skip("no sleep binary")
+	}
+	raw, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(t.TempDir(), "lodge-evict-t")
+	if err := os.WriteFile(bin, raw, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	// Its comm is set once it has exec'd.
+	eventuallyComm(t, cmd.Process.Pid, "lodge-evict-t")
+	n, err := EvictOthers("/proc", "lodge-evict-t", 5*time.Second)
+	if err != nil || n != 1 {
+		t.Fatalf("EvictOthers = %d, %v; want 1 process killed", n, err)
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the process survived")
+	}
+	if n, _ := EvictOthers("/proc", "lodge-evict-t", time.Second); n != 0 {
+		t.Fatalf("second eviction killed %d", n)
+	}
+}
+
+func eventuallyComm(t *testing.T, pid int, want string) {
+	t.Helper()
+	for range 100 {
+		raw, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "comm"))
+		if strings.TrimSpace(string(raw)) == want {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("process %d never became %s", pid, want)
 }

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"math"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -103,10 +102,6 @@ func Run(ctx context.Context, g Guest, h Host, probe []byte, o Options) ([]api.B
 	}
 	total := int64(o.Repeats * (len(o.Buses) + 1))
 	progress("install probe", 0, total)
-	// A probe that a killed run left behind would skew this one.
-	if _, err := g.Run(ctx, []string{"pkill", "-x", filepath.Base(GuestProbePath)}); err == nil {
-		log.Info("stopped a probe left running in the guest by an earlier run")
-	}
 	if err := g.Install(ctx, GuestProbePath, probe); err != nil {
 		return nil, fmt.Errorf("install probe: %w", err)
 	}
@@ -156,6 +151,11 @@ func Run(ctx context.Context, g Guest, h Host, probe []byte, o Options) ([]api.B
 			args := probeArgs(o, groups, mem, disks[i])
 			if i == 0 {
 				args = append(args, "-mem-fit")
+			}
+			if r == 0 && i == 0 {
+				// A probe that a killed run left behind would skew this
+				// one and hold the memory it needs.
+				args = append(args, "-evict")
 			}
 			out, err := g.Run(ctx, append([]string{GuestProbePath}, args...))
 			if err != nil {

@@ -145,12 +145,22 @@ func TestRunAlternatesGuestAndHost(t *testing.T) {
 		}
 		steps = append(steps, step)
 	}
-	want := []string{"vm: pkill", "vm: install", "vm: attach", "vm: attach",
+	want := []string{"vm: install", "vm: attach", "vm: attach",
 		"vm: probe all", "vm: probe disk", "host: probe",
 		"vm: probe all", "vm: probe disk", "host: probe",
 		"vm: detach", "vm: detach", "vm: rm"}
 	if !slices.Equal(steps, want) {
 		t.Fatalf("steps:\n%s\nwant:\n%s", strings.Join(steps, "\n"), strings.Join(want, "\n"))
+	}
+	var evicting []string
+	for _, l := range *log {
+		if strings.Contains(l, "-evict") {
+			evicting = append(evicting, l)
+		}
+	}
+	// Only the first guest run clears out an earlier run's probe.
+	if len(evicting) != 1 || !strings.HasPrefix(evicting[0], "vm: probe") || !strings.Contains(evicting[0], "-groups cpu,mem,disk") {
+		t.Errorf("runs with -evict: %v", evicting)
 	}
 	for _, l := range *log {
 		// The host's memory tests use the buffer the guest settled on.
