@@ -69,8 +69,6 @@ func (g *globals) emit(w io.Writer, v any, table func(*tabwriter.Writer)) error 
 
 func isTTY(f *os.File) bool { return term.IsTerminal(int(f.Fd())) }
 
-// wait follows an operation. On a TTY it draws progress; Ctrl-C cancels
-// the operation in the daemon rather than leaving it running unseen.
 // finish waits for the operation a call started (err is the call's) and
 // decodes its result: how every command that starts an operation ends.
 func finish[T any](cmd *cobra.Command, c *client.Client, op api.Operation, err error) (T, error) {
@@ -84,6 +82,8 @@ func finish[T any](cmd *cobra.Command, c *client.Client, op api.Operation, err e
 	return out, client.Result(op, &out)
 }
 
+// wait follows an operation. On a TTY it draws progress; Ctrl-C cancels
+// the operation in the daemon rather than leaving it running unseen.
 func wait(ctx context.Context, c *client.Client, op api.Operation) (api.Operation, error) {
 	var progress func(api.Operation)
 	tty := isTTY(os.Stderr)

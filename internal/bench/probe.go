@@ -223,8 +223,10 @@ func memTests(ctx context.Context, c ProbeConfig) []Sample {
 	bytes := float64(len(buf) * 8)
 	var out []Sample
 	mbps := func(test string, pass func()) {
-		passes, elapsed := repeatFor(ctx, c.Duration, pass)
-		out = append(out, Sample{Test: test, Unit: "MB/s", Value: passes * bytes / elapsed / 1e6})
+		// A cancelled run's figures are thrown away (Probe returns the
+		// context's error), so timed's error needs no look here.
+		passes, elapsed, _ := timed(ctx, c.Duration, func(int64) error { pass(); return nil })
+		out = append(out, Sample{Test: test, Unit: "MB/s", Value: float64(passes) * bytes / elapsed / 1e6})
 	}
 	mbps(MemRead, func() { sink.Add(sumWords(buf)) })
 	mbps(MemWrite, func() { fillWords(buf, sink.Load()|1) })
@@ -236,19 +238,6 @@ func memTests(ctx context.Context, c ProbeConfig) []Sample {
 	buf = nil
 	debug.FreeOSMemory()
 	return out
-}
-
-// repeatFor calls pass until d has passed (at least once) and returns how
-// many passes ran and the seconds they took.
-func repeatFor(ctx context.Context, d time.Duration, pass func()) (passes, seconds float64) {
-	start := time.Now()
-	for {
-		pass()
-		passes++
-		if time.Since(start) >= d || ctx.Err() != nil {
-			return passes, time.Since(start).Seconds()
-		}
-	}
 }
 
 func sumWords(buf []uint64) uint64 {

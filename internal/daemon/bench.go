@@ -2,8 +2,6 @@ package daemon
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,7 +19,6 @@ import (
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/units"
-	"github.com/lodge-vm/lodge/internal/vm"
 )
 
 func (d *Daemon) benchRoutes(mux *http.ServeMux) {
@@ -200,23 +197,15 @@ func (d *Daemon) benchTarget(ctx context.Context, o *operation, v api.VM, p benc
 	}
 	o.Steps("boot with scratch disks", 0, 0)
 	g, dir, err := d.vms.BootForBench(ctx, v.Name, p.buses, sizes)
+	if err != nil {
+		return nil, "", nil, err
+	}
 	stopAfter := func() {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Minute)
 		defer cancel()
-		if d.vms.Running(v.Name) {
-			if err := d.vms.StopAfterBench(cctx, v.Name); err != nil {
-				d.log.Warn("stop vm after bench", "vm", v.Name, "err", err)
-			}
+		if err := d.vms.StopAfterBench(cctx, v.Name, p.buses); err != nil {
+			d.log.Warn("stop vm after bench", "vm", v.Name, "err", err)
 		}
-		if len(v.Disks) > 0 {
-			for _, b := range p.buses {
-				_ = os.Remove(vm.ScratchPath(filepath.Dir(v.Disks[0].Path), v.Name, b))
-			}
-		}
-	}
-	if err != nil {
-		stopAfter()
-		return nil, "", nil, err
 	}
 	return g, dir, stopAfter, nil
 }
@@ -262,7 +251,7 @@ func (d *Daemon) startBusyVMs(ctx context.Context, o *operation, v api.VM, n int
 		return nil, nil, cleanup, fmt.Errorf("bench vm %q: %w: it has no image to start the %d busy VMs from", v.Name, errdefs.ErrInvalid, n)
 	}
 	var guests []bench.Guest
-	tag := randomTag()
+	tag := newID()[:6]
 	for i := range n {
 		b := fmt.Sprintf("bench-busy%d-%s", i+1, tag)
 		o.Steps(fmt.Sprintf("start busy vm %d/%d", i+1, n), 0, 0)
@@ -300,12 +289,6 @@ func (d *Daemon) hushBusy(names []string) func(ctx context.Context, paused bool)
 	}
 }
 
-func randomTag() string {
-	b := make([]byte, 3)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
 func (d *Daemon) benchDir(vm string) string { return filepath.Join(d.cfg.Home, "bench", vm) }
 
 // saveBench writes the report where bench history finds it, atomically:
@@ -315,7 +298,7 @@ func (d *Daemon) saveBench(rep *api.BenchReport) error {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return fmt.Errorf("save bench of vm %q: %w", rep.VM, err)
 	}
-	rep.ID = rep.CreatedAt.Format("20060102-150405") + "-" + randomTag()
+	rep.ID = rep.CreatedAt.Format("20060102-150405") + "-" + newID()[:6]
 	rep.Saved = true
 	raw, err := json.MarshalIndent(rep, "", "  ")
 	if err != nil {

@@ -34,40 +34,49 @@ var _ bench.Guest = (*benchGuest)(nil)
 // the directory of its disks, where the host's side of the disk tests
 // belongs too.
 func (s *Service) BenchGuest(ctx context.Context, name string) (bench.Guest, string, error) {
-	r, err := s.load(ctx, name)
+	r, dir, err := s.benchDisks(ctx, name)
 	if err != nil {
 		return nil, "", err
 	}
 	if s.instance(name) == nil || r.State != api.StateRunning {
 		return nil, "", fmt.Errorf("bench vm %q: %w: it is %s, and a benchmark needs it running", name, errdefs.ErrState, r.State)
 	}
-	if len(r.Disks) == 0 {
-		return nil, "", fmt.Errorf("bench vm %q: %w: it has no disk", name, errdefs.ErrInvalid)
-	}
-	dir := filepath.Dir(r.Disks[0].Path)
 	return &benchGuest{s: s, name: name, dir: dir}, dir, nil
 }
 
-// ScratchPath is where the scratch disk of bus goes for a benchmark of
+// benchDisks loads a VM and the directory of its disks, where scratch
+// disks go.
+func (s *Service) benchDisks(ctx context.Context, name string) (record, string, error) {
+	r, err := s.load(ctx, name)
+	if err != nil {
+		return record{}, "", err
+	}
+	if len(r.Disks) == 0 {
+		return record{}, "", fmt.Errorf("bench vm %q: %w: it has no disk", name, errdefs.ErrInvalid)
+	}
+	return r, filepath.Dir(r.Disks[0].Path), nil
+}
+
+// scratchPath is where the scratch disk of bus goes for a benchmark of
 // vm whose disks are in dir.
-func ScratchPath(dir, vm, bus string) string {
+func scratchPath(dir, vm, bus string) string {
 	return filepath.Join(dir, ".bench-"+vm+"-"+bus+".qcow2")
 }
 
 // BootForBench starts a stopped VM that ReserveForBench holds, with a
 // new scratch disk of each size on each bus (IDE included, which cannot
-// be hot-plugged), for this boot only; StopAfterBench stops it again.
-// The scratch files are created beside the VM's disks; the caller
-// removes them (ScratchPath) once the VM has stopped.
-func (s *Service) BootForBench(ctx context.Context, name string, buses []string, sizes []int64) (bench.Guest, string, error) {
-	r, err := s.load(ctx, name)
+// be hot-plugged), for this boot only. StopAfterBench stops it again and
+// removes the scratch disks; a failed boot removes them at once.
+func (s *Service) BootForBench(ctx context.Context, name string, buses []string, sizes []int64) (_ bench.Guest, _ string, err error) {
+	_, dir, err := s.benchDisks(ctx, name)
 	if err != nil {
 		return nil, "", err
 	}
-	if len(r.Disks) == 0 {
-		return nil, "", fmt.Errorf("bench vm %q: %w: it has no disk", name, errdefs.ErrInvalid)
-	}
-	dir := filepath.Dir(r.Disks[0].Path)
+	defer func() {
+		if err != nil {
+			s.removeScratch(dir, name, buses)
+		}
+	}()
 	// QEMU's IDE bus takes disks by position (see qemu.Machine.Args): an
 	// IDE scratch disk goes right after the VM's own.
 	order := make([]int, 0, len(buses))
@@ -81,7 +90,7 @@ func (s *Service) BootForBench(ctx context.Context, name string, buses []string,
 	var extra []qemu.Disk
 	booted := map[string]bool{}
 	for _, i := range order {
-		path := ScratchPath(dir, name, buses[i])
+		path := scratchPath(dir, name, buses[i])
 		_ = os.Remove(path)
 		if err := s.cfg.Volumes.CreateOverlay(ctx, "", path, sizes[i]); err != nil {
 			return nil, "", fmt.Errorf("scratch disk %s: %w", path, err)
@@ -96,9 +105,24 @@ func (s *Service) BootForBench(ctx context.Context, name string, buses []string,
 }
 
 // StopAfterBench stops a VM that BootForBench started, gracefully and
-// then by force.
-func (s *Service) StopAfterBench(ctx context.Context, name string) error {
-	return s.stopLocked(ctx, name, false, 0)
+// then by force, and removes its scratch disks.
+func (s *Service) StopAfterBench(ctx context.Context, name string, buses []string) error {
+	var err error
+	if s.alive(name) {
+		err = s.stopLocked(ctx, name, false, 0)
+	}
+	if _, dir, derr := s.benchDisks(ctx, name); derr == nil {
+		s.removeScratch(dir, name, buses)
+	}
+	return err
+}
+
+func (s *Service) removeScratch(dir, name string, buses []string) {
+	for _, b := range buses {
+		if err := os.Remove(scratchPath(dir, name, b)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			s.log.Warn("remove scratch disk", "vm", name, "err", err)
+		}
+	}
 }
 
 // ReserveForBench marks the VM busy with a benchmark, so that a stop, a
@@ -169,7 +193,7 @@ func (g *benchGuest) AttachDisk(ctx context.Context, bus string, size int64) (fu
 	default:
 		return nil, fmt.Errorf("disk bus %q: %w: want %s", bus, errdefs.ErrInvalid, strings.Join(qemu.Buses, ", "))
 	}
-	path := ScratchPath(g.dir, g.name, bus)
+	path := scratchPath(g.dir, g.name, bus)
 	// A scratch disk left by a killed daemon is rubbish: start afresh.
 	sweepScratch(ctx, in.mon, id, devices)
 	_ = os.Remove(path)
@@ -250,6 +274,3 @@ func unplug(ctx context.Context, mon qmp.Monitor, id string) error {
 		}
 	}
 }
-
-// Running says whether the VM's QEMU is up.
-func (s *Service) Running(name string) bool { return s.alive(name) }
