@@ -154,8 +154,12 @@ func (m Machine) Args() ([]string, error) {
 		if d.ReadOnly {
 			ro = ",read-only=on"
 		}
+		// drop-cache=off: a live memory snapshot ends like a migration,
+		// and QEMU would otherwise drop the disk's page cache when it
+		// takes the disk back (the guest would read it all from disk
+		// again). Only a host that takes over shared storage needs that.
 		args = append(args,
-			"-blockdev", "driver=file,filename="+escape(d.Path)+",node-name="+node+"-file,cache.direct=off,discard=unmap"+ro,
+			"-blockdev", "driver=file,filename="+escape(d.Path)+",node-name="+node+"-file,cache.direct=off,discard=unmap,drop-cache=off"+ro,
 			"-blockdev", "driver="+d.Format+",file="+node+"-file,node-name="+node+",discard=unmap"+ro)
 		boot := ""
 		if i == 0 {

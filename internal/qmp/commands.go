@@ -84,14 +84,16 @@ func QueryBlock(ctx context.Context, m Monitor) ([]BlockDevice, error) {
 	return out, nil
 }
 
-// SnapshotSync makes a new qcow2 overlay at file on top of node and moves
-// the guest's writes to it, all in QEMU's main loop, so the guest sees no
-// pause beyond one iteration. node becomes read-only; the new top is
-// named newNode.
-func SnapshotSync(ctx context.Context, m Monitor, node, file, newNode string) error {
+// SnapshotExisting puts the qcow2 overlay at file, made beforehand with
+// node's file as its backing file, on top of node and moves the guest's
+// writes to it, all in QEMU's main loop, so the guest sees no pause
+// beyond one iteration. node becomes read-only; the new top is named
+// newNode. QEMU only opens the file: creating it there would sync it,
+// and a sync waits behind whatever else the host is writing.
+func SnapshotExisting(ctx context.Context, m Monitor, node, file, newNode string) error {
 	return m.Execute(ctx, "blockdev-snapshot-sync", map[string]any{
 		"node-name": node, "snapshot-file": file, "snapshot-node-name": newNode,
-		"format": "qcow2", "mode": "absolute-paths",
+		"format": "qcow2", "mode": "existing",
 	}, nil)
 }
 
@@ -104,6 +106,8 @@ type MigrationStatus struct {
 		Transferred int64 `json:"transferred"`
 		Remaining   int64 `json:"remaining"`
 		Total       int64 `json:"total"`
+		// DirtySyncCount counts the passes over guest memory so far.
+		DirtySyncCount int64 `json:"dirty-sync-count"`
 	} `json:"ram,omitempty"`
 	// Downtime is how long the guest was paused, in ms, once completed.
 	Downtime  int64  `json:"downtime,omitempty"`
@@ -143,6 +147,12 @@ func Migrate(ctx context.Context, m Monitor, uri string) error {
 // -incoming defer.
 func MigrateIncoming(ctx context.Context, m Monitor, uri string) error {
 	return m.Execute(ctx, "migrate-incoming", map[string]any{"uri": uri}, nil)
+}
+
+// MigrateContinue lets a migration paused in state (pre-switchover, with
+// the pause-before-switchover capability) go on.
+func MigrateContinue(ctx context.Context, m Monitor, state string) error {
+	return m.Execute(ctx, "migrate-continue", map[string]any{"state": state}, nil)
 }
 
 // MigrateCancel stops an outgoing migration.

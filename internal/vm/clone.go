@@ -229,8 +229,16 @@ func (s *Service) freezeTops(ctx context.Context, op string, r record, next []st
 }
 
 // commitTops makes the switched disks' new tops current and registers
-// their old tops as layers, clearing the cloning intent.
+// their old tops as layers, clearing the cloning intent. New tops that
+// were made but not switched to are removed.
 func (s *Service) commitTops(ctx context.Context, name string, next []string, switched []bool) error {
+	for i, p := range next {
+		if p != "" && (i >= len(switched) || !switched[i]) {
+			if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+				s.log.Warn("remove unused new top", "vm", name, "path", p, "err", err)
+			}
+		}
+	}
 	var frozen []string
 	err := s.cfg.Store.Update(ctx, func(tx store.Tx) error {
 		var cur record
@@ -275,8 +283,32 @@ func (s *Service) snapshotRunning(ctx context.Context, op string, r record, next
 	if in == nil {
 		return fmt.Errorf("%s vm %q: it stopped: %w", op, r.Name, errdefs.ErrState)
 	}
+	if err := s.prepareTops(ctx, op, r, next); err != nil {
+		return err
+	}
 	_, err := s.atFrozenPoint(ctx, op, r, in, func() error { return s.switchTops(ctx, op, r, in, next, switched) })
 	return err
+}
+
+// prepareTops creates the new tops (where next is set) of a running VM
+// before it switches to them, so that the switch, made with the guest
+// paused or its filesystems frozen, only opens files. On failure it
+// removes what it made.
+func (s *Service) prepareTops(ctx context.Context, op string, r record, next []string) error {
+	for i, d := range r.Disks {
+		if next[i] == "" {
+			continue
+		}
+		if err := s.cfg.Volumes.CreateOverlay(ctx, d.Path, next[i], d.Size); err != nil {
+			for j := range i {
+				if next[j] != "" {
+					_ = os.Remove(next[j])
+				}
+			}
+			return fmt.Errorf("%s vm %q: disk %q: new top: %w", op, r.Name, d.Name, err)
+		}
+	}
+	return nil
 }
 
 // switchTops makes QEMU put new overlays (where next is set) on top of a
@@ -294,7 +326,7 @@ func (s *Service) switchTops(ctx context.Context, op string, r record, in *insta
 		if node == "" {
 			return fmt.Errorf("%s vm %q: disk %q: QEMU lists no such device", op, r.Name, d.Name)
 		}
-		if err := qmp.SnapshotSync(ctx, in.mon, node, next[i], "disk"+strconv.Itoa(i)+"-"+randomHex(4)); err != nil {
+		if err := qmp.SnapshotExisting(ctx, in.mon, node, next[i], "disk"+strconv.Itoa(i)+"-"+randomHex(4)); err != nil {
 			return fmt.Errorf("%s vm %q: disk %q: switch to a new top: %w", op, r.Name, d.Name, err)
 		}
 		switched[i] = true
@@ -351,8 +383,15 @@ func (s *Service) fullCopy(ctx context.Context, src, dst string, total int64, pr
 // is kept.
 func (s *Service) recoverTops(ctx context.Context, r record) error {
 	switched := make([]bool, len(r.Disks))
+	// New tops are made before a running VM switches to them, so while
+	// its QEMU runs, only QEMU knows which ones it writes to.
+	tops, running := s.qemuTops(ctx, r.Name)
 	for i, d := range r.Disks {
 		if i >= len(r.NextDisks) || r.NextDisks[i] == "" {
+			continue
+		}
+		if running {
+			switched[i] = tops[r.NextDisks[i]]
 			continue
 		}
 		info, err := s.cfg.Volumes.Info(ctx, r.NextDisks[i])
@@ -366,4 +405,30 @@ func (s *Service) recoverTops(ctx context.Context, r record) error {
 	}
 	s.log.Warn("finishing interrupted switch to new disk tops", "vm", r.Name, "intent", r.Intent, "switched", switched)
 	return s.commitTops(ctx, r.Name, r.NextDisks, switched)
+}
+
+// qemuTops asks a VM's QEMU, if it runs, which files are its disks' tops.
+func (s *Service) qemuTops(ctx context.Context, name string) (map[string]bool, bool) {
+	runDir := s.runDir(name)
+	if _, err := s.cfg.Driver.PID(runDir); err != nil {
+		return nil, false
+	}
+	mctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	mon, err := s.cfg.Driver.Monitor(mctx, runDir)
+	if err != nil {
+		return nil, false
+	}
+	defer func() { _ = mon.Close() }()
+	devs, err := qmp.QueryBlock(mctx, mon)
+	if err != nil {
+		return nil, false
+	}
+	tops := map[string]bool{}
+	for _, d := range devs {
+		if d.Inserted != nil {
+			tops[d.Inserted.File] = true
+		}
+	}
+	return tops, true
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qga"
 	"github.com/lodge-vm/lodge/internal/qmp"
+	"github.com/lodge-vm/lodge/internal/snapshot"
 )
 
 // instance is a running QEMU the service supervises.
@@ -34,6 +35,9 @@ type instance struct {
 	// snapshotting hides the short pause of a memory snapshot, which
 	// QEMU reports as STOP and RESUME, from the VM's recorded state.
 	snapshotting atomic.Bool
+	// groupFrozen is set while FreezeAll holds the guest's filesystems
+	// frozen: points taken meanwhile neither freeze nor thaw on their own.
+	groupFrozen atomic.Bool
 	// noVirtioMem is set once the guest is seen not to drive virtio-mem:
 	// memory hot-plug then uses pc-dimms.
 	noVirtioMem atomic.Bool
@@ -289,7 +293,12 @@ func (s *Service) resumeAfterSnapshot(ctx context.Context, name string) {
 	if in == nil {
 		return
 	}
-	if st, err := qmp.QueryStatus(ctx, in.mon); err == nil && st.Status == "paused" {
+	if err := snapshot.Settle(ctx, in.mon); err != nil {
+		s.log.Error("end an interrupted memory save", "vm", name, "err", err)
+	}
+	// "postmigrate": a live save completed, and QEMU holds the guest
+	// until it is resumed.
+	if st, err := qmp.QueryStatus(ctx, in.mon); err == nil && (st.Status == "paused" || st.Status == "postmigrate" || st.Status == "finish-migrate") {
 		s.log.Warn("resuming a guest paused by an interrupted snapshot", "vm", name)
 		if err := qmp.Cont(ctx, in.mon); err != nil {
 			s.log.Error("resume", "vm", name, "err", err)

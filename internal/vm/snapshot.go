@@ -194,6 +194,10 @@ func (s *Service) CreateSnapshot(ctx context.Context, vm string, req api.CreateS
 	bg := context.WithoutCancel(ctx)
 	if withMemory {
 		switched := make([]bool, len(r.Disks))
+		if err := s.prepareTops(ctx, "snapshot", r, next); err != nil {
+			s.dropSnapshot(bg, sr)
+			return api.Snapshot{}, err
+		}
 		in.snapshotting.Store(true)
 		stats, serr := snapshot.Save(ctx, in.mon, sr.MemFile, s.stateReserve(ctx, in, r), func(ctx context.Context) error {
 			return s.switchTops(ctx, "snapshot", r, in, next, switched)
@@ -205,7 +209,7 @@ func (s *Service) CreateSnapshot(ctx context.Context, vm string, req api.CreateS
 		}
 		sr.PauseMS = stats.Pause.Milliseconds()
 		if err == nil {
-			s.log.Info("memory state saved", "vm", vm, "snapshot", req.Name, "pause", stats.Pause, "bytes", stats.Bytes, "elapsed", stats.Elapsed, "sync", stats.Sync)
+			s.log.Info("memory state saved", "vm", vm, "snapshot", req.Name, "method", stats.Method, "fallback", stats.Fallback, "pause", stats.Pause, "bytes", stats.Bytes, "elapsed", stats.Elapsed, "sync", stats.Sync)
 		}
 	} else {
 		err = s.freezeTops(ctx, "snapshot", r, next, running)
