@@ -74,7 +74,14 @@ type Config struct {
 	// VMOverhead is the host memory each running VM is counted for beyond
 	// its guest's memory; 0 means QEMUOverhead, plus TCGCache under TCG.
 	VMOverhead Size `yaml:"vm_overhead"`
+	// FleeceLimit bounds what an export or backup of a running VM keeps
+	// beside its disks: copies of the blocks the guest overwrote before
+	// they were read. Past it the export or backup stops, not the guest.
+	FleeceLimit Size `yaml:"fleece_limit"`
 }
+
+// DefaultFleeceLimit is FleeceLimit's default.
+const DefaultFleeceLimit = 4 << 30
 
 // AutoBalloon takes memory back from idle VMs while the host is short of
 // it, down to each VM's min_memory, and gives it back afterwards.
@@ -201,6 +208,9 @@ func (c *Config) Default() {
 	if c.TCGCache == 0 {
 		c.TCGCache = DefaultTCGCache
 	}
+	if c.FleeceLimit == 0 {
+		c.FleeceLimit = DefaultFleeceLimit
+	}
 	if c.AutoBalloon.Interval == 0 {
 		c.AutoBalloon.Interval = 5 * time.Second
 	}
@@ -241,6 +251,9 @@ func (c *Config) Validate() error {
 	}
 	if c.TCGCache < 1<<20 || c.TCGCache > 2<<30 {
 		return fmt.Errorf("config tcg_cache %d: must be between 1M and 2G", c.TCGCache)
+	}
+	if c.FleeceLimit < 64<<20 {
+		return fmt.Errorf("config fleece_limit %d: must be at least 64M", c.FleeceLimit)
 	}
 	if c.AutoBalloon.Interval < 100*time.Millisecond {
 		return fmt.Errorf("config auto_balloon.interval %v: must be at least 100ms", c.AutoBalloon.Interval)

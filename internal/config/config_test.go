@@ -43,6 +43,7 @@ func TestValidateRejects(t *testing.T) {
 		{"relative home", func(c *Config) { c.Home = "rel" }, "absolute"},
 		{"log level", func(c *Config) { c.LogLevel = "loud" }, "log_level"},
 		{"tcg cache", func(c *Config) { c.TCGCache = 100 }, "tcg_cache"},
+		{"fleece limit", func(c *Config) { c.FleeceLimit = 1 << 20 }, "fleece_limit"},
 		{"auto-balloon interval", func(c *Config) { c.AutoBalloon.Interval = time.Millisecond }, "auto_balloon.interval"},
 		{"auto-balloon threshold", func(c *Config) { c.AutoBalloon.Threshold = -1 }, "auto_balloon.threshold"},
 	}

@@ -181,7 +181,7 @@ func (d *Daemon) exportVM(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	st, err := bundle.Write(r.Context(), lw, m, srcs, bundle.WriteOptions{Compression: comp})
 	if err != nil {
-		lw.fail(d, err)
+		lw.fail(d, ex.Cause(err))
 		return
 	}
 	d.log.Info("exported", "vm", name, "consistency", ex.Consistency, "data", st.Data, "bytes", st.Written, "took", time.Since(start).Round(time.Millisecond))
@@ -515,7 +515,7 @@ func (d *Daemon) send(ctx context.Context, o *operation, name string, remote *cl
 		}()
 		st, err := remote.PutTransfer(ctx, tr.ID, pr)
 		_ = pr.CloseWithError(errors.New("send attempt over"))
-		werr := <-wrote
+		werr := ex.Cause(<-wrote)
 		if err == nil && st.Done && st.VM != nil {
 			result = *st.VM
 			break
@@ -526,7 +526,10 @@ func (d *Daemon) send(ctx context.Context, o *operation, name string, remote *cl
 		if err == nil {
 			err = errors.New("the receiver did not finish the import")
 		}
-		if ctx.Err() != nil || (isReply(err) && !client.IsBusy(err)) || attempt >= sendAttempts {
+		if stopped := ex.Err(); stopped != nil {
+			err = stopped // the point in time is gone: no resuming
+		}
+		if ctx.Err() != nil || ex.Err() != nil || (isReply(err) && !client.IsBusy(err)) || attempt >= sendAttempts {
 			ex.Close()
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 			_ = remote.DeleteTransfer(cctx, tr.ID)
@@ -606,7 +609,7 @@ func (d *Daemon) exportOVA(w http.ResponseWriter, r *http.Request, ex *vm.Export
 	}
 	lw := &lazyWriter{w: w, contentType: "application/x-tar"}
 	if err := ovf.WriteOVA(r.Context(), lw, m, d.cfg.QEMUImg, tmp, nil); err != nil {
-		lw.fail(d, fmt.Errorf("export vm %q as OVA: %w", ex.VM.Name, err))
+		lw.fail(d, fmt.Errorf("export vm %q as OVA: %w", ex.VM.Name, ex.Cause(err)))
 		return
 	}
 	d.log.Info("exported OVA", "vm", ex.VM.Name)

@@ -90,7 +90,7 @@ func New(ctx context.Context, cfg config.Config, log *slog.Logger) (*Daemon, err
 	d.vms = vm.New(vm.Config{
 		Home: cfg.Home, Store: st, Driver: d.driver, Volumes: img, Images: d.images, Pools: d.pools, Networks: d.networks,
 		Events: d.events, Log: log, Host: d.host, Accel: d.waitAccel, StopTimeout: cfg.StopTimeout,
-		IdentityGrace: cfg.IdentityGrace, TCGCache: int64(cfg.TCGCache),
+		IdentityGrace: cfg.IdentityGrace, TCGCache: int64(cfg.TCGCache), FleeceLimit: int64(cfg.FleeceLimit),
 		Vsock: hasVhostVsock(),
 		WriteSeed: func(ctx context.Context, path, instanceID, hostname string, userData []byte) error {
 			return identity.WriteSeedISO(ctx, path, identity.Seed{InstanceID: instanceID, Hostname: hostname, UserData: userData})

@@ -521,6 +521,10 @@ func (c *Conn) send(ctx context.Context, cl *call, flags uint16) (bool, error) {
 	return true, nil
 }
 
+// Abort ends the connection at once: requests in flight and any made
+// later fail with err. Close still releases it.
+func (c *Conn) Abort(err error) { c.fail(err) }
+
 // fail stops the connection taking requests and closes it; the reader
 // then fails whatever is pending.
 func (c *Conn) fail(err error) {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
@@ -47,6 +48,8 @@ type Export struct {
 	// then serves the disk's base, if it has one.
 	Tree    *ExportTree
 	release []func()
+	mu      sync.Mutex
+	err     error // why the export was stopped, if it was
 }
 
 // Close lets go of the point in time and the VM.
@@ -169,6 +172,11 @@ type fleeceHooks struct {
 // QEMU and serves it from QEMU's NBD server.
 func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance, dir string, hooks fleeceHooks) error {
 	s.clearFleece(ctx, in)
+	room, err := s.fleeceRoom(r)
+	if err != nil {
+		return err
+	}
+	var paths []string
 	devs, err := qmp.QueryBlock(ctx, in.mon)
 	if err != nil {
 		return err
@@ -196,6 +204,7 @@ func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance,
 			return fmt.Errorf("disk %q: fleecing file: %w", d.Name, err)
 		}
 		e.release = append(e.release, func() { _ = os.Remove(path) })
+		paths = append(paths, path)
 		node := fleecePrefix + strconv.Itoa(i) + "-" + randomHex(4)
 		if err := qmp.AddFleeceNode(ctx, in.mon, node, path, top); err != nil {
 			return fmt.Errorf("disk %q: %w", d.Name, err)
@@ -247,6 +256,14 @@ func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance,
 		}
 		e.Disks = append(e.Disks, ExportDisk{Disk: r.Disks[i], Conn: c, URI: "nbd+unix:///" + name + "?socket=" + sock})
 	}
+	stop := s.watchFleece(e, r.Name, paths, room, func() {
+		// Readers through QEMU's server (qemu-img, for an OVA) are cut
+		// off before the view stops holding the point in time.
+		bg := context.WithoutCancel(ctx)
+		_ = qmp.NBDServerStop(bg, in.mon)
+		s.cancelJobs(bg, in, specs)
+	})
+	e.release = append(e.release, stop)
 	return nil
 }
 
@@ -316,6 +333,9 @@ func (s *Service) atFrozenPoint(ctx context.Context, op string, r record, in *in
 	if err != nil {
 		return "", fmt.Errorf("%s vm %q: %w", op, r.Name, err)
 	}
+	if in.groupFrozen.Load() {
+		return "frozen", fn()
+	}
 	consistency := "crash"
 	if st.Running && in.agentUp() {
 		fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
@@ -339,6 +359,45 @@ func (s *Service) atFrozenPoint(ctx context.Context, op string, r record, in *in
 		}()
 	}
 	return consistency, fn()
+}
+
+// FreezeAll freezes, through their agents, the filesystems of those of
+// the named VMs that run, and holds them frozen until thaw is called.
+// Points taken for each of them meanwhile, one after the other, then hold
+// all the guests at one moment, since none of them writes in between;
+// each alone would be frozen only for its own instant. A VM that cannot be
+// frozen is left as it is, and its point says it is crash-consistent.
+func (s *Service) FreezeAll(ctx context.Context, names []string) (thaw func()) {
+	var frozen []*instance
+	for _, name := range names {
+		in := s.instance(name)
+		if in == nil || !in.agentUp() {
+			continue
+		}
+		if st, err := qmp.QueryStatus(ctx, in.mon); err != nil || !st.Running {
+			continue
+		}
+		fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
+		err := s.withAgent(fctx, name, 0, func(a qga.Agent) error { _, err := a.FSFreeze(fctx); return err })
+		cancel()
+		if err != nil {
+			s.log.Warn("filesystems not frozen for a group point", "vm", name, "err", err)
+			continue
+		}
+		in.groupFrozen.Store(true)
+		frozen = append(frozen, in)
+	}
+	return func() {
+		for _, in := range frozen {
+			tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), freezeTimeout)
+			if err := s.withAgent(tctx, in.name, 0, func(a qga.Agent) error { _, err := a.FSThaw(tctx); return err }); err != nil {
+				s.log.Error("thaw filesystems", "vm", in.name, "err", err)
+			}
+			cancel()
+			in.groupFrozen.Store(false)
+		}
+		frozen = nil
+	}
 }
 
 // ImportSpec is a VM to recreate from a bundle.

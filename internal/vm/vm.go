@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
+	"github.com/lodge-vm/lodge/internal/config"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/image"
 	"github.com/lodge-vm/lodge/internal/network"
@@ -153,6 +154,9 @@ type Config struct {
 	// to take its new hostname from the seed before Lodge applies the new
 	// identity through the agent.
 	IdentityGrace time.Duration
+	// FleeceLimit bounds the fleecing files of a running VM's export or
+	// backup; 0 means config.DefaultFleeceLimit.
+	FleeceLimit int64
 	// WriteSeed makes the NoCloud seed; a field so unit tests can skip xorriso.
 	WriteSeed func(ctx context.Context, path string, instanceID, hostname string, userData []byte) error
 }
@@ -177,6 +181,9 @@ func New(cfg Config) *Service {
 	}
 	if cfg.IdentityGrace == 0 {
 		cfg.IdentityGrace = 60 * time.Second
+	}
+	if cfg.FleeceLimit == 0 {
+		cfg.FleeceLimit = config.DefaultFleeceLimit
 	}
 	return &Service{
 		cfg:       cfg,

@@ -488,3 +488,73 @@ func waitReading(t *testing.T, h *host, op api.Operation) {
 		return false
 	})
 }
+
+// TestBackupFleeceLimit holds a backup of a running VM while its guest
+// overwrites more than fleece_limit of data the backup has not read: the
+// backup stops with the reason, the guest's writes all go through,
+// nothing is left behind, and the next backup works.
+func TestBackupFleeceLimit(t *testing.T) {
+	t.Parallel()
+	requireQEMU(t)
+	waitProbe(t)
+	h := newHostNoDaemon(t)
+	if err := os.WriteFile(filepath.Join(h.home, "config.yaml"), []byte("fleece_limit: 64M\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h.startDaemon()
+	t.Cleanup(h.cleanup)
+	h.vm("busy", "--disk", "4G")
+	h.exec("busy", "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=200 conv=fsync 2>/dev/null && sync")
+	// A little later the guest writes the same 200 MiB again.
+	h.exec("busy", "sh", "-c", "(sleep 2; dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=200 oflag=direct 2>/dev/null && echo ok >/root/dd-done) </dev/null >/dev/null 2>&1 &")
+	ctx := context.Background()
+	op, err := h.c.CreateBackup(ctx, "busy", api.CreateBackup{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitReading(t, h, op)
+	// A stopped daemon is a repository that takes nothing: QEMU keeps
+	// copying what the guest overwrites into the fleecing file.
+	fleece := filepath.Join(h.home, "pools", "default", "*.fleece.qcow2")
+	held := func() int64 {
+		files, _ := filepath.Glob(fleece)
+		var n int64
+		for _, f := range files {
+			var st syscall.Stat_t
+			if syscall.Stat(f, &st) == nil {
+				n += st.Blocks * 512
+			}
+		}
+		return n
+	}
+	if err := h.daemon.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 120*time.Second, "the guest to overwrite 100 MiB the backup has not read", func() bool { return held() > 100<<20 })
+	if err := h.daemon.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	done, err := h.c.Wait(ctx, op, nil)
+	if done.State != api.OpFailed || !strings.Contains(done.Error, "fleece_limit") || !strings.Contains(done.Error, "not slowed") {
+		t.Fatalf("backup held past fleece_limit: %s, %q (%v); want failed, naming fleece_limit", done.State, done.Error, err)
+	}
+	eventually(t, 120*time.Second, "the guest's writes to finish", func() bool {
+		_, _, code := h.lodge("exec", "busy", "--", "test", "-f", "/root/dd-done")
+		return code == 0
+	})
+	if files, _ := filepath.Glob(fleece); len(files) > 0 {
+		t.Errorf("the stopped backup left %v", files)
+	}
+	var none []api.Backup
+	mustJSON(t, h.must("backup", "list", "-o", "json"), &none)
+	if len(none) != 0 {
+		t.Fatalf("a stopped backup is listed: %+v", none)
+	}
+	if v := h.show("busy"); v.State != api.StateRunning {
+		t.Fatalf("VM after its backup was stopped: %s (%s)", v.State, v.StateReason)
+	}
+	if b := h.backup("busy"); b.Kind != "full" {
+		t.Errorf("next backup: %s", b.Kind)
+	}
+	h.must("backup", "verify")
+}

@@ -39,6 +39,7 @@ const (
 type VMs interface {
 	Get(ctx context.Context, name string) (api.VM, error)
 	OpenBackup(ctx context.Context, name string, opts vm.BackupOptions) (*vm.BackupPoint, error)
+	FreezeAll(ctx context.Context, names []string) (thaw func())
 	BeginImport(ctx context.Context, spec vm.ImportSpec) (*vm.Import, error)
 	Rebuild(ctx context.Context, name string, fill vm.DiskFiller) (api.VM, error)
 }
@@ -307,10 +308,11 @@ type job struct {
 	p      *vm.BackupPoint
 }
 
-// CreateGroup backs several VMs up at one point: every VM's point is
-// taken (each guest frozen for its instant) before any data is read, so
-// the backups are as close in time as the guests allow, rather than each
-// a whole backup's time after the last. Then each is read and committed.
+// CreateGroup backs several VMs up at one point: every guest is frozen,
+// then every VM's point is taken, then the guests are thawed, all before
+// any data is read, so that no guest writes between two points; rather
+// than each point a whole backup's time after the last. Then each is read
+// and committed.
 func (m *Manager) CreateGroup(ctx context.Context, names []string, repoName string, progress Progress) (_ []api.Backup, err error) {
 	defer func() {
 		if err != nil {
@@ -369,16 +371,24 @@ func (m *Manager) CreateGroup(ctx context.Context, names []string, repoName stri
 	}
 	start := time.Now()
 	progress("freeze", 0, 0)
+	// Several guests are all frozen before the first point is taken and
+	// thawed after the last, so that no guest writes between points.
+	thaw := func() {}
+	if len(jobs) > 1 {
+		thaw = m.vms.FreezeAll(ctx, names)
+	}
 	for _, j := range jobs {
 		if j.p, err = m.vms.OpenBackup(ctx, j.name, j.opts); err != nil {
+			thaw()
 			return nil, err
 		}
 	}
+	thaw()
 	out := make([]api.Backup, 0, len(jobs))
 	for _, j := range jobs {
 		man, err := m.read(ctx, j.w, repo.ChunkSize(), j.p, j.parent, j.opts, progress)
 		if err != nil {
-			return nil, fmt.Errorf("backup vm %q to repository %q: %w", j.name, rec.Name, err)
+			return nil, fmt.Errorf("backup vm %q to repository %q: %w", j.name, rec.Name, j.p.Cause(err))
 		}
 		progress("commit", 0, 0)
 		if err := j.w.Flush(ctx); err != nil {

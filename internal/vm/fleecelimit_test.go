@@ -1,0 +1,70 @@
+package vm
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lodge-vm/lodge/internal/errdefs"
+)
+
+// The watcher stops an export whose fleecing files grow past their room,
+// once, and not one that stays within it.
+func TestWatchFleece(t *testing.T) {
+	fleeceEvery = time.Millisecond
+	tests := []struct {
+		name     string
+		write    int64 // into the fleecing file while watched
+		wantTrip bool
+	}{
+		{name: "within its room", write: 1 << 20},
+		{name: "past its room", write: 3 << 20, wantTrip: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFixture(t)
+			path := filepath.Join(t.TempDir(), "disk.fleece.qcow2")
+			if err := os.WriteFile(path, make([]byte, 0), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			e := &Export{}
+			trips := make(chan struct{}, 2)
+			stop := f.svc.watchFleece(e, "vm1", []string{path}, 2<<20, func() { trips <- struct{}{} })
+			// Real data: a file of zeros could be sparse.
+			data := []byte(strings.Repeat("fleece", int(tt.write/6)+1))[:tt.write]
+			if err := os.WriteFile(path, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			var tripped bool
+			select {
+			case <-trips:
+				tripped = true
+			case <-time.After(200 * time.Millisecond):
+			}
+			stop()
+			if tripped != tt.wantTrip {
+				t.Fatalf("tripped: %v, want %v", tripped, tt.wantTrip)
+			}
+			readErr := errors.New("nbd: connection lost")
+			got := e.Cause(readErr)
+			if !tt.wantTrip {
+				if !errors.Is(got, readErr) || e.Err() != nil {
+					t.Fatalf("Cause = %v, Err = %v: want the read's own error and none", got, e.Err())
+				}
+				return
+			}
+			if !errors.Is(got, errdefs.ErrNoSpace) || !strings.Contains(got.Error(), "fleece_limit") {
+				t.Fatalf("Cause = %v: want ErrNoSpace naming fleece_limit", got)
+			}
+			if e.Cause(nil) != nil {
+				t.Error("Cause(nil) of a stopped export is not nil")
+			}
+			if len(trips) != 0 {
+				t.Error("the watcher stopped the export twice")
+			}
+		})
+	}
+}
