@@ -33,6 +33,16 @@ type Disk struct {
 	// named explicitly so QEMU never guesses.
 	Format   string
 	ReadOnly bool
+	// Backing is the chain of files under Path, nearest first, when the
+	// caller read it; QEMU then opens each with Lodge's options instead
+	// of its own defaults. Empty: QEMU follows the chain itself.
+	Backing []BackingFile
+}
+
+// BackingFile is one file of a disk's backing chain.
+type BackingFile struct {
+	Path   string
+	Format string
 }
 
 // NIC is one network card: on QEMU's user-mode NAT; with Tap set, on a
@@ -154,13 +164,38 @@ func (m Machine) Args() ([]string, error) {
 		if d.ReadOnly {
 			ro = ",read-only=on"
 		}
+		// The backing chain is named node by node, from the bottom, so
+		// that each file gets the same options as the top.
+		backing := ""
+		for j := len(d.Backing) - 1; j >= 0; j-- {
+			b := d.Backing[j]
+			if b.Format != "qcow2" && b.Format != "raw" {
+				return nil, fmt.Errorf("machine %q: disk %q: backing file %s: format %q: want qcow2 or raw", m.Name, d.Name, b.Path, b.Format)
+			}
+			bnode := node + "-b" + strconv.Itoa(j+1)
+			below := ""
+			if backing != "" {
+				below = ",backing=" + backing
+			}
+			// A layer is read-only until a merge (block-stream into it)
+			// needs to write it; auto-read-only opens its file read-only
+			// until then, so that VMs on one image share it.
+			args = append(args,
+				"-blockdev", "driver=file,filename="+escape(b.Path)+",node-name="+bnode+"-file,cache.direct=off,drop-cache=off,auto-read-only=on",
+				"-blockdev", "driver="+b.Format+",file="+bnode+"-file,node-name="+bnode+",read-only=on"+below)
+			backing = bnode
+		}
+		top := ""
+		if backing != "" {
+			top = ",backing=" + backing
+		}
 		// drop-cache=off: a live memory snapshot ends like a migration,
 		// and QEMU would otherwise drop the disk's page cache when it
 		// takes the disk back (the guest would read it all from disk
 		// again). Only a host that takes over shared storage needs that.
 		args = append(args,
 			"-blockdev", "driver=file,filename="+escape(d.Path)+",node-name="+node+"-file,cache.direct=off,discard=unmap,drop-cache=off"+ro,
-			"-blockdev", "driver="+d.Format+",file="+node+"-file,node-name="+node+",discard=unmap"+ro)
+			"-blockdev", "driver="+d.Format+",file="+node+"-file,node-name="+node+",discard=unmap"+ro+top)
 		boot := ""
 		if i == 0 {
 			boot = ",bootindex=0"

@@ -80,6 +80,7 @@ func TestArgsRejects(t *testing.T) {
 		{"cpus", func(m *Machine) { m.CPUs = 0 }, "cpus"},
 		{"memory", func(m *Machine) { m.Memory = 1 << 20 }, "memory"},
 		{"format", func(m *Machine) { m.Disks[0].Format = "" }, "format"},
+		{"backing format", func(m *Machine) { m.Disks[0].Backing = []BackingFile{{Path: "/i/base", Format: "vmdk"}} }, "backing file /i/base"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -89,6 +90,34 @@ func TestArgsRejects(t *testing.T) {
 				t.Fatalf("Args() err = %v, want %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// A disk's backing chain is named from the bottom up, every file with
+// drop-cache=off, every layer read-only.
+func TestArgsBackingChain(t *testing.T) {
+	m := baseMachine()
+	m.Disks[0].Backing = []BackingFile{{Path: "/p/layer.qcow2", Format: "qcow2"}, {Path: "/i/base.qcow2", Format: "qcow2"}}
+	args, err := m.Args()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var blockdevs []string
+	for i, a := range args {
+		if a == "-blockdev" && strings.Contains(args[i+1], "disk0") {
+			blockdevs = append(blockdevs, args[i+1])
+		}
+	}
+	want := []string{
+		"driver=file,filename=/i/base.qcow2,node-name=disk0-b2-file,cache.direct=off,drop-cache=off,auto-read-only=on",
+		"driver=qcow2,file=disk0-b2-file,node-name=disk0-b2,read-only=on",
+		"driver=file,filename=/p/layer.qcow2,node-name=disk0-b1-file,cache.direct=off,drop-cache=off,auto-read-only=on",
+		"driver=qcow2,file=disk0-b1-file,node-name=disk0-b1,read-only=on,backing=disk0-b2",
+		"driver=file,filename=/p/web-root.qcow2,node-name=disk0-file,cache.direct=off,discard=unmap,drop-cache=off",
+		"driver=qcow2,file=disk0-file,node-name=disk0,discard=unmap,backing=disk0-b1",
+	}
+	if strings.Join(blockdevs, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("disk blockdevs:\n%s\nwant:\n%s", strings.Join(blockdevs, "\n"), strings.Join(want, "\n"))
 	}
 }
 

@@ -88,13 +88,25 @@ func QueryBlock(ctx context.Context, m Monitor) ([]BlockDevice, error) {
 // node's file as its backing file, on top of node and moves the guest's
 // writes to it, all in QEMU's main loop, so the guest sees no pause
 // beyond one iteration. node becomes read-only; the new top is named
-// newNode. QEMU only opens the file: creating it there would sync it,
-// and a sync waits behind whatever else the host is writing.
+// newNode. QEMU only opens the file (creating it there would sync it, and
+// a sync waits behind whatever else the host is writing), with the
+// options a VM's own disks have.
 func SnapshotExisting(ctx context.Context, m Monitor, node, file, newNode string) error {
-	return m.Execute(ctx, "blockdev-snapshot-sync", map[string]any{
-		"node-name": node, "snapshot-file": file, "snapshot-node-name": newNode,
-		"format": "qcow2", "mode": "existing",
+	err := m.Execute(ctx, "blockdev-add", map[string]any{
+		"driver": "qcow2", "node-name": newNode, "discard": "unmap", "backing": nil,
+		"file": map[string]any{
+			"driver": "file", "filename": file, "node-name": newNode + "-file",
+			"cache": map[string]any{"direct": false}, "discard": "unmap", "drop-cache": false,
+		},
 	}, nil)
+	if err != nil {
+		return err
+	}
+	if err := m.Execute(ctx, "blockdev-snapshot", map[string]any{"node": node, "overlay": newNode}, nil); err != nil {
+		_ = BlockdevDel(context.WithoutCancel(ctx), m, newNode)
+		return err
+	}
+	return nil
 }
 
 // MigrationStatus is the part of query-migrate Lodge reads.

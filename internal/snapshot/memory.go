@@ -453,6 +453,15 @@ func background(atPause func(context.Context) error, progress func(done, total i
 	}
 }
 
+// ended says whether a migration in status is over, or never began.
+func ended(status string) bool {
+	switch status {
+	case "", "none", "completed", "failed", "cancelled":
+		return true
+	}
+	return false
+}
+
 // idleWait bounds how long Save waits for an earlier save to end.
 var idleWait = 2 * time.Minute
 
@@ -462,12 +471,8 @@ func waitIdle(ctx context.Context, mon qmp.Monitor) error {
 	deadline := time.Now().Add(idleWait)
 	for {
 		ms, err := qmp.QueryMigrate(ctx, mon)
-		if err != nil {
+		if err != nil || ended(ms.Status) {
 			return err
-		}
-		switch ms.Status {
-		case "", "none", "completed", "failed", "cancelled":
-			return nil
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("an earlier memory save is still %s in QEMU", ms.Status)
@@ -488,12 +493,8 @@ func waitIdle(ctx context.Context, mon qmp.Monitor) error {
 // after a completed save).
 func Settle(ctx context.Context, mon qmp.Monitor) error {
 	ms, err := qmp.QueryMigrate(ctx, mon)
-	if err != nil {
+	if err != nil || ended(ms.Status) {
 		return err
-	}
-	switch ms.Status {
-	case "", "none", "completed", "failed", "cancelled":
-		return nil
 	}
 	var caps []struct {
 		Capability string `json:"capability"`

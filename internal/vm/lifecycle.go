@@ -12,6 +12,7 @@ import (
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/network"
+	"github.com/lodge-vm/lodge/internal/qcow2"
 	"github.com/lodge-vm/lodge/internal/qemu"
 	"github.com/lodge-vm/lodge/internal/qmp"
 	"github.com/lodge-vm/lodge/internal/units"
@@ -130,7 +131,16 @@ func (s *Service) machine(r record, accel qemu.Accel) qemu.Machine {
 		m.CPUModel = "max"
 	}
 	for _, d := range r.Disks {
-		m.Disks = append(m.Disks, qemu.Disk{Name: d.Name, Path: d.Path, Bus: d.Bus, Format: "qcow2"})
+		md := qemu.Disk{Name: d.Name, Path: d.Path, Bus: d.Bus, Format: "qcow2"}
+		if chain, err := qcow2.Chain(d.Path); err == nil {
+			for _, b := range chain {
+				md.Backing = append(md.Backing, qemu.BackingFile{Path: b.Path, Format: b.Format})
+			}
+		} else {
+			// QEMU follows the chain itself, with its own options.
+			s.log.Warn("read backing chain", "vm", r.Name, "disk", d.Name, "err", err)
+		}
+		m.Disks = append(m.Disks, md)
 	}
 	for _, n := range r.NICs {
 		m.NICs = append(m.NICs, qemu.NIC{MAC: n.MAC})
