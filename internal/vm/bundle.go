@@ -2,12 +2,15 @@ package vm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
@@ -65,14 +68,35 @@ func (e *Export) Close() {
 	e.release = nil
 }
 
+// socketDirPrefix starts the name of every NBD socket directory, which
+// then carries the daemon's pid, so that a later daemon can tell the ones
+// a killed daemon left (sweepSocketDirs).
+const socketDirPrefix = "lodge-nbd-"
+
 // socketDir makes a private directory for NBD sockets. It is not under
 // LODGE_HOME, whose path may be too long for a unix socket.
 func socketDir() (string, func(), error) {
-	dir, err := os.MkdirTemp("", "lodge-nbd-")
+	dir, err := os.MkdirTemp("", socketDirPrefix+strconv.Itoa(os.Getpid())+"-")
 	if err != nil {
 		return "", nil, fmt.Errorf("socket directory: %w", err)
 	}
 	return dir, func() { _ = os.RemoveAll(dir) }, nil
+}
+
+// sweepSocketDirs removes the NBD socket directories under tmp that
+// daemons no longer running left (killed mid-export). A directory whose
+// daemon's pid is alive, even as some other process now, is kept.
+func sweepSocketDirs(tmp string) {
+	dirs, _ := filepath.Glob(filepath.Join(tmp, socketDirPrefix+"*-*"))
+	for _, dir := range dirs {
+		pid, err := strconv.Atoi(strings.SplitN(strings.TrimPrefix(filepath.Base(dir), socketDirPrefix), "-", 2)[0])
+		if err != nil || pid <= 0 || pid == os.Getpid() {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			_ = os.RemoveAll(dir)
+		}
+	}
 }
 
 // OpenExport holds VM name at the present moment for reading, until

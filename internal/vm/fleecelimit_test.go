@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -66,5 +67,27 @@ func TestWatchFleece(t *testing.T) {
 				t.Error("the watcher stopped the export twice")
 			}
 		})
+	}
+}
+
+// Socket directories of daemons that are gone are swept; those of live
+// processes, and names not ours, are kept.
+func TestSweepSocketDirs(t *testing.T) {
+	tmp := t.TempDir()
+	// A pid far above any pid_max is never alive.
+	dead := filepath.Join(tmp, socketDirPrefix+"2147483000-123")
+	live := filepath.Join(tmp, socketDirPrefix+strconv.Itoa(os.Getppid())+"-456")
+	old := filepath.Join(tmp, socketDirPrefix+"789") // before pids were in the name
+	other := filepath.Join(tmp, "lodge-other-1-2")
+	for _, d := range []string{dead, live, old, other} {
+		if err := os.MkdirAll(filepath.Join(d, "sub"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sweepSocketDirs(tmp)
+	for d, want := range map[string]bool{dead: false, live: true, old: true, other: true} {
+		if _, err := os.Stat(d); (err == nil) != want {
+			t.Errorf("%s exists: %v, want %v", filepath.Base(d), err == nil, want)
+		}
 	}
 }

@@ -275,6 +275,7 @@ func (s *Service) Recover(ctx context.Context) error {
 		}
 	}
 	s.collectLayers(ctx)
+	sweepSocketDirs(os.TempDir())
 	// A generalize boot whose daemon died has no one to finish it; the
 	// publish it served is undone by the image library.
 	leftovers, _ := filepath.Glob(filepath.Join(s.cfg.Home, "run", ".generalize-*"))
