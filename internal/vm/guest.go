@@ -22,13 +22,17 @@ func (s *Service) Exec(ctx context.Context, name string, req api.ExecRequest) (a
 	if len(req.Command) == 0 || req.Command[0] == "" {
 		return api.ExecResult{}, fmt.Errorf("exec in vm %q: %w: no command given", name, errdefs.ErrInvalid)
 	}
-	if _, err := s.load(ctx, name); err != nil {
+	r, err := s.load(ctx, name)
+	if err != nil {
 		return api.ExecResult{}, err
 	}
 	if req.TimeoutSeconds > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(req.TimeoutSeconds)*time.Second)
 		defer cancel()
+	}
+	if r.IdentityPending {
+		s.waitIdentity(ctx, name, time.Duration(req.WaitSeconds)*time.Second)
 	}
 	var res qga.ExecResult
 	run := func() error {
@@ -38,7 +42,7 @@ func (s *Service) Exec(ctx context.Context, name string, req api.ExecRequest) (a
 			return err
 		})
 	}
-	err := run()
+	err = run()
 	// A backup or snapshot may have the guest's filesystems frozen for an
 	// instant; the agent then refuses to start anything. Nothing ran, so
 	// trying again once they are thawed is safe.

@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"time"
 
@@ -45,7 +46,7 @@ func (s *Service) settleIdentity(in *instance) {
 		select {
 		case <-in.done:
 			return
-		case <-time.After(time.Second):
+		case <-time.After(settleEvery):
 		}
 	}
 	err = s.withAgent(ctx, in.name, 10*time.Second, func(a qga.Agent) error {
@@ -59,6 +60,47 @@ func (s *Service) settleIdentity(in *instance) {
 		return
 	}
 	s.identitySettled(ctx, in.name, "the guest ignored the seed; new hostname, machine-id and SSH host keys applied through the agent")
+}
+
+// How often a clone's guest is asked for its hostname while its new
+// identity is pending; commands run through the agent wait on it.
+var settleEvery = 250 * time.Millisecond
+
+// waitIdentity waits while a running clone's new identity is pending, so
+// that a command run in the guest sees its new hostname rather than its
+// source's, for the moment between the agent's start and the seed's
+// taking effect. It first waits up to agentWait for the agent (settling
+// needs it), and gives up after IdentityGrace and a little more, when
+// settleIdentity applies the identity itself, or when the VM stops.
+func (s *Service) waitIdentity(ctx context.Context, name string, agentWait time.Duration) {
+	in := s.instance(name)
+	if in == nil {
+		return
+	}
+	tick := settleEvery / 2
+	for until := time.Now().Add(agentWait); !in.agentUp(); {
+		if time.Now().After(until) || sleepCtx(ctx, in, tick) != nil {
+			return
+		}
+	}
+	for deadline := time.Now().Add(s.cfg.IdentityGrace + 30*time.Second); time.Now().Before(deadline); {
+		r, err := s.load(ctx, name)
+		if err != nil || !r.IdentityPending || sleepCtx(ctx, in, tick) != nil {
+			return
+		}
+	}
+}
+
+// sleepCtx sleeps for d, or less if ctx ends or the VM stops.
+func sleepCtx(ctx context.Context, in *instance, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-in.done:
+		return errors.New("vm stopped")
+	case <-time.After(d):
+		return nil
+	}
 }
 
 func (s *Service) identitySettled(ctx context.Context, name, how string) {

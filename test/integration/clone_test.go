@@ -79,6 +79,11 @@ func TestCloneIdentity(t *testing.T) {
 	layer := linked.Disks[0].Backing
 	layerSum := fileSum(t, layer)
 	h.must("start", "src", "linked", "full")
+	// The first command the agent runs, as early as it can, already sees
+	// the new name: exec waits while a clone's identity is pending.
+	if got := strings.TrimSpace(h.must("exec", "linked", "--wait", "180s", "--", "hostname")); got != "linked" {
+		t.Errorf("first exec in the linked clone: hostname %q, want linked", got)
+	}
 	ids := map[string]guestIdentity{}
 	for _, name := range []string{"src", "linked", "full"} {
 		h.waitAgent(name)
