@@ -335,7 +335,8 @@ func live(atPause func(context.Context) error, progress func(done, total int64),
 					continue
 				}
 				if progress != nil {
-					progress(ms.RAM.Transferred, ms.RAM.Total)
+					// Later passes copy pages again: never past 100%.
+					progress(min(ms.RAM.Transferred, ms.RAM.Total), ms.RAM.Total)
 				}
 				// QEMU's stop at the end flushes the guest's disks, which
 				// would wait behind the writeback: it ends half-way
