@@ -616,12 +616,16 @@ func reserveFile(path string, room, least int64) (f *os.File, direct bool, got i
 	if err == nil && !fi.Mode().IsRegular() {
 		err = unix.EOPNOTSUPP
 	}
-	got = room
-	if err == nil && room > 0 {
-		err = unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, 0, room)
-		if errors.Is(err, unix.ENOSPC) && least < room {
-			got = least
-			err = unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, 0, least)
+	// The least first, then the rest: a failed attempt at the whole
+	// would hold, until it gave up, room that another writer (or the
+	// smaller attempt) then could not have.
+	got = least
+	if err == nil && least > 0 {
+		err = unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, 0, least)
+	}
+	if err == nil && room > least {
+		if unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, least, room-least) == nil {
+			got = room
 		}
 	}
 	switch {
