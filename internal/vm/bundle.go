@@ -362,10 +362,7 @@ func (s *Service) atFrozenPoint(ctx context.Context, op string, r record, in *in
 	}
 	consistency := "crash"
 	if st.Running && in.agentUp() {
-		fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
-		err := s.withAgent(fctx, r.Name, 0, func(a qga.Agent) error { _, err := a.FSFreeze(fctx); return err })
-		cancel()
-		if err == nil {
+		if err := s.freeze(ctx, r.Name); err == nil {
 			consistency = "frozen"
 		} else {
 			s.log.Warn("filesystems not frozen: the "+op+" is crash-consistent", "vm", r.Name, "err", err)
@@ -374,15 +371,25 @@ func (s *Service) atFrozenPoint(ctx context.Context, op string, r record, in *in
 		s.log.Warn("no guest agent: the "+op+" is crash-consistent", "vm", r.Name)
 	}
 	if consistency == "frozen" {
-		defer func() {
-			tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), freezeTimeout)
-			defer cancel()
-			if err := s.withAgent(tctx, r.Name, 0, func(a qga.Agent) error { _, err := a.FSThaw(tctx); return err }); err != nil {
-				s.log.Error("thaw filesystems", "vm", r.Name, "err", err)
-			}
-		}()
+		defer s.thaw(ctx, r.Name)
 	}
 	return consistency, fn()
+}
+
+// freeze freezes a guest's filesystems through its agent.
+func (s *Service) freeze(ctx context.Context, name string) error {
+	fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
+	defer cancel()
+	return s.withAgent(fctx, name, 0, func(a qga.Agent) error { _, err := a.FSFreeze(fctx); return err })
+}
+
+// thaw thaws what freeze froze, even once ctx is done.
+func (s *Service) thaw(ctx context.Context, name string) {
+	tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), freezeTimeout)
+	defer cancel()
+	if err := s.withAgent(tctx, name, 0, func(a qga.Agent) error { _, err := a.FSThaw(tctx); return err }); err != nil {
+		s.log.Error("thaw filesystems", "vm", name, "err", err)
+	}
 }
 
 // FreezeAll freezes, through their agents, the filesystems of those of
@@ -401,10 +408,7 @@ func (s *Service) FreezeAll(ctx context.Context, names []string) (thaw func()) {
 		if st, err := qmp.QueryStatus(ctx, in.mon); err != nil || !st.Running {
 			continue
 		}
-		fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
-		err := s.withAgent(fctx, name, 0, func(a qga.Agent) error { _, err := a.FSFreeze(fctx); return err })
-		cancel()
-		if err != nil {
+		if err := s.freeze(ctx, name); err != nil {
 			s.log.Warn("filesystems not frozen for a group point", "vm", name, "err", err)
 			continue
 		}
@@ -413,11 +417,7 @@ func (s *Service) FreezeAll(ctx context.Context, names []string) (thaw func()) {
 	}
 	return func() {
 		for _, in := range frozen {
-			tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), freezeTimeout)
-			if err := s.withAgent(tctx, in.name, 0, func(a qga.Agent) error { _, err := a.FSThaw(tctx); return err }); err != nil {
-				s.log.Error("thaw filesystems", "vm", in.name, "err", err)
-			}
-			cancel()
+			s.thaw(ctx, in.name)
 			in.groupFrozen.Store(false)
 		}
 		frozen = nil
