@@ -2,7 +2,6 @@ package vm
 
 import (
 	"context"
-	"errors"
 	"strings"
 	"time"
 
@@ -78,29 +77,13 @@ func (s *Service) waitIdentity(ctx context.Context, name string, agentWait time.
 		return
 	}
 	tick := settleEvery / 2
-	for until := time.Now().Add(agentWait); !in.agentUp(); {
-		if time.Now().After(until) || sleepCtx(ctx, in, tick) != nil {
-			return
-		}
+	if waitFor(ctx, in, tick, agentWait, func() (bool, error) { return in.agentUp(), nil }) != nil {
+		return
 	}
-	for deadline := time.Now().Add(s.cfg.IdentityGrace + 30*time.Second); time.Now().Before(deadline); {
+	_ = waitFor(ctx, in, tick, s.cfg.IdentityGrace+30*time.Second, func() (bool, error) {
 		r, err := s.load(ctx, name)
-		if err != nil || !r.IdentityPending || sleepCtx(ctx, in, tick) != nil {
-			return
-		}
-	}
-}
-
-// sleepCtx sleeps for d, or less if ctx ends or the VM stops.
-func sleepCtx(ctx context.Context, in *instance, d time.Duration) error {
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-in.done:
-		return errors.New("vm stopped")
-	case <-time.After(d):
-		return nil
-	}
+		return !r.IdentityPending, err
+	})
 }
 
 func (s *Service) identitySettled(ctx context.Context, name, how string) {
