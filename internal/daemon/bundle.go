@@ -515,7 +515,7 @@ func (d *Daemon) send(ctx context.Context, o *operation, name string, remote *cl
 		}()
 		st, err := remote.PutTransfer(ctx, tr.ID, pr)
 		_ = pr.CloseWithError(errors.New("send attempt over"))
-		werr := ex.Cause(<-wrote)
+		werr := <-wrote
 		if err == nil && st.Done && st.VM != nil {
 			result = *st.VM
 			break
@@ -526,10 +526,11 @@ func (d *Daemon) send(ctx context.Context, o *operation, name string, remote *cl
 		if err == nil {
 			err = errors.New("the receiver did not finish the import")
 		}
-		if stopped := ex.Err(); stopped != nil {
+		stopped := ex.Err()
+		if stopped != nil {
 			err = stopped // the point in time is gone: no resuming
 		}
-		if ctx.Err() != nil || ex.Err() != nil || (isReply(err) && !client.IsBusy(err)) || attempt >= sendAttempts {
+		if ctx.Err() != nil || stopped != nil || (isReply(err) && !client.IsBusy(err)) || attempt >= sendAttempts {
 			ex.Close()
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 			_ = remote.DeleteTransfer(cctx, tr.ID)
