@@ -250,14 +250,7 @@ func sameDisk(t *testing.T, a, b string) {
 // the daemon runs, a corrupted chunk, and bad input.
 func TestBackupRepository(t *testing.T) {
 	t.Parallel()
-	requireQEMU(t)
-	waitProbe(t)
-	h := newHostNoDaemon(t)
-	if err := os.WriteFile(filepath.Join(h.home, "config.yaml"), []byte("backup_tick: 500ms\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	h.startDaemon()
-	t.Cleanup(h.cleanup)
+	h := newHostWithConfig(t, "backup_tick: 500ms\n")
 	h.importGuest()
 	h.must("create", "vault", "--image", "tiny", "--memory", "256M", "--disk", "2G")
 	disk := h.show("vault").Disks[0].Path
@@ -495,14 +488,7 @@ func waitReading(t *testing.T, h *host, op api.Operation) {
 // nothing is left behind, and the next backup works.
 func TestBackupFleeceLimit(t *testing.T) {
 	t.Parallel()
-	requireQEMU(t)
-	waitProbe(t)
-	h := newHostNoDaemon(t)
-	if err := os.WriteFile(filepath.Join(h.home, "config.yaml"), []byte("fleece_limit: 64M\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	h.startDaemon()
-	t.Cleanup(h.cleanup)
+	h := newHostWithConfig(t, "fleece_limit: 64M\n")
 	h.vm("busy", "--disk", "4G")
 	h.exec("busy", "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=200 conv=fsync 2>/dev/null && sync")
 	// A little later the guest writes the same 200 MiB again.

@@ -224,13 +224,7 @@ func TestImageChain(t *testing.T) {
 // the agent and applies the new identity through it.
 func TestIdentityThroughAgent(t *testing.T) {
 	t.Parallel()
-	waitProbe(t)
-	h := newHostNoDaemon(t)
-	if err := os.WriteFile(filepath.Join(h.home, "config.yaml"), []byte("identity_grace: 3s\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	h.startDaemon()
-	t.Cleanup(h.cleanup)
+	h := newHostWithConfig(t, "identity_grace: 3s\n")
 	h.vm("seedless")
 	h.exec("seedless", "sh", "-c", "printf '#!/bin/sh\\n' >/usr/local/sbin/lodge-identity && echo x >/root/before && sync")
 	before := h.identity("seedless")

@@ -81,6 +81,21 @@ func newHostNoProbe(t *testing.T) *host {
 	return h
 }
 
+// newHostWithConfig starts a daemon in a fresh home that holds config as
+// its config.yaml.
+func newHostWithConfig(t *testing.T, config string) *host {
+	t.Helper()
+	requireQEMU(t)
+	waitProbe(t)
+	h := newHostNoDaemon(t)
+	if err := os.WriteFile(filepath.Join(h.home, "config.yaml"), []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h.startDaemon()
+	t.Cleanup(h.cleanup)
+	return h
+}
+
 // newHostNoDaemon prepares a home, environment and client, and starts
 // nothing.
 func newHostNoDaemon(t *testing.T) *host {
