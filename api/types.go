@@ -594,6 +594,10 @@ type StackUp struct {
 	Path string `json:"path"`
 	// File is the stack file's YAML.
 	File string `json:"file"`
+	// Recreate lets up rebuild a member whose image the file changed, on
+	// the new image: its disks are replaced, its identity kept. Without
+	// it such a member is refused, since its disks' data would be lost.
+	Recreate bool `json:"recreate,omitempty"`
 }
 
 // StackMember is one VM of a stack, as `stack status` shows it.

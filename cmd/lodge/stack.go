@@ -15,8 +15,9 @@ import (
 
 func stackCmd(g *globals) *cobra.Command {
 	root := &cobra.Command{Use: "stack", Short: "Multi-VM stacks started in dependency order"}
+	var recreate bool
 	up := &cobra.Command{
-		Use:   "up FILE",
+		Use:   "up FILE [--recreate]",
 		Short: "Create what is missing and start the members, each once what it depends on is ready",
 		Long: `Bring a stack up from its YAML file. The file is checked first (cycles,
 unknown images and names, memory over the host limit, each with its line).
@@ -24,7 +25,13 @@ Missing members are created; then they start in dependency order, members
 that do not depend on each other in parallel, each once the members it
 depends on have reached the condition asked for (started, agent, healthy
 or completed). The first failure stops the rollout; members already up are
-left running. Running up again changes nothing that already matches.`,
+left running. Running up again changes nothing that already matches.
+
+An edited file applies only what changed: cpus and memory as lodge set
+does; networks on a member that is stopped first and started again; an
+image, with --recreate, by rebuilding the member on the new image (its
+disks are replaced, its identity kept). Members not in the file any more
+are deleted.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			raw, err := os.ReadFile(args[0])
@@ -32,10 +39,11 @@ left running. Running up again changes nothing that already matches.`,
 				return err
 			}
 			c := g.client()
-			op, err := c.StackUp(cmd.Context(), api.StackUp{Path: args[0], File: string(raw)})
+			op, err := c.StackUp(cmd.Context(), api.StackUp{Path: args[0], File: string(raw), Recreate: recreate})
 			return g.stackResult(cmd, c, op, err)
 		},
 	}
+	up.Flags().BoolVar(&recreate, "recreate", false, "rebuild members whose image changed in the file on the new image (their disks' data is lost)")
 	status := &cobra.Command{
 		Use:   "status NAME",
 		Short: "Show each member's state, health, addresses and when it became ready",

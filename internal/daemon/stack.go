@@ -180,9 +180,14 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 				return err
 			}
 		case stack.ActionRecreate:
-			// Losing a member's disk is left to the user, who sees why
-			// here.
-			return fmt.Errorf("stack %q: vm %q differs from the file (%s): %w; delete it and run up again, or lodge stack rebuild it", f.Name, c.Instance, c.Why, errdefs.ErrConflict)
+			// Losing a member's disks is the user's call.
+			if !req.Recreate {
+				return fmt.Errorf("stack %q: vm %q differs from the file (%s): %w; run up --recreate to rebuild it on the new image (its disks are replaced)", f.Name, c.Instance, c.Why, errdefs.ErrConflict)
+			}
+			o.Progress("recreate "+c.Instance, 0, 0)
+			if err := d.recreateMember(ctx, f, specs[c.Instance], c); err != nil {
+				return fmt.Errorf("stack %q: %w", f.Name, err)
+			}
 		}
 	}
 	plan := f.Plan()
@@ -207,7 +212,9 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 
 // updateMember applies an edited member's CPUs and memory to its VM, as
 // lodge set does: live where the VM booted with room for it, otherwise
-// refused with the reason. Its NICs are not changed under it.
+// refused with the reason. New networks need new NICs, so a running
+// member is stopped for them, and the rollout starts it again in its
+// turn; the members that depend on it are left running.
 func (d *Daemon) updateMember(ctx context.Context, f *stack.File, in stack.Instance, c stack.Change) error {
 	v, err := d.vms.Get(ctx, in.Name)
 	if err != nil {
@@ -217,8 +224,13 @@ func (d *Daemon) updateMember(ctx context.Context, f *stack.File, in stack.Insta
 	for _, n := range v.NICs {
 		have = append(have, n.Network)
 	}
-	if len(in.Spec.Networks) > 0 && !slices.Equal(have, memberNetworks(f.Name, in.Spec.Networks)) {
-		return fmt.Errorf("stack %q: vm %q differs from the file (%s): %w; its NICs are not changed in place: delete it and run up again", f.Name, in.Name, c.Why, errdefs.ErrConflict)
+	if want := memberNetworks(f.Name, in.Spec.Networks); len(in.Spec.Networks) > 0 && !slices.Equal(have, want) {
+		if err := d.stopMember(ctx, f.Name, v); err != nil {
+			return err
+		}
+		if v, err = d.vms.SetNetworks(ctx, in.Name, want); err != nil {
+			return fmt.Errorf("stack %q: %w", f.Name, err)
+		}
 	}
 	var req api.SetVM
 	if in.Spec.CPUs != 0 && in.Spec.CPUs != v.CPUs {
@@ -724,32 +736,58 @@ func (d *Daemon) rebuildMember(ctx context.Context, f *stack.File, step stack.St
 		return err
 	}
 	o.Progress("stop "+vmName, 0, 0)
-	if v.State == api.StateRunning || v.State == api.StatePaused {
-		if _, err := d.vms.Stop(ctx, vmName, false, 0); err != nil {
-			return err
-		}
+	if err := d.stopMember(ctx, f.Name, v); err != nil {
+		return err
 	}
 	o.Progress("rebuild "+vmName, 0, 0)
 	if req.FromBackup {
 		_, _, err = d.backups.RebuildVM(ctx, vmName, req.Repo, func(stage string, done, total int64) { o.Progress(stage+" "+vmName, done, total) })
 	} else {
-		_, err = d.vms.Rebuild(ctx, vmName, nil)
+		_, err = d.vms.Rebuild(ctx, vmName, "", nil)
 	}
 	if err != nil {
 		return err
 	}
-	// It is ready again only once it has come back.
-	if err := d.store.Update(ctx, func(tx store.Tx) error {
-		var rec stackRecord
-		if err := store.GetJSON(tx, stackBucket, f.Name, &rec); err != nil {
-			return err
-		}
-		delete(rec.ReadyAt, vmName)
-		return store.PutJSON(tx, stackBucket, f.Name, rec)
-	}); err != nil {
+	return d.rollOut(ctx, f, step)
+}
+
+// recreateMember rebuilds a member on the image the file now names,
+// keeping its identity, and applies the rest of its settings; the
+// rollout starts it in its turn.
+func (d *Daemon) recreateMember(ctx context.Context, f *stack.File, in stack.Instance, c stack.Change) error {
+	v, err := d.vms.Get(ctx, in.Name)
+	if err != nil {
 		return err
 	}
-	return d.rollOut(ctx, f, step)
+	if len(v.Snapshots) > 0 {
+		return fmt.Errorf("recreate vm %q: %w: it has snapshots (%s), which its new disks could not go back to; delete them first", in.Name, errdefs.ErrState, strings.Join(v.Snapshots, ", "))
+	}
+	if err := d.stopMember(ctx, f.Name, v); err != nil {
+		return err
+	}
+	if _, err := d.vms.Rebuild(ctx, in.Name, in.Spec.Image, nil); err != nil {
+		return err
+	}
+	// The file may have changed its other settings too.
+	return d.updateMember(ctx, f, in, c)
+}
+
+// stopMember stops a member's VM if it runs, and forgets when it was
+// ready: it is ready again only once it has come back.
+func (d *Daemon) stopMember(ctx context.Context, stackName string, v api.VM) error {
+	if v.State == api.StateRunning || v.State == api.StatePaused {
+		if _, err := d.vms.Stop(ctx, v.Name, false, 0); err != nil {
+			return err
+		}
+	}
+	return d.store.Update(ctx, func(tx store.Tx) error {
+		var rec stackRecord
+		if err := store.GetJSON(tx, stackBucket, stackName, &rec); err != nil {
+			return err
+		}
+		delete(rec.ReadyAt, v.Name)
+		return store.PutJSON(tx, stackBucket, stackName, rec)
+	})
 }
 
 // stackBackup backs every member up at one point (see

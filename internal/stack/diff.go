@@ -55,8 +55,9 @@ type Change struct {
 // An image that differs means recreate: the disk is made from the image,
 // so nothing less brings the VM in line. Settings that can change on the
 // VM itself (cpus, memory, networks) mean update; the file's zero values
-// are the daemon's defaults and are not compared. A VM that needs an
-// update and is stopped is started after it; Why says so.
+// are the daemon's defaults and are not compared. New networks need new
+// NICs, which a running VM is stopped for. A VM that needs an update and
+// is stopped, or is stopped for it, is started after it; Why says so.
 func (f *File) Diff(existing []Existing) []Change {
 	have := make(map[string]Existing, len(existing))
 	for _, e := range existing {
@@ -101,14 +102,18 @@ func diffOne(in Instance, have map[string]Existing) Change {
 	if m.Memory != 0 && m.Memory != e.Memory {
 		diffs = append(diffs, fmt.Sprintf("memory %s -> %s", units.FormatSize(e.Memory), units.FormatSize(m.Memory)))
 	}
-	if len(m.Networks) > 0 && !slices.Equal(m.Networks, e.Networks) {
+	renic := len(m.Networks) > 0 && !slices.Equal(m.Networks, e.Networks)
+	if renic {
 		diffs = append(diffs, fmt.Sprintf("networks [%s] -> [%s]", strings.Join(e.Networks, " "), strings.Join(m.Networks, " ")))
 	}
 	done := m.Oneshot && e.Completed
 	switch {
 	case len(diffs) > 0:
 		why := strings.Join(diffs, ", ")
-		if !e.Running && !done {
+		switch {
+		case renic && e.Running:
+			why += "; stop it for its new NICs, then start it"
+		case !e.Running && !done:
 			why += "; then start it"
 		}
 		return Change{Instance: in.Name, Action: ActionUpdate, Why: why}

@@ -46,7 +46,9 @@ vms:
 			e[0].Memory, e[0].CPUs, e[0].Networks = 512<<20, 1, nil
 			return e
 		}),
-			"shop-dc update (cpus 1 -> 2, memory 512M -> 1G, networks [] -> [back]); shop-db none; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
+			"shop-dc update (cpus 1 -> 2, memory 512M -> 1G, networks [] -> [back]; stop it for its new NICs, then start it); shop-db none; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
+		{"networks of a stopped VM", with(func(e []Existing) []Existing { e[0].Networks, e[0].Running = []string{"default"}, false; return e }),
+			"shop-dc update (networks [default] -> [back]; then start it); shop-db none; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
 		{"update of a stopped VM", with(func(e []Existing) []Existing { e[0].CPUs, e[0].Running = 4, false; return e }),
 			"shop-dc update (cpus 4 -> 2; then start it); shop-db none; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
 		{"unset fields are not compared", with(func(e []Existing) []Existing { e[1].CPUs, e[1].Memory = 8, 8<<30; return e }),

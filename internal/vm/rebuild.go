@@ -20,10 +20,11 @@ type DiskFiller func(ctx context.Context, disk string, w io.WriterAt) error
 // Rebuild gives a stopped VM new disks and keeps everything else: its
 // identity (UUID, MACs, hostname, instance-id), its NICs and so its
 // network addresses, its settings and labels. With fill nil the root disk
-// becomes a fresh overlay on the VM's image and any other disk an empty
-// one; otherwise fill writes each disk. The old disks are removed only
-// once the record points at the new ones, so a crash leaves either.
-func (s *Service) Rebuild(ctx context.Context, name string, fill DiskFiller) (api.VM, error) {
+// becomes a fresh overlay on image, or on the VM's own image if image is
+// empty, and any other disk an empty one; otherwise fill writes each
+// disk. The old disks are removed only once the record points at the new
+// ones, so a crash leaves either.
+func (s *Service) Rebuild(ctx context.Context, name, image string, fill DiskFiller) (api.VM, error) {
 	unlock, err := s.lock(name, "rebuild")
 	if err != nil {
 		return api.VM{}, err
@@ -41,12 +42,15 @@ func (s *Service) Rebuild(ctx context.Context, name string, fill DiskFiller) (ap
 	}
 	backing := ""
 	if fill == nil {
-		if r.Image == "" {
+		if image == "" {
+			image = r.Image
+		}
+		if image == "" {
 			return api.VM{}, fmt.Errorf("rebuild vm %q: %w: it was not created from an image (it was imported); rebuild it from a backup", name, errdefs.ErrInvalid)
 		}
-		img, err := s.cfg.Images.Resolve(ctx, r.Image)
+		img, err := s.cfg.Images.Resolve(ctx, image)
 		if err != nil {
-			return api.VM{}, fmt.Errorf("rebuild vm %q from its image: %w", name, err)
+			return api.VM{}, fmt.Errorf("rebuild vm %q from image %q: %w", name, image, err)
 		}
 		backing = img.Path
 	}
@@ -82,7 +86,7 @@ func (s *Service) Rebuild(ctx context.Context, name string, fill DiskFiller) (ap
 			}
 		}
 		if backing != "" {
-			x.ImagePath = backing
+			x.Image, x.ImagePath = image, backing
 		}
 		x.State, x.StateReason = api.StateStopped, ""
 		return nil

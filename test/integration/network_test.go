@@ -310,6 +310,58 @@ vms:
 		t.Errorf("a refused rebuild of app-1 left it %s", v.State)
 	}
 
+	// An edited file: db moves to another image and onto a second
+	// network. The image change needs --recreate, and without it nothing
+	// changes.
+	h.must("image", "import", h.guest, "--name", "tiny2")
+	edited := writeStack(t, "web2.yaml", `name: web
+networks:
+  back: {}
+  front: {}
+vms:
+  db: {image: tiny2, memory: 256M, networks: [back, front], health: {exec: "true"}}
+  app: {image: tiny, memory: 256M, count: 2, networks: [back, nat], depends_on: {db: healthy}}
+`)
+	h.exec("web-db", "sh", "-c", "echo three >/root/mark && sync")
+	before = h.show("web-db")
+	if _, errOut, code := h.lodge("stack", "up", edited); code != 1 || !strings.Contains(errOut, `image "tiny" -> "tiny2"`) || !strings.Contains(errOut, "--recreate") {
+		t.Errorf("up with a new image for db, without --recreate: exit %d, %q", code, errOut)
+	}
+	if v := h.show("web-db"); v.Image != "tiny" || !v.StartedAt.Equal(*before.StartedAt) || len(v.NICs) != 1 {
+		t.Errorf("a refused up changed db: image %s, started %v (was %v), %d NICs", v.Image, v.StartedAt, before.StartedAt, len(v.NICs))
+	}
+	h.must("stack", "up", edited, "--recreate")
+	after = h.show("web-db")
+	switch {
+	case after.Image != "tiny2" || after.State != api.StateRunning:
+		t.Errorf("recreated db: image %s, %s", after.Image, after.State)
+	case after.UUID != before.UUID || after.Hostname != before.Hostname:
+		t.Errorf("recreated db: uuid %s host %s; before %s %s", after.UUID, after.Hostname, before.UUID, before.Hostname)
+	case len(after.NICs) != 2 || after.NICs[0].MAC != before.NICs[0].MAC || after.NICs[1].Network != "web-front" || after.NICs[1].MAC == before.NICs[0].MAC:
+		t.Errorf("recreated db's NICs: %+v; before %+v", after.NICs, before.NICs)
+	}
+	if _, _, code := h.lodge("exec", "web-db", "--", "test", "-e", "/root/mark"); code == 0 {
+		t.Error("db recreated on tiny2 still has the file written on its old disk")
+	}
+	front := netip.MustParsePrefix(h.network("web-front").Subnet)
+	if ip := h.guestIP("web-db", "eth1"); !front.Contains(netip.MustParseAddr(ip)) {
+		t.Errorf("db's second NIC has %s, want an address in %s", ip, front)
+	}
+	if v := h.show("web-app-1"); v.State != api.StateRunning || !v.StartedAt.Equal(*app.StartedAt) {
+		t.Errorf("recreating db disturbed app-1: %s, started %v (was %v)", v.State, v.StartedAt, app.StartedAt)
+	}
+	// Off the second network again: no --recreate needed, and the NIC on
+	// back keeps its MAC.
+	raw, err := os.ReadFile(edited)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back1 := writeStack(t, "web3.yaml", strings.Replace(string(raw), "networks: [back, front]", "networks: [back]", 1))
+	h.must("stack", "up", back1)
+	if v := h.show("web-db"); len(v.NICs) != 1 || v.NICs[0].MAC != before.NICs[0].MAC || v.State != api.StateRunning {
+		t.Errorf("db after leaving front: %+v, %s", v.NICs, v.State)
+	}
+
 	h.must("stack", "down", "web", "--delete")
 	if _, _, code := h.lodge("net", "show", "web-back"); code == 0 {
 		t.Error("down --delete left network web-back")

@@ -41,7 +41,7 @@ type VMs interface {
 	OpenBackup(ctx context.Context, name string, opts vm.BackupOptions) (*vm.BackupPoint, error)
 	FreezeAll(ctx context.Context, names []string) (thaw func())
 	BeginImport(ctx context.Context, spec vm.ImportSpec) (*vm.Import, error)
-	Rebuild(ctx context.Context, name string, fill vm.DiskFiller) (api.VM, error)
+	Rebuild(ctx context.Context, name, image string, fill vm.DiskFiller) (api.VM, error)
 }
 
 var _ VMs = (*vm.Service)(nil)
@@ -875,7 +875,7 @@ func (m *Manager) RebuildVM(ctx context.Context, vmName, repoName string, progre
 		}
 		return fmt.Errorf("%w: backup %s has no disk %q", errdefs.ErrInvalid, latest.ID, disk)
 	}
-	v, err := m.vms.Rebuild(ctx, vmName, fill)
+	v, err := m.vms.Rebuild(ctx, vmName, "", fill)
 	if err != nil {
 		return api.VM{}, api.Backup{}, fmt.Errorf("rebuild vm %q from backup %s: %w", vmName, latest.ID, err)
 	}
