@@ -45,7 +45,7 @@ func bundleSources(ctx context.Context, ex *vm.Export) (bundle.Manifest, []bundl
 	}
 	var srcs []bundle.Source
 	for _, d := range ex.Disks {
-		src, err := nbdSource(ctx, d)
+		src, err := diskSource(ctx, d)
 		if err != nil {
 			return m, nil, nil, fmt.Errorf("export vm %q: %w", v.Name, err)
 		}
@@ -54,13 +54,13 @@ func bundleSources(ctx context.Context, ex *vm.Export) (bundle.Manifest, []bundl
 	return m, srcs, func() {}, nil
 }
 
-// nbdSource maps the data of one disk served over NBD.
-func nbdSource(ctx context.Context, d vm.ExportDisk) (bundle.Source, error) {
-	ext, err := d.Conn.DataExtents(ctx, 0, d.Conn.Size())
+// diskSource maps the data of one disk of an export.
+func diskSource(ctx context.Context, d vm.ExportDisk) (bundle.Source, error) {
+	ext, err := d.Data.DataExtents(ctx, 0, d.Data.Size())
 	if err != nil {
 		return bundle.Source{}, fmt.Errorf("disk %q: map its data: %w", d.Name, err)
 	}
-	src := bundle.Source{Name: d.Name, Bus: d.Bus, Size: d.Conn.Size(), Data: d.Conn}
+	src := bundle.Source{Name: d.Name, Bus: d.Bus, Size: d.Data.Size(), Data: d.Data}
 	for _, e := range ext {
 		// Block status is in sectors at least; round outward so a
 		// region never starts or ends inside a tar block.
@@ -81,7 +81,7 @@ func treeSources(ctx context.Context, ex *vm.Export, m bundle.Manifest) (bundle.
 	for _, d := range ex.Disks {
 		bd := bundle.Disk{Name: d.Name, Bus: d.Bus, Size: d.Size, Top: t.Tops[d.Name]}
 		if t.Bases[d.Name] {
-			bd.Base, bd.BaseSize = bundle.BaseEntry(d.Name), d.Conn.Size()
+			bd.Base, bd.BaseSize = bundle.BaseEntry(d.Name), d.Data.Size()
 		}
 		m.Disks = append(m.Disks, bd)
 	}
@@ -115,7 +115,7 @@ func treeSources(ctx context.Context, ex *vm.Export, m bundle.Manifest) (bundle.
 		}
 		for _, d := range ex.Disks {
 			if bundle.BaseEntry(d.Name) == e.Name {
-				src, err := nbdSource(ctx, d)
+				src, err := diskSource(ctx, d)
 				if err != nil {
 					closeAll()
 					return m, nil, nil, fmt.Errorf("export vm %q: %w", m.VM.Name, err)
@@ -598,7 +598,7 @@ func (d *Daemon) resumePoint(ctx context.Context, remote *client.Client, id stri
 func (d *Daemon) exportOVA(w http.ResponseWriter, r *http.Request, ex *vm.Export) {
 	m := ovf.Machine{Name: ex.VM.Name, CPUs: ex.VM.CPUs, MemoryBytes: ex.VM.Memory, Firmware: "bios"}
 	for _, disk := range ex.Disks {
-		m.Disks = append(m.Disks, ovf.ExportDisk{Name: disk.Name, Source: disk.URI, Format: "raw", Capacity: disk.Conn.Size(), Bus: disk.Bus})
+		m.Disks = append(m.Disks, ovf.ExportDisk{Name: disk.Name, Source: disk.Source, Format: disk.Format, Capacity: disk.Data.Size(), Bus: disk.Bus})
 	}
 	for _, n := range ex.VM.NICs {
 		m.NICs = append(m.NICs, ovf.ExportNIC{MAC: n.MAC, Network: n.Network})

@@ -141,7 +141,7 @@ func (s *Service) OpenBackup(ctx context.Context, name string, opts BackupOption
 func (d *BackupDisk) planReads(ctx context.Context, view string, running bool) error {
 	var err error
 	if d.Full {
-		d.Read, err = d.Conn.DataExtents(ctx, 0, d.Size)
+		d.Read, err = d.Data.DataExtents(ctx, 0, d.Size)
 		return err
 	}
 	if d.Read, err = d.Conn.DirtyExtents(ctx, view, 0, d.Size); err != nil {

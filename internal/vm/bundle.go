@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -26,18 +27,67 @@ import (
 	"github.com/lodge-vm/lodge/internal/units"
 )
 
-// Exports and imports move a VM's disks through NBD: qemu-nbd for files
-// no QEMU has open, and the VM's own QEMU for a running one, which serves
-// a point-in-time view of each disk (a "fleecing" node that keeps a copy
-// of each block before the guest overwrites it). The guest keeps running
-// and its disks' chains are left exactly as they were.
+// Exports and imports read a stopped VM's disks straight from their
+// image files where package qcow2 can, and otherwise move them through
+// NBD: qemu-nbd for files no QEMU has open (images with features only
+// QEMU reads, and views with a dirty bitmap), and the VM's own QEMU for a
+// running one, which serves a point-in-time view of each disk (a
+// "fleecing" node that keeps a copy of each block before the guest
+// overwrites it). The guest keeps running and its disks' chains are left
+// exactly as they were.
 
-// ExportDisk is one disk of an export, readable over NBD.
+// ExportDisk is one disk of an export.
 type ExportDisk struct {
 	api.Disk
+	// Data reads the view: straight from the image files for a stopped
+	// VM whose images Lodge can read itself, otherwise through Conn.
+	Data DiskReader
+	// Conn serves the view over NBD; it is nil when Data reads the files.
 	Conn *nbd.Conn
-	// URI names the same view for QEMU's tools (qemu-img), as raw.
-	URI string
+	// Source names the same view for QEMU's tools (qemu-img), in Format:
+	// an NBD URI of raw data, or the qcow2 image file itself.
+	Source, Format string
+	file           *qcow2.Reader
+}
+
+// DiskReader reads a disk as it was at an export's point in time.
+type DiskReader interface {
+	io.ReaderAt
+	Size() int64
+	// DataExtents lists the ranges that may hold data; the rest reads
+	// as zeros.
+	DataExtents(ctx context.Context, off, length int64) ([]nbd.Extent, error)
+}
+
+// fileView is a DiskReader over a stopped VM's image files.
+type fileView struct{ *qcow2.Reader }
+
+func (v fileView) DataExtents(_ context.Context, off, length int64) ([]nbd.Extent, error) {
+	ext, err := v.Reader.DataExtents(off, length)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]nbd.Extent, len(ext))
+	for i, e := range ext {
+		out[i] = nbd.Extent{Offset: e.Offset, Length: e.Length}
+	}
+	return out, nil
+}
+
+// openFiles reads disk d straight from its image files, which is several
+// times faster than through qemu-nbd, when the chain uses only what
+// package qcow2 reads; ok is false otherwise.
+func (s *Service) openFiles(d api.Disk) (_ ExportDisk, ok bool) {
+	rd, err := qcow2.OpenReader(d.Path)
+	if err != nil {
+		level := slog.LevelWarn
+		if errors.Is(err, qcow2.ErrUnsupported) {
+			level = slog.LevelInfo
+		}
+		s.log.Log(context.Background(), level, "reading the disk through qemu-nbd", "disk", d.Name, "path", d.Path, "reason", err)
+		return ExportDisk{}, false
+	}
+	return ExportDisk{Disk: d, Data: fileView{rd}, Source: d.Path, Format: "qcow2", file: rd}, true
 }
 
 // Export is a VM held at one point in time for reading.
@@ -60,6 +110,9 @@ func (e *Export) Close() {
 	for _, d := range e.Disks {
 		if d.Conn != nil {
 			_ = d.Conn.Close()
+		}
+		if d.file != nil {
+			_ = d.file.Close()
 		}
 	}
 	for i := len(e.release) - 1; i >= 0; i-- {
@@ -154,6 +207,12 @@ func (s *Service) serveStopped(ctx context.Context, e *Export, r record, dir str
 		if i < len(bitmaps) {
 			bitmap = bitmaps[i]
 		}
+		if bitmap == "" {
+			if ed, ok := s.openFiles(d); ok {
+				e.Disks = append(e.Disks, ed)
+				continue
+			}
+		}
 		srv, err := nbd.Serve(ctx, nbd.ServerOptions{
 			Path: d.Path, Format: "qcow2", ReadOnly: true, Bitmap: bitmap, AllocationDepth: true,
 			Socket: filepath.Join(dir, "disk"+strconv.Itoa(i)+".sock"),
@@ -170,7 +229,7 @@ func (s *Service) serveStopped(ctx context.Context, e *Export, r record, dir str
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", d.Name, err)
 		}
-		e.Disks = append(e.Disks, ExportDisk{Disk: d, Conn: c, URI: "nbd+unix:///?socket=" + filepath.Join(dir, "disk"+strconv.Itoa(i)+".sock")})
+		e.Disks = append(e.Disks, ExportDisk{Disk: d, Data: c, Conn: c, Source: "nbd+unix:///?socket=" + filepath.Join(dir, "disk"+strconv.Itoa(i)+".sock"), Format: "raw"})
 	}
 	return nil
 }
@@ -278,7 +337,7 @@ func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance,
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", r.Disks[i].Name, err)
 		}
-		e.Disks = append(e.Disks, ExportDisk{Disk: r.Disks[i], Conn: c, URI: "nbd+unix:///" + name + "?socket=" + sock})
+		e.Disks = append(e.Disks, ExportDisk{Disk: r.Disks[i], Data: c, Conn: c, Source: "nbd+unix:///" + name + "?socket=" + sock, Format: "raw"})
 	}
 	stop := s.watchFleece(e, r.Name, paths, room, func() {
 		// Readers through QEMU's server (qemu-img, for an OVA) are cut

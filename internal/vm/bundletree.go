@@ -28,7 +28,7 @@ type ExportTree struct {
 	Snapshots []bundle.Snapshot
 	Current   string
 	// Tops names each disk's current layer; Bases says which disks have a
-	// base (served through ExportDisk.Conn).
+	// base (served through ExportDisk.Data).
 	Tops  map[string]string
 	Bases map[string]bool
 	// Files maps layer and memory entries to the files holding them.
@@ -127,6 +127,7 @@ func (s *Service) exportTree(ctx context.Context, e *Export, r record, dir strin
 			if ed.Conn, err = srv.Dial(ctx, nbd.ContextAllocation); err != nil {
 				return fmt.Errorf("disk %q: %w", d.Name, err)
 			}
+			ed.Data = ed.Conn
 		}
 		e.Disks = append(e.Disks, ed)
 	}

@@ -432,7 +432,7 @@ func (m *Manager) read(ctx context.Context, w *backup.Writer, chunk int, p *vm.B
 	var full int
 	var reasons []string
 	for _, d := range p.Disks {
-		in := backup.DiskInput{Name: d.Name, Size: d.Size, Reader: d.Conn}
+		in := backup.DiskInput{Name: d.Name, Size: d.Size, Reader: d.Data}
 		if !d.Full {
 			if pd := parentDisk(parent, d.Name, d.Size); pd != nil {
 				in.Parent = pd.Chunks
@@ -440,7 +440,7 @@ func (m *Manager) read(ctx context.Context, w *backup.Writer, chunk int, p *vm.B
 				// A disk the parent does not hold, or held at another
 				// size, is read whole.
 				d.Full, d.Reason = true, fmt.Sprintf("disk %q is not in backup %s at this size", d.Name, parent.ID)
-				if d.Read, err = d.Conn.DataExtents(ctx, 0, d.Size); err != nil {
+				if d.Read, err = d.Data.DataExtents(ctx, 0, d.Size); err != nil {
 					return man, fmt.Errorf("disk %q: %w", d.Name, err)
 				}
 			}
