@@ -106,13 +106,18 @@ func parseBacking(r io.ReaderAt) (Backing, error) {
 		}
 		b.File = string(hdr[off : off+size])
 	}
-	if version == 2 || b.File == "" {
+	if b.File == "" {
 		return b, nil
 	}
-	if len(hdr) < 104 {
-		return Backing{}, fmt.Errorf("%w: version 3 header of %d bytes", ErrNotQcow2, len(hdr))
+	// Version 2 headers carry extensions too, right after their 72
+	// bytes; QEMU writes the backing format there as in version 3.
+	pos := uint64(72)
+	if version == 3 {
+		if len(hdr) < 104 {
+			return Backing{}, fmt.Errorf("%w: version 3 header of %d bytes", ErrNotQcow2, len(hdr))
+		}
+		pos = uint64(binary.BigEndian.Uint32(hdr[100:]))
 	}
-	pos := uint64(binary.BigEndian.Uint32(hdr[100:]))
 	for pos+8 <= uint64(len(hdr)) {
 		typ := binary.BigEndian.Uint32(hdr[pos:])
 		l := uint64(binary.BigEndian.Uint32(hdr[pos+4:]))

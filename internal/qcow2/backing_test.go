@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -33,6 +34,16 @@ func TestChain(t *testing.T) {
 	qemuImg(t, "create", "-q", "-f", "raw", raw, "64M")
 	qemuImg(t, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", raw, overRaw)
 	qemuImg(t, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-F", "qcow2", "-b", base, v2)
+	// The same with its extensions cut off: it names no format.
+	noFormat := filepath.Join(dir, "v2-no-format.qcow2")
+	img, err := os.ReadFile(v2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clear(img[72:80])
+	if err := os.WriteFile(noFormat, img, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name    string
 		path    string
@@ -42,7 +53,8 @@ func TestChain(t *testing.T) {
 		{name: "standalone", path: base},
 		{name: "two levels, one relative", path: top, want: []string{mid + ":qcow2", base + ":qcow2"}},
 		{name: "raw base ends the chain", path: overRaw, want: []string{raw + ":raw"}},
-		{name: "version 2 names no format", path: v2, wantErr: `format ""`},
+		{name: "version 2 names its format", path: v2, want: []string{base + ":qcow2"}},
+		{name: "no format named", path: noFormat, wantErr: `format ""`},
 		{name: "not qcow2", path: raw, wantErr: "not a qcow2 image"},
 		{name: "missing", path: filepath.Join(dir, "nope.qcow2"), wantErr: "no such file"},
 	}
