@@ -162,7 +162,7 @@ if [ -f "$c/bundle-import.tsv" ]; then
   echo
   echo "The import target (within 1.2× of copying the bundle) cannot be met by any import that makes a usable disk: \`cp\` moves the compressed bundle, while an import must check every chunk (BLAKE3), decompress the text and write the whole of the data, then make it durable; \`cp\` + \`sync\` of the raw data would be the fair floor. Lodge writes the qcow2 directly rather than through qemu-nbd."
   echo
-  echo "The export comparisons are noisy on this shared machine: see bench/results/bundle-export.tsv for each run. Lodge reads the disk through qemu-nbd, compresses 4 MiB chunks on both cores, stores chunks that do not compress as they are, and syncs the file before renaming it into place. \`qemu-img convert -c\` compresses with zlib on one thread."
+  echo "The export comparisons are noisy on this shared machine: see bench/results/bundle-export.tsv for each run. Lodge reads the stopped VM's qcow2 chain straight from its files (package qcow2; qemu-nbd only for images it does not read), compresses 4 MiB chunks on both cores, stores chunks that do not compress as they are, and syncs the file before renaming it into place. \`qemu-img convert -c\` compresses with zlib on one thread."
 fi
 if ls "$c"/backup-*.tsv >/dev/null 2>&1; then
   # pick FILE EXPR COND: median of the awk expression EXPR over the rows
@@ -251,7 +251,7 @@ if [ -f "$c/backup-days.tsv" ]; then
   echo
   echo "Chunk size: with 4 MiB chunks the unaligned pattern makes each incremental read and store both chunks a run straddles, twice the data that changed; with 1 MiB chunks both patterns cost what they change, as libvirt's incremental does with its 64 KiB clusters. A 4 MiB write that is not even 1 MiB-aligned touches 5 chunks (1.25× the data)."
   echo
-  echo "The full backup's gap to qemu-img convert is the work a backup does that a copy does not: it hashes every byte (BLAKE3), writes one file per chunk, and reads through qemu-nbd over a socket. New chunks are made durable with one syncfs at commit, and chunks that look random (byte entropy above 7.9 bits) are stored as raw zstd blocks. Reading a stopped VM's qcow2 directly, rather than through qemu-nbd, is the next step."
+  echo "A full backup does more than a copy: it hashes every byte (BLAKE3) and writes one file per chunk. It reads a stopped VM's qcow2 chain straight from the files (package qcow2) rather than through qemu-nbd over a socket, and starts each new chunk's writeback as soon as it is written, so the one syncfs at commit has little left; chunks that look random (byte entropy above 7.9 bits) are stored as raw zstd blocks. Through qemu-nbd and with all writeback left to the syncfs, the same backup ran at 0.49 of qemu-img's speed; with the direct read alone, about 0.6."
   echo
   echo "During a backup Lodge's hashing and compression run at nice 10, so a guest's vCPU thread (nice 0) outweighs them nine to one. Under TCG the vCPU is a host thread that competes for the two CPUs with QEMU's own copy-before-write and NBD serving, which run inside QEMU at normal priority; with KVM a guest doing dd mostly waits on I/O. An exec sent while the backup has the filesystems frozen is held until the thaw."
 fi
