@@ -8,6 +8,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -50,19 +51,7 @@ func TestParseRow(t *testing.T) {
 
 func rowEqual(a, b Row) bool {
 	return a.Scenario == b.Scenario && a.Measure == b.Measure && a.Unit == b.Unit && a.Lower == b.Lower &&
-		a.Peer == b.Peer && a.Target == b.Target && floatsEqual(a.Lodge, b.Lodge) && floatsEqual(a.Other, b.Other)
-}
-
-func floatsEqual(a, b []float64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
+		a.Peer == b.Peer && a.Target == b.Target && slices.Equal(a.Lodge, b.Lodge) && slices.Equal(a.Other, b.Other)
 }
 
 func TestRatioAdvantageVerdict(t *testing.T) {

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -395,7 +396,7 @@ func TestReaderMatchesQEMU(t *testing.T) {
 			checkSequential(t, r, want)
 			checkConcurrent(t, r, want)
 			checkExtents(t, r, want)
-			if got, qemu := mustExtents(t, r, 0, r.Size()), qemuDataExtents(t, format, img); !equalExtents(got, qemu) {
+			if got, qemu := mustExtents(t, r, 0, r.Size()), qemuDataExtents(t, format, img); !slices.Equal(got, qemu) {
 				t.Errorf("DataExtents = %v\nqemu-img map data = %v", got, qemu)
 			}
 		})
@@ -476,18 +477,6 @@ func mustExtents(t *testing.T, r *Reader, off, n int64) []Extent {
 	return ext
 }
 
-func equalExtents(a, b []Extent) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
-
 // checkExtents checks that DataExtents covers every non-zero byte, is
 // well-formed, and that asking for part of the disk gives that part of the
 // whole answer.
@@ -516,7 +505,7 @@ func checkExtents(t *testing.T, r *Reader, want []byte) {
 				clipped = append(clipped, Extent{s, end - s})
 			}
 		}
-		if !equalExtents(got, clipped) {
+		if !slices.Equal(got, clipped) {
 			t.Fatalf("DataExtents(%d, %d) = %v; the whole disk's, clipped, is %v", off, n, got, clipped)
 		}
 	}
@@ -567,7 +556,7 @@ func TestDataExtentsFresh(t *testing.T) {
 		{2 << 30, 100, nil},
 	}
 	for _, tt := range tests {
-		if got := mustExtents(t, r, tt.off, tt.n); !equalExtents(got, tt.want) {
+		if got := mustExtents(t, r, tt.off, tt.n); !slices.Equal(got, tt.want) {
 			t.Errorf("DataExtents(%d, %d) = %v, want %v", tt.off, tt.n, got, tt.want)
 		}
 	}
