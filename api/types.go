@@ -173,6 +173,15 @@ type SetVM struct {
 	MaxCPUs   int    `json:"max_cpus,omitempty"`
 	// Project moves the VM to another project, if it fits there.
 	Project string `json:"project,omitempty"`
+	// Networks, for a stopped VM, lays out its NICs anew, one per
+	// network in order; a NIC that stays on its network keeps its MAC.
+	// It is set alone, not with other settings.
+	Networks []string `json:"networks,omitempty"`
+}
+
+// IsZero reports whether the request changes nothing.
+func (s SetVM) IsZero() bool {
+	return s.Memory == 0 && s.MaxMemory == 0 && s.MinMemory == nil && s.CPUs == 0 && s.MaxCPUs == 0 && s.Project == "" && len(s.Networks) == 0
 }
 
 // StopVM is the body of POST /v1/vms/{name}/stop.

@@ -13,7 +13,7 @@ import (
 func setCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "set VM KEY=VALUE...",
-		Short: "Change a VM's memory (also while it runs), max_memory, min_memory or cpus",
+		Short: "Change a VM's memory (also while it runs), max_memory, min_memory, cpus or networks",
 		Long: `Change a VM's settings:
 
   memory=SIZE      while it runs too: the balloon takes memory back and
@@ -29,6 +29,10 @@ func setCmd(g *globals) *cobra.Command {
                    online through the guest agent) or taken out again
   max_cpus=N       while it is stopped
   project=NAME     moves the VM to another project, if it fits there
+  networks=A,B     while it is stopped, and alone: one NIC per network, in
+                   order; a NIC that stays on its network keeps its MAC
+                   (and so its address), one on a new network gets a
+                   fresh MAC
 
 Sizes take 512M, 2G or 2GiB.`,
 		Args: cobra.MinimumNArgs(2),
@@ -66,6 +70,13 @@ func parseSettings(words []string) (api.SetVM, error) {
 			req.MinMemory = &n
 		case "project":
 			req.Project = val
+		case "networks":
+			for n := range strings.SplitSeq(val, ",") {
+				if n == "" {
+					return req, usagef("set: networks=%s: an empty network name", val)
+				}
+				req.Networks = append(req.Networks, n)
+			}
 		case "cpus":
 			req.CPUs, err = strconv.Atoi(val)
 			if err == nil && req.CPUs < 1 {
@@ -77,7 +88,7 @@ func parseSettings(words []string) (api.SetVM, error) {
 				return req, usagef("set: max_cpus=%s: must be at least 1", val)
 			}
 		default:
-			return req, usagef("set: unknown setting %q (memory, max_memory, min_memory, cpus, max_cpus, project)", key)
+			return req, usagef("set: unknown setting %q (memory, max_memory, min_memory, cpus, max_cpus, project, networks)", key)
 		}
 		if err != nil {
 			return req, usagef("set: %s: %v", w, err)

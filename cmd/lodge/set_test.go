@@ -26,6 +26,9 @@ func TestParseSettings(t *testing.T) {
 		{[]string{"min_memory=off"}, api.SetVM{MinMemory: ptr(int64(0))}, false},
 		{[]string{"min_memory=0"}, api.SetVM{MinMemory: ptr(int64(0))}, false},
 		{[]string{"min_memory=some"}, api.SetVM{}, true},
+		{[]string{"networks=back,nat"}, api.SetVM{Networks: []string{"back", "nat"}}, false},
+		{[]string{"networks=back,,nat"}, api.SetVM{}, true},
+		{[]string{"networks=back,"}, api.SetVM{}, true},
 	}
 	for _, tt := range tests {
 		got, err := parseSettings(tt.words)

@@ -241,8 +241,18 @@ func (d *Daemon) setVM(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	if req == (api.SetVM{}) {
+	if req.IsZero() {
 		writeErr(w, fmt.Errorf("set vm %q: %w: nothing to change", name, errdefs.ErrInvalid))
+		return
+	}
+	if nets := req.Networks; len(nets) > 0 {
+		// Alone, so that a refusal of either half cannot leave the other
+		// half done.
+		if req.Networks = nil; !req.IsZero() {
+			writeErr(w, fmt.Errorf("set vm %q: %w: networks are set alone, not with other settings", name, errdefs.ErrInvalid))
+			return
+		}
+		accepted(w, d.ops.start("set", name, func(ctx context.Context, _ *operation) (any, error) { return d.vms.SetNetworks(ctx, name, nets) }))
 		return
 	}
 	accepted(w, d.ops.start("set", name, func(ctx context.Context, _ *operation) (any, error) { return d.vms.Set(ctx, name, req) }))

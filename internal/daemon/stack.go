@@ -243,7 +243,7 @@ func (d *Daemon) updateMember(ctx context.Context, f *stack.File, in stack.Insta
 			req.MaxMemory = ceiling
 		}
 	}
-	if req == (api.SetVM{}) {
+	if req.IsZero() {
 		return nil
 	}
 	if _, err := d.vms.Set(ctx, in.Name, req); err != nil {

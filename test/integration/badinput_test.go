@@ -77,6 +77,9 @@ func TestBadInput(t *testing.T) {
 		{"revert to unknown snapshot", []string{"snapshot", "revert", "taken", "nope"}, 1, []string{`snapshot "nope" of vm "taken"`, "not found"}},
 		{"delete unknown snapshot", []string{"snapshot", "delete", "taken", "nope"}, 1, []string{`snapshot "nope" of vm "taken"`, "not found"}},
 		{"snapshots of unknown vm", []string{"snapshot", "list", "ghost"}, 1, []string{`vm "ghost"`, "not found"}},
+		{"networks with other settings", []string{"set", "taken", "networks=nat", "cpus=2"}, 1, []string{`vm "taken"`, "networks are set alone"}},
+		{"unknown network", []string{"set", "taken", "networks=nat,nosuch"}, 1, []string{`vm "taken"`, `network "nosuch"`}},
+		{"empty network name", []string{"set", "taken", "networks=nat,,nat"}, 2, []string{"empty network name"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -110,6 +113,16 @@ func TestBadInput(t *testing.T) {
 	imgs, _ := h.c.ListImages(context.Background())
 	if len(imgs) != 1 {
 		t.Errorf("images after bad input = %+v", imgs)
+	}
+	before := h.show("taken")
+	if len(before.NICs) != 1 || before.CPUs == 2 {
+		t.Errorf("refused sets changed taken: %+v, %d cpus", before.NICs, before.CPUs)
+	}
+	// The same setting, well formed, applies: the NIC that stays keeps
+	// its MAC.
+	h.must("set", "taken", "networks="+before.NICs[0].Network+","+before.NICs[0].Network)
+	if after := h.show("taken"); len(after.NICs) != 2 || after.NICs[0].MAC != before.NICs[0].MAC || after.NICs[1].MAC == before.NICs[0].MAC {
+		t.Errorf("taken after set networks: %+v (was %+v)", after.NICs, before.NICs)
 	}
 	// API bodies are checked too.
 	if _, err := h.c.CreateVM(context.Background(), api.CreateVM{Name: "../x", Image: "tiny"}); err == nil || !strings.Contains(err.Error(), `vm name "../x"`) {
