@@ -49,6 +49,11 @@ func (h *host) reaches(vm, target string) bool {
 			return true
 		}
 		if time.Now().After(deadline) {
+			// What the guest sees, so that a failure can be told apart:
+			// a name that does not resolve, or an address that does not
+			// answer.
+			out, errOut, _ := h.lodge("exec", vm, "--", "sh", "-c", "cat /etc/resolv.conf; nslookup "+target+"; ip -4 addr; ip neigh; ping -c 1 -W 3 "+target)
+			h.t.Logf("%s cannot reach %s:\n%s%s", vm, target, out, errOut)
 			return false
 		}
 		time.Sleep(time.Second)
