@@ -111,27 +111,54 @@ func parseBacking(r io.ReaderAt) (Backing, error) {
 	}
 	// Version 2 headers carry extensions too, right after their 72
 	// bytes; QEMU writes the backing format there as in version 3.
-	pos := uint64(72)
+	start := uint64(72)
 	if version == 3 {
 		if len(hdr) < 104 {
 			return Backing{}, fmt.Errorf("%w: version 3 header of %d bytes", ErrNotQcow2, len(hdr))
 		}
-		pos = uint64(binary.BigEndian.Uint32(hdr[100:]))
+		start = uint64(binary.BigEndian.Uint32(hdr[100:]))
 	}
-	for pos+8 <= uint64(len(hdr)) {
-		typ := binary.BigEndian.Uint32(hdr[pos:])
-		l := uint64(binary.BigEndian.Uint32(hdr[pos+4:]))
-		pos += 8
-		if typ == 0 {
-			break
-		}
-		if l > uint64(len(hdr))-pos {
-			return Backing{}, fmt.Errorf("header extension %#x of %d bytes: outside the header", typ, l)
-		}
+	// The extensions end where the name starts.
+	err = headerExtensions(hdr, start, off, func(typ uint32, data []byte) error {
 		if typ == extBackingFormat {
-			b.Format = string(hdr[pos : pos+l])
+			b.Format = string(data)
 		}
-		pos += (l + 7) &^ 7
+		return nil
+	})
+	if err != nil {
+		return Backing{}, err
 	}
 	return b, nil
+}
+
+// headerExtensions calls fn with each header extension's type and data,
+// from start (the end of the fixed header) up to limit (where the backing
+// file name starts, or the end of the first cluster), until the end
+// marker. c0 is as much of the first cluster as the file holds.
+func headerExtensions(c0 []byte, start, limit uint64, fn func(typ uint32, data []byte) error) error {
+	be := binary.BigEndian
+	for pos := start; pos < limit; {
+		if pos+8 > limit {
+			return fmt.Errorf("header extension at %d: too large", pos)
+		}
+		if pos+8 > uint64(len(c0)) {
+			return fmt.Errorf("header extension at %d: past the end of the file", pos)
+		}
+		typ, n := be.Uint32(c0[pos:]), uint64(be.Uint32(c0[pos+4:]))
+		pos += 8
+		if n > limit-pos {
+			return fmt.Errorf("header extension %#x at %d: %d bytes too large", typ, pos-8, n)
+		}
+		if typ == extEnd {
+			return nil
+		}
+		if pos+n > uint64(len(c0)) {
+			return fmt.Errorf("header extension %#x at %d: past the end of the file", typ, pos-8)
+		}
+		if err := fn(typ, c0[pos:pos+n]); err != nil {
+			return err
+		}
+		pos += (n + 7) &^ 7
+	}
+	return nil
 }

@@ -492,34 +492,23 @@ func (l *layer) parseHeader() (Backing, error) {
 	if nameOff != 0 {
 		extLimit = nameOff
 	}
-	for pos := uint64(hdrLen); pos < extLimit; {
-		if pos+8 > extLimit {
-			return Backing{}, bad("header extension at %d: too large", pos)
-		}
-		if pos+8 > uint64(len(c0)) {
-			return Backing{}, bad("header extension at %d: past the end of the file", pos)
-		}
-		typ, ln := be.Uint32(c0[pos:]), uint64(be.Uint32(c0[pos+4:]))
-		pos += 8
-		if ln > extLimit-pos {
-			return Backing{}, bad("header extension %#x at %d: %d bytes too large", typ, pos-8, ln)
-		}
-		if typ == extEnd {
-			break
-		}
-		if pos+ln > uint64(len(c0)) {
-			return Backing{}, bad("header extension %#x at %d: past the end of the file", typ, pos-8)
-		}
+	err = headerExtensions(c0, uint64(hdrLen), extLimit, func(typ uint32, data []byte) error {
 		switch typ {
 		case extBackingFormat:
-			if ln >= maxBackingFormat {
-				return Backing{}, bad("backing format extension of %d bytes", ln)
+			if len(data) >= maxBackingFormat {
+				return bad("backing format extension of %d bytes", len(data))
 			}
-			b.Format = cString(c0[pos : pos+ln])
+			b.Format = cString(data)
 		case extCryptoHeader:
-			return Backing{}, unsupported("encryption header extension")
+			return unsupported("encryption header extension")
 		}
-		pos += (ln + 7) &^ 7
+		return nil
+	})
+	switch {
+	case errors.Is(err, ErrUnsupported), errors.Is(err, ErrNotQcow2):
+		return Backing{}, err
+	case err != nil:
+		return Backing{}, bad("%v", err)
 	}
 	if nameOff != 0 && nameLen > 0 {
 		if nameLen > min(maxBackingName, uint64(cs)-nameOff) {
