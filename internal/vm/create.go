@@ -122,6 +122,16 @@ type identityOf struct {
 	} `json:"nics"`
 }
 
+// hasMAC reports whether the VM holds mac on one of its NICs.
+func (o identityOf) hasMAC(mac string) bool {
+	for _, n := range o.NICs {
+		if n.MAC == mac {
+			return true
+		}
+	}
+	return false
+}
+
 // errIdentityTaken means a freshly drawn UUID or MAC is already in use;
 // insert draws again.
 var errIdentityTaken = errors.New("identity already taken")
@@ -157,11 +167,9 @@ func (s *Service) insert(ctx context.Context, r *record, fresh bool, also func(t
 				if o.UUID == r.UUID {
 					return errIdentityTaken
 				}
-				for _, on := range o.NICs {
-					for _, n := range r.NICs {
-						if n.MAC == on.MAC {
-							return errIdentityTaken
-						}
+				for _, n := range r.NICs {
+					if o.hasMAC(n.MAC) {
+						return errIdentityTaken
 					}
 				}
 			}

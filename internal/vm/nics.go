@@ -48,7 +48,7 @@ func (s *Service) SetNetworks(ctx context.Context, name string, networks []strin
 			if !slices.Equal(x.NICs, r.NICs) {
 				return fmt.Errorf("%w: its NICs changed meanwhile", errdefs.ErrConflict)
 			}
-			if err := macsFree(tx, name, nics, r.NICs); err != nil {
+			if err := macsFree(tx, nics, r.NICs); err != nil {
 				return err
 			}
 			x.NICs = nics
@@ -91,9 +91,9 @@ func renic(have []api.NIC, networks []string) []api.NIC {
 }
 
 // macsFree fails with errIdentityTaken if a MAC in nics that the VM did
-// not already have (in old) belongs to another VM.
-func macsFree(tx store.Tx, name string, nics, old []api.NIC) error {
-	others, err := store.ListJSON[record](tx, bucket)
+// not already have (in old) belongs to a VM, which cannot be this one.
+func macsFree(tx store.Tx, nics, old []api.NIC) error {
+	others, err := store.ListJSON[identityOf](tx, bucket)
 	if err != nil {
 		return err
 	}
@@ -101,10 +101,8 @@ func macsFree(tx store.Tx, name string, nics, old []api.NIC) error {
 		if slices.ContainsFunc(old, func(o api.NIC) bool { return o.MAC == n.MAC }) {
 			continue
 		}
-		for _, o := range others {
-			if o.Name != name && slices.ContainsFunc(o.NICs, func(on api.NIC) bool { return on.MAC == n.MAC }) {
-				return errIdentityTaken
-			}
+		if slices.ContainsFunc(others, func(o identityOf) bool { return o.hasMAC(n.MAC) }) {
+			return errIdentityTaken
 		}
 	}
 	return nil
