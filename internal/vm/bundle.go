@@ -47,7 +47,6 @@ type ExportDisk struct {
 	// Source names the same view for QEMU's tools (qemu-img), in Format:
 	// an NBD URI of raw data, or the qcow2 image file itself.
 	Source, Format string
-	file           *qcow2.Reader
 }
 
 // DiskReader reads a disk as it was at an export's point in time.
@@ -87,7 +86,7 @@ func (s *Service) openFiles(d api.Disk) (_ ExportDisk, ok bool) {
 		s.log.Log(context.Background(), level, "reading the disk through qemu-nbd", "disk", d.Name, "path", d.Path, "reason", err)
 		return ExportDisk{}, false
 	}
-	return ExportDisk{Disk: d, Data: fileView{rd}, Source: d.Path, Format: "qcow2", file: rd}, true
+	return ExportDisk{Disk: d, Data: fileView{rd}, Source: d.Path, Format: "qcow2"}, true
 }
 
 // Export is a VM held at one point in time for reading.
@@ -111,8 +110,8 @@ func (e *Export) Close() {
 		if d.Conn != nil {
 			_ = d.Conn.Close()
 		}
-		if d.file != nil {
-			_ = d.file.Close()
+		if f, ok := d.Data.(fileView); ok {
+			_ = f.Close()
 		}
 	}
 	for i := len(e.release) - 1; i >= 0; i-- {

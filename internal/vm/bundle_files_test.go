@@ -48,7 +48,7 @@ func TestOpenFiles(t *testing.T) {
 			if !ok {
 				return
 			}
-			defer func() { _ = ed.file.Close() }()
+			defer func() { _ = ed.Data.(fileView).Close() }()
 			if ed.Source != tt.path || ed.Format != "qcow2" || ed.Conn != nil || ed.Data.Size() != 4<<20 {
 				t.Fatalf("disk read from its files: source %s format %s conn %v size %d", ed.Source, ed.Format, ed.Conn, ed.Data.Size())
 			}
