@@ -707,8 +707,8 @@ func (d *Daemon) canRebuild(ctx context.Context, vmName string, req api.StackReb
 	if err != nil {
 		return fmt.Errorf("%w; lodge stack up creates it afresh", err)
 	}
-	if len(v.Snapshots) > 0 {
-		return fmt.Errorf("rebuild vm %q: %w: it has snapshots (%s), which its new disks could not go back to; delete them first", vmName, errdefs.ErrState, strings.Join(v.Snapshots, ", "))
+	if err := noSnapshots("rebuild", v); err != nil {
+		return err
 	}
 	if req.FromBackup {
 		bs, err := d.backups.List(ctx, vmName, req.Repo)
@@ -725,6 +725,15 @@ func (d *Daemon) canRebuild(ctx context.Context, vmName string, req api.StackReb
 	}
 	if _, err := d.images.Get(ctx, v.Image); err != nil {
 		return fmt.Errorf("rebuild vm %q from its image: %w", vmName, err)
+	}
+	return nil
+}
+
+// noSnapshots refuses to give a member with snapshots new disks before
+// it is stopped; vm.Rebuild would refuse it only then.
+func noSnapshots(op string, v api.VM) error {
+	if len(v.Snapshots) > 0 {
+		return fmt.Errorf("%s vm %q: %w: it has snapshots (%s), which its new disks could not go back to; delete them first", op, v.Name, errdefs.ErrState, strings.Join(v.Snapshots, ", "))
 	}
 	return nil
 }
@@ -759,8 +768,8 @@ func (d *Daemon) recreateMember(ctx context.Context, f *stack.File, in stack.Ins
 	if err != nil {
 		return err
 	}
-	if len(v.Snapshots) > 0 {
-		return fmt.Errorf("recreate vm %q: %w: it has snapshots (%s), which its new disks could not go back to; delete them first", in.Name, errdefs.ErrState, strings.Join(v.Snapshots, ", "))
+	if err := noSnapshots("recreate", v); err != nil {
+		return err
 	}
 	if err := d.stopMember(ctx, f.Name, v); err != nil {
 		return err
