@@ -55,7 +55,7 @@ func waitProbe(t *testing.T) {
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		info, err := h.c.Host(context.Background())
-		if err == nil && info.AccelVerified && !strings.HasPrefix(info.AccelReason, "probing") {
+		if err == nil && (info.AccelVerified && !strings.HasPrefix(info.AccelReason, "probing") || kvmMissing(info)) {
 			probed = info
 			return
 		}
@@ -66,13 +66,33 @@ func waitProbe(t *testing.T) {
 	}
 }
 
+// kvmMissing tells a host without a usable /dev/kvm, where TCG is the
+// only choice and there is nothing to boot a probe for.
+func kvmMissing(info api.HostInfo) bool {
+	return info.Accel == "tcg" && strings.HasPrefix(info.AccelReason, "KVM unavailable: ")
+}
+
 // TestAcceleratorProbe: the probe booted a real guest to decide, says why,
-// and later daemons reuse the verdict.
+// and later daemons reuse the verdict. Without /dev/kvm there is no probe:
+// every daemon says so at once.
 func TestAcceleratorProbe(t *testing.T) {
 	t.Parallel()
 	h := newHost(t)
 	if probed.Accel != "kvm" && probed.Accel != "tcg" {
 		t.Fatalf("probe verdict = %+v", probed)
+	}
+	if kvmMissing(probed) {
+		info, err := h.c.Host(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !kvmMissing(info) || info.AccelVerified {
+			t.Fatalf("second daemon without /dev/kvm: %s (%s, verified %v), want tcg because KVM is unavailable", info.Accel, info.AccelReason, info.AccelVerified)
+		}
+		if out := h.must("host", "info"); !strings.Contains(out, "KVM unavailable") {
+			t.Fatalf("host info does not say why it runs TCG:\n%s", out)
+		}
+		return
 	}
 	if probed.Accel == "kvm" && !strings.Contains(probed.AccelReason, "reached its agent") {
 		t.Fatalf("kvm chosen without a successful boot: %s", probed.AccelReason)
