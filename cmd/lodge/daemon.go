@@ -8,6 +8,7 @@ import (
 
 	"github.com/lodge-vm/lodge/internal/config"
 	"github.com/lodge-vm/lodge/internal/daemon"
+	"github.com/lodge-vm/lodge/internal/priority"
 )
 
 func daemonCmd(g *globals) *cobra.Command {
@@ -35,6 +36,9 @@ func daemonCmd(g *globals) *cobra.Command {
 			var level slog.Level
 			_ = level.UnmarshalText([]byte(cfg.LogLevel))
 			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			if err := priority.OwnGroup(); err != nil {
+				log.Info("backups and exports lower only their own threads, and weigh as much as a VM", "component", "daemon", "reason", err)
+			}
 			d, err := daemon.New(cmd.Context(), cfg, log)
 			if err != nil {
 				return err

@@ -9,7 +9,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,6 +17,7 @@ import (
 	"lukechampine.com/blake3"
 
 	"github.com/lodge-vm/lodge/internal/errdefs"
+	"github.com/lodge-vm/lodge/internal/priority"
 )
 
 // Writer adds chunks and backups to a repository. While it is open, GC
@@ -429,6 +429,7 @@ func (w *Writer) readChunks(parent context.Context, in DiskInput, chunks []Diges
 	r := w.r
 	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
+	defer priority.Background()()
 	nw := workers()
 
 	var (
@@ -518,7 +519,7 @@ func (w *Writer) readChunks(parent context.Context, in DiskInput, chunks []Diges
 	var workersWG sync.WaitGroup
 	for range nw {
 		workersWG.Go(func() {
-			background()
+			priority.LowerThread()
 			var scratch []byte
 			for j := range jobs {
 				if ctx.Err() != nil {
@@ -628,15 +629,4 @@ func (w *Writer) Commit(ctx context.Context, m *Manifest) error {
 		return fail(err)
 	}
 	return nil
-}
-
-// background lowers the calling goroutine's thread to nice 10 for the
-// rest of its life, which ends with the goroutine: it never unlocks the
-// thread, so the runtime retires it rather than reuse it at that
-// priority. Hashing and compressing a backup then give way to the guests'
-// own CPUs (a vCPU thread at nice 0 weighs nine times as much), so a
-// running VM keeps its speed while it is backed up.
-func background() {
-	runtime.LockOSThread()
-	_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), 10)
 }

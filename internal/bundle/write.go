@@ -9,6 +9,8 @@ import (
 	"sync"
 
 	"lukechampine.com/blake3"
+
+	"github.com/lodge-vm/lodge/internal/priority"
 )
 
 // Source is one entry to export: a disk (Name, Bus) in a bundle without
@@ -206,6 +208,7 @@ type piece struct {
 func copyExtents(ctx context.Context, enc *encoder, d Source) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	defer priority.Background()()
 	order := make(chan *piece, readInFlight)
 	sem := make(chan struct{}, readInFlight)
 	pool := sync.Pool{New: func() any { return make([]byte, readPiece) }}

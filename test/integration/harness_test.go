@@ -120,7 +120,9 @@ func (h *host) startDaemon() {
 	cmd.Env = h.env
 	h.log = &bytes.Buffer{}
 	cmd.Stdout, cmd.Stderr = h.log, h.log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// A session of its own, as a service manager gives it: the daemon
+	// then lowers its own CPU group during backups (package priority).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		h.t.Fatal(err)
 	}
