@@ -6,10 +6,12 @@
 # an import is durable when it returns). The disk is 4 GiB virtual with
 # 1 GiB of random data and 1 GiB of text (Go source); DATA_MIB sets the
 # size of each half. Lodge and the comparisons alternate within each run.
+# Then `lodge send` between two daemons on this host against nc (below).
 # Writes results/bundle-*.tsv.
 source "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-3}
 DATA_MIB=${DATA_MIB:-1024}
+"$ROOT/scripts/deps.sh" bench # nc, for the send comparison
 start_lodged
 
 D=$WORK/bundle
@@ -67,6 +69,47 @@ for i in $(seq "$RUNS"); do
   echo -e "$i\t$a\t$b\t$c" | tee -a "$out"
   "$LODGE" delete "bundle-imp-$i" >/dev/null
 done
+
+# --- send: `lodge send` of the stopped VM to a second daemon on this host,
+# HTTPS over loopback, against moving the bundle file with nc (the issue's
+# measure), and against the same work done through nc: `lodge export -`
+# piped through nc into `lodge import -` on the second daemon.
+H2=$WORK/home2
+SEND_PORT=${SEND_PORT:-18443}
+NC_PORT=${NC_PORT:-18444}
+rm -rf "$H2"
+mkdir -p "$H2"
+LODGE_HOME=$H2 "$LODGE" daemon --listen "127.0.0.1:$SEND_PORT" >"$WORK/daemon2.log" 2>&1 &
+d2=$!
+stop_d2() { kill "$d2" 2>/dev/null || true; wait "$d2" 2>/dev/null || true; rm -rf "$H2"; }
+trap stop_d2 EXIT
+for _ in $(seq 100); do LODGE_HOME=$H2 "$LODGE" host info >/dev/null 2>&1 && break; sleep 0.1; done
+token=$(LODGE_HOME=$H2 "$LODGE" host token | sed -n "s/^token: *//p")
+# listening PORT: wait until something listens on 127.0.0.1:PORT.
+listening() { for _ in $(seq 100); do ss -ltn "sport = :$1" | grep -q LISTEN && return 0; sleep 0.02; done; return 1; }
+out=$RESULTS/bundle-send.tsv
+echo -e "run\tsend_s\tnc_file_s\tnc_pipeline_s\tbundle_bytes" >"$out"
+for i in $(seq "$RUNS"); do
+  sync; t=$(now)
+  "$LODGE" send bundle-src --to "https://127.0.0.1:$SEND_PORT" --token "$token" --name "send-$i" >/dev/null
+  a=$(elapsed "$t")
+  LODGE_HOME=$H2 "$LODGE" delete "send-$i" >/dev/null
+  nc -l 127.0.0.1 "$NC_PORT" >"$D/recv.lodge" &
+  lp=$!
+  listening "$NC_PORT"
+  sync; t=$(now); nc -N 127.0.0.1 "$NC_PORT" <"$D/b.lodge"; wait "$lp"; b=$(elapsed "$t")
+  cmp -s "$D/b.lodge" "$D/recv.lodge" || { echo "nc delivered a different file" >&2; exit 1; }
+  rm -f "$D/recv.lodge"
+  (nc -l 127.0.0.1 "$NC_PORT" | LODGE_HOME=$H2 "$LODGE" import - --name "pipe-$i" >/dev/null) &
+  lp=$!
+  listening "$NC_PORT"
+  sync; t=$(now); "$LODGE" export bundle-src - 2>/dev/null | nc -N 127.0.0.1 "$NC_PORT"; wait "$lp"; c=$(elapsed "$t")
+  LODGE_HOME=$H2 "$LODGE" delete "pipe-$i" >/dev/null
+  echo -e "$i\t$a\t$b\t$c\t$(stat -c %s "$D/b.lodge")" | tee -a "$out"
+done
+stop_d2
+trap - EXIT
+
 "$LODGE" delete bundle-src >/dev/null
 "$LODGE" image delete bundledata >/dev/null
 rm -rf "$D"

@@ -4,7 +4,10 @@
 # its agent) against the same three VMs created and started by hand, back
 # to back: start a, wait for its agent, start b, wait, start c, wait. And
 # `stack up` of three independent members (each ready when its agent
-# answers, through a health check of `true`) against one such VM alone.
+# answers, through a health check of `true`) against one such VM alone,
+# and against the same three booted by hand all at once: on a host whose
+# CPUs three booting guests saturate, that tells the rollout's own cost
+# from the hardware's.
 # Each run creates the VMs anew (`lodge create` is part of both sides) and
 # deletes them after; the two sides alternate. Writes results/stack.tsv.
 source "$(dirname "$0")/lib.sh"
@@ -32,7 +35,7 @@ YAML
 clean() {
   "$LODGE" stack down bch --delete >/dev/null 2>&1 || true
   "$LODGE" stack down bwide --delete >/dev/null 2>&1 || true
-  for vm in bm-a bm-b bm-c bm-one; do "$LODGE" delete --force "$vm" >/dev/null 2>&1 || true; done
+  for vm in bm-a bm-b bm-c bm-one bp-a bp-b bp-c; do "$LODGE" delete --force "$vm" >/dev/null 2>&1 || true; done
 }
 clean
 trap clean EXIT
@@ -45,7 +48,7 @@ boot() {
 }
 
 out=$RESULTS/stack.tsv
-echo -e "run\tchain_stack_s\tchain_manual_s\twide_stack_s\tone_vm_s" >"$out"
+echo -e "run\tchain_stack_s\tchain_manual_s\twide_stack_s\tone_vm_s\twide_manual_s" >"$out"
 for i in $(seq "$RUNS"); do
   sync; t=$(now); "$LODGE" stack up "$D/chain.yaml" >/dev/null; a=$(elapsed "$t")
   clean
@@ -55,5 +58,8 @@ for i in $(seq "$RUNS"); do
   clean
   sync; t=$(now); boot bm-one; d=$(elapsed "$t")
   clean
-  echo -e "$i\t$a\t$b\t$c\t$d" | tee -a "$out"
+  sync; t=$(now); boot bp-a & pa=$!; boot bp-b & pb=$!; boot bp-c & pc=$!
+  wait $pa && wait $pb && wait $pc; e=$(elapsed "$t")
+  clean
+  echo -e "$i\t$a\t$b\t$c\t$d\t$e" | tee -a "$out"
 done

@@ -79,6 +79,11 @@ if have bundle-import.tsv; then
   f=$c/bundle-import.tsv
   row import "import" s lower "cp of the bundle" "ratio<=1.2" "$(vals "$f" '$2')" "$(vals "$f" '$3')"
 fi
+if have bundle-send.tsv; then
+  f=$c/bundle-send.tsv
+  row send "send over loopback" MB/s higher "cat bundle | nc" "ratio>=0.80" "$(vals "$f" '$5/$2/1e6')" "$(vals "$f" '$5/$3/1e6')"
+  row send "send over loopback" MB/s higher "export - | nc | import -" - "$(vals "$f" '$5/$2/1e6')" "$(vals "$f" '$5/$4/1e6')"
+fi
 if have backup-convert.tsv; then
   f=$c/backup-convert.tsv
   row backup "full, stopped VM" MB/s higher "qemu-img convert + sync" "ratio>=0.70" "$(vals "$f" '$5/$3/1e6')" "$(vals "$f" '$5/$4/1e6')"
@@ -103,6 +108,9 @@ if have stack.tsv; then
   f=$c/stack.tsv
   row stack "chain of 3 in dependency order" s lower "same boots by hand" "ratio<=1.05" "$(vals "$f" '$2')" "$(vals "$f" '$3')"
   row stack "3 independent members" s lower "one VM alone" - "$(vals "$f" '$4')" "$(vals "$f" '$5')"
+  if [ "$(awk -F'\t' 'NR==1{print NF}' "$f")" -ge 6 ]; then
+    row stack "3 independent members" s lower "the 3 booted by hand at once" "ratio<=1.05" "$(vals "$f" '$4')" "$(vals "$f" '$6')"
+  fi
 fi
 if have guest.tsv; then
   f=$c/guest.tsv

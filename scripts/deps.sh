@@ -11,7 +11,7 @@ for set in "$@"; do
   case "$set" in
     run) ;;
     guest) want+=(busybox-static syslinux syslinux-common syslinux-efi mtools dosfstools e2fsprogs fdisk kmod cpio) ;;
-    bench) want+=(libvirt-daemon-system libvirt-clients virtinst python3-libvirt jq) ;;
+    bench) want+=(libvirt-daemon-system libvirt-clients virtinst python3-libvirt jq netcat-openbsd) ;;
     *) echo "deps.sh: unknown set $set (run, guest, bench)" >&2; exit 2 ;;
   esac
 done
