@@ -90,6 +90,9 @@ type CreateVM struct {
 	MaxMemory int64  `json:"max_memory,omitempty"`
 	MinMemory int64  `json:"min_memory,omitempty"`
 	DiskSize  int64  `json:"disk_size,omitempty"`
+	// DataDisks adds an empty disk of each size after the root disk,
+	// named data1, data2, ... on the root disk's bus and pool.
+	DataDisks []int64 `json:"data_disks,omitempty"`
 	// Project is the project the VM counts against; default "default".
 	Project string `json:"project,omitempty"`
 	DiskBus string `json:"disk_bus,omitempty"`

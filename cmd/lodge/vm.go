@@ -23,6 +23,7 @@ func createCmd(g *globals) *cobra.Command {
 		networks                                                              []string
 		cpus, maxCPUs                                                         int
 		start                                                                 bool
+		dataDisks                                                             []string
 	)
 	cmd := &cobra.Command{
 		Use:   "create NAME --image IMG",
@@ -46,6 +47,13 @@ func createCmd(g *globals) *cobra.Command {
 			if req.DiskSize, err = parseSizeFlag("disk", disk); err != nil {
 				return err
 			}
+			for _, d := range dataDisks {
+				size, err := parseSizeFlag("data-disk", d)
+				if err != nil {
+					return err
+				}
+				req.DataDisks = append(req.DataDisks, size)
+			}
 			if cloudInit != "" {
 				raw, err := os.ReadFile(cloudInit)
 				if err != nil {
@@ -67,6 +75,7 @@ func createCmd(g *globals) *cobra.Command {
 	f.StringVar(&maxMemory, "max-memory", "", "memory ceiling for growth while running, by hot-plug (default: --memory)")
 	f.StringVar(&minMemory, "min-memory", "", "floor the host's auto-balloon may take the VM down to (default: none, the VM keeps its memory)")
 	f.StringVar(&disk, "disk", "", "root disk size (default 8G or the image's size)")
+	f.StringArrayVar(&dataDisks, "data-disk", nil, "add an empty disk of this size after the root disk (data1, data2, ...); repeat for more")
 	f.StringVar(&bus, "disk-bus", "virtio", "disk bus: virtio, scsi, ide or nvme")
 	f.StringVar(&pool, "pool", "default", "storage pool for the disk")
 	f.StringSliceVar(&networks, "net", nil, "network to put a NIC on; repeat for more NICs, in order (default nat)")

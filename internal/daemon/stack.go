@@ -145,6 +145,9 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 			continue
 		}
 		e := stack.Existing{Name: v.Name, Image: v.Image, CPUs: v.CPUs, Memory: v.Memory, Running: v.State == api.StateRunning}
+		for _, d := range v.Disks[min(1, len(v.Disks)):] {
+			e.DataDisks = append(e.DataDisks, d.Size)
+		}
 		for _, n := range v.NICs {
 			e.Networks = append(e.Networks, strings.TrimPrefix(n.Network, f.Name+"-"))
 		}
@@ -165,7 +168,7 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 			o.Progress("create "+c.Instance, 0, 0)
 			if _, err := d.vms.Create(ctx, api.CreateVM{
 				Name: in.Name, Image: in.Spec.Image, CPUs: in.Spec.CPUs, Memory: in.Spec.Memory, MaxMemory: in.Spec.MaxMemory,
-				DiskSize: in.Spec.Disk, CloudInit: in.Spec.CloudInit, Networks: memberNetworks(f.Name, in.Spec.Networks), Stack: f.Name,
+				DiskSize: in.Spec.Disk, DataDisks: in.Spec.Disks, CloudInit: in.Spec.CloudInit, Networks: memberNetworks(f.Name, in.Spec.Networks), Stack: f.Name,
 			}); err != nil {
 				return fmt.Errorf("stack %q: %w", f.Name, err)
 			}

@@ -32,7 +32,9 @@ type Existing struct {
 	// Networks are in the file's terms (the names under networks:, or
 	// the built-in one), whatever the host calls them.
 	Networks []string
-	Running  bool
+	// DataDisks are the sizes of its disks after the root disk.
+	DataDisks []int64
+	Running   bool
 	// Completed says a oneshot VM powered itself off with no error. Such
 	// a VM is done: starting it again on the next `up` would redo its
 	// provisioning.
@@ -85,6 +87,26 @@ func (f *File) Diff(existing []Existing) []Change {
 }
 
 func diffOne(in Instance, have map[string]Existing) Change {
+	c := diffSettings(in, have)
+	e, ok := have[in.Name]
+	if ok && c.Action != ActionRecreate && !slices.Equal(in.Spec.Disks, e.DataDisks) {
+		// A VM's disks are made with it, and Lodge has no way yet to add
+		// or drop one on an existing VM: say so rather than pass it by.
+		note := fmt.Sprintf("data disks [%s] -> [%s] not applied: disks are made with the VM (delete it and run up to remake it)", sizes(e.DataDisks), sizes(in.Spec.Disks))
+		c.Why = strings.TrimPrefix(c.Why+"; "+note, "; ")
+	}
+	return c
+}
+
+func sizes(v []int64) string {
+	out := make([]string, len(v))
+	for i, n := range v {
+		out[i] = units.FormatSize(n)
+	}
+	return strings.Join(out, " ")
+}
+
+func diffSettings(in Instance, have map[string]Existing) Change {
 	m := in.Spec
 	e, ok := have[in.Name]
 	switch {

@@ -40,6 +40,8 @@ vms:
 			"shop-dc none; shop-db start (stopped); shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
 		{"oneshot that never completed", with(func(e []Existing) []Existing { e[2].Completed = false; return e }),
 			"shop-dc none; shop-db none; shop-seed start (stopped); shop-app-1 none; shop-app-2 none"},
+		{"data disks", with(func(e []Existing) []Existing { e[1].DataDisks = []int64{1 << 30}; return e }),
+			"shop-dc none; shop-db none (data disks [1G] -> [] not applied: disks are made with the VM (delete it and run up to remake it)); shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
 		{"other image", with(func(e []Existing) []Existing { e[0].Image = "old"; return e }),
 			`shop-dc recreate (image "old" -> "tiny"); shop-db none; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none`},
 		{"memory, cpus and networks", with(func(e []Existing) []Existing {

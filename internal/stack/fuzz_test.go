@@ -17,6 +17,7 @@ func FuzzParse(f *testing.F) {
 		"name: s\nvms:\n  a: {image: t, depends_on: {b: started}}\n  b: {image: t, depends_on: {a: started}}\n",
 		"name: s\nvms:\n  a: {image: t, health: {tcp: 1}}\n  b: {image: t, count: 3, depends_on: {a: healthy}}\n  c: {image: t, oneshot: true, depends_on: {b: agent}}\n  d: {image: t, depends_on: {c: completed, a: started}}\n",
 		"name: s\nnetworks: {n: {subnet: 10.0.0.0/8, isolated: true}}\nvms: {a: {image: t, networks: [n, nat], memory: 1G, max_memory: 2G, disk: 1T, cpus: 4}}\n",
+		"name: s\nvms: {a: {image: t, disks: [1G, 512M]}, b: {image: t, disks: 3}}\n",
 	} {
 		f.Add(s)
 	}

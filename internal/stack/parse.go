@@ -24,7 +24,7 @@ import (
 var (
 	topFields     = []string{"name", "networks", "vms", "timeout"}
 	networkFields = []string{"subnet", "nat", "isolated"}
-	memberFields  = []string{"image", "cpus", "memory", "max_memory", "disk", "networks", "count",
+	memberFields  = []string{"image", "cpus", "memory", "max_memory", "disk", "disks", "networks", "count",
 		"depends_on", "health", "oneshot", "cloud_init", "timeout"}
 	healthFields = []string{"exec", "tcp", "interval", "timeout", "retries", "start_period"}
 )
@@ -597,6 +597,8 @@ func (p *parser) member(e entry) Member {
 			maxMemAt = posOf(fl.v)
 		case "disk":
 			m.Disk = p.size(fl.v, what)
+		case "disks":
+			m.Disks = p.sizeList(fl.v, what)
 		case "networks":
 			m.Networks = p.netList(fl.v, what, e.key)
 		case "count":
@@ -630,6 +632,32 @@ func (p *parser) member(e entry) Member {
 		p.e.invalid(maxMemAt, "%s: max_memory %s is below memory %s", obj, units.FormatSize(m.MaxMemory), units.FormatSize(m.Memory))
 	}
 	return m
+}
+
+// sizeList reads a member's data disks: a list of sizes, each a whole
+// number of 512-byte sectors and at least 1 MiB, at most MaxDataDisks.
+func (p *parser) sizeList(v *yaml.Node, what string) []int64 {
+	at := posOf(v)
+	v = p.deref(v)
+	if v.Kind == yaml.ScalarNode && v.ShortTag() == "!!null" {
+		return nil
+	}
+	if v.Kind != yaml.SequenceNode {
+		p.e.invalid(at, "%s: want a list of sizes, e.g. [10G]", what)
+		return nil
+	}
+	if len(v.Content) > MaxDataDisks {
+		p.e.invalid(at, "%s: %d data disks, at most %d", what, len(v.Content), MaxDataDisks)
+	}
+	var out []int64
+	for _, item := range v.Content {
+		size := p.size(item, what)
+		if size > 0 && (size < 1<<20 || size%512 != 0) {
+			p.e.invalid(posOf(item), "%s %s: want at least 1M, in whole 512-byte sectors", what, units.FormatSize(size))
+		}
+		out = append(out, size)
+	}
+	return out
 }
 
 func (p *parser) netList(v *yaml.Node, what, member string) []string {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -342,6 +343,16 @@ func TestParseErrors(t *testing.T) {
 			"vms:",
 			"  db: {image: tiny, disk: 0}",
 		), `s.yaml:3:27: vm "db": disk "0": must be more than 0`},
+		{"disks not a list", lines(
+			"name: shop",
+			"vms:",
+			"  db: {image: tiny, disks: 5G}",
+		), `s.yaml:3:28: vm "db": disks: want a list of sizes, e.g. [10G]`},
+		{"data disk too small", lines(
+			"name: shop",
+			"vms:",
+			"  db: {image: tiny, disks: [1G, 100K]}",
+		), `s.yaml:3:33: vm "db": disks 100K: want at least 1M, in whole 512-byte sectors`},
 		{"max_memory below memory", lines(
 			"name: shop",
 			"vms:",
@@ -439,6 +450,21 @@ func TestParseAliasBomb(t *testing.T) {
 	// is checked.
 	if got, want := strings.HasSuffix(fmt.Sprint(err), ": too many YAML aliases (at most 1000)"), true; got != want {
 		t.Fatalf("alias bomb refused (%v): got %v, want %v", err, got, want)
+	}
+}
+
+func TestParseDataDisks(t *testing.T) {
+	f := mustParse(t, lines(
+		"name: s",
+		"vms:",
+		"  db: {image: tiny, disks: [1G, 512M]}",
+		"  app: {image: tiny}",
+	))
+	if got, want := f.VMs[0].Disks, []int64{1 << 30, 512 << 20}; !slices.Equal(got, want) {
+		t.Fatalf("db disks: got %v, want %v", got, want)
+	}
+	if got := f.VMs[1].Disks; len(got) != 0 {
+		t.Fatalf("app disks: got %v, want none", got)
 	}
 }
 

@@ -51,6 +51,9 @@ const (
 // expanded into a plan with millions of waits.
 const MaxInstances = 1000
 
+// MaxDataDisks is the most data disks a member may declare, as for a VM.
+const MaxDataDisks = 8
+
 // File is a parsed stack file.
 type File struct {
 	Name     string
@@ -90,6 +93,8 @@ type Member struct {
 	Memory    int64
 	MaxMemory int64
 	Disk      int64
+	// Disks are the sizes of the data disks made after the root disk.
+	Disks []int64
 	// Networks are names declared under networks:, or BuiltinNetwork.
 	Networks []string
 	Count    int

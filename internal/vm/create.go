@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
@@ -27,6 +28,10 @@ const (
 	DefaultDiskSize = 8 << 30
 	MinMemory       = 64 << 20
 	MaxCPUs         = 255
+	// MaxDataDisks leaves room on every bus: IDE has four places, one
+	// of them the seed CD, so a VM on IDE has two for data.
+	MaxDataDisks = 8
+	minDataDisk  = 1 << 20
 )
 
 // Validate checks a create request against itself, the host and the
@@ -99,7 +104,28 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 	if req.DiskSize < img.VirtualSize {
 		return api.Image{}, fmt.Errorf("vm %q: disk %s is smaller than image %q (%s): %w", req.Name, units.FormatSize(req.DiskSize), img.Name, units.FormatSize(img.VirtualSize), errdefs.ErrInvalid)
 	}
+	if err := checkDataDisks(req.Name, req.DiskBus, req.DataDisks); err != nil {
+		return api.Image{}, err
+	}
 	return img, nil
+}
+
+// checkDataDisks checks the sizes of a new VM's data disks against the
+// places its bus has.
+func checkDataDisks(vm, bus string, sizes []int64) error {
+	most := MaxDataDisks
+	if bus == qemu.BusIDE {
+		most = 2
+	}
+	if len(sizes) > most {
+		return fmt.Errorf("vm %q: %d data disks: %w: a VM on %s takes at most %d", vm, len(sizes), errdefs.ErrInvalid, bus, most)
+	}
+	for i, size := range sizes {
+		if size < minDataDisk || size%512 != 0 {
+			return fmt.Errorf("vm %q: data disk %d of %s: %w: want at least %s, in whole 512-byte sectors", vm, i+1, units.FormatSize(size), errdefs.ErrInvalid, units.FormatSize(minDataDisk))
+		}
+	}
+	return nil
 }
 
 // checkNetwork says whether a VM may have a NIC on network n.
@@ -229,6 +255,10 @@ func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) 
 		Pool: pool.Name, ImagePath: img.Path, CloudInit: req.CloudInit,
 		Intent: intentCreating, Wanted: api.StateStopped,
 	}
+	for i, size := range req.DataDisks {
+		name := "data" + strconv.Itoa(i+1)
+		r.Disks = append(r.Disks, api.Disk{Name: name, Bus: req.DiskBus, Size: size, Pool: pool.Name, Path: pool.NewVolumePath(req.Name, name)})
+	}
 	r.Project = project.Name(req.Project)
 	r.Stack = req.Stack
 	for _, n := range req.Networks {
@@ -255,9 +285,10 @@ func (s *Service) materialise(ctx context.Context, r record) error {
 	if err := os.MkdirAll(s.vmDir(r.Name), 0o750); err != nil {
 		return fmt.Errorf("vm %q: %w", r.Name, err)
 	}
-	d := r.Disks[0]
-	if err := s.cfg.Volumes.CreateOverlay(ctx, d.Backing, d.Path, d.Size); err != nil {
-		return fmt.Errorf("vm %q: create disk %s: %w", r.Name, d.Path, err)
+	for _, d := range r.Disks {
+		if err := s.cfg.Volumes.CreateOverlay(ctx, d.Backing, d.Path, d.Size); err != nil {
+			return fmt.Errorf("vm %q: create disk %s: %w", r.Name, d.Path, err)
+		}
 	}
 	if err := s.writeSeed(ctx, r); err != nil {
 		return err

@@ -196,6 +196,10 @@ func TestCreateValidation(t *testing.T) {
 		{"bad bus", api.CreateVM{Name: "x", Image: "tiny", DiskBus: "usb"}, errdefs.ErrInvalid, `disk bus "usb"`},
 		{"unknown pool", api.CreateVM{Name: "x", Image: "tiny", Pool: "far"}, errdefs.ErrNotFound, `pool "far"`},
 		{"unknown net", api.CreateVM{Name: "x", Image: "tiny", Network: "lan"}, errdefs.ErrNotFound, `network "lan"`},
+		{"small data disk", api.CreateVM{Name: "x", Image: "tiny", DataDisks: []int64{1 << 30, 4096}}, errdefs.ErrInvalid, "data disk 2 of 4K"},
+		{"data disk not in sectors", api.CreateVM{Name: "x", Image: "tiny", DataDisks: []int64{1<<20 + 100}}, errdefs.ErrInvalid, "whole 512-byte sectors"},
+		{"too many data disks", api.CreateVM{Name: "x", Image: "tiny", DataDisks: make([]int64, MaxDataDisks+1)}, errdefs.ErrInvalid, "at most 8"},
+		{"too many on ide", api.CreateVM{Name: "x", Image: "tiny", DiskBus: "ide", DataDisks: []int64{1 << 20, 1 << 20, 1 << 20}}, errdefs.ErrInvalid, "a VM on ide takes at most 2"},
 	}
 	f := newFixture(t)
 	for _, tt := range tests {
@@ -228,6 +232,32 @@ func TestCreateDefaultsAndIdentity(t *testing.T) {
 	}
 	if _, err := f.svc.Create(context.Background(), api.CreateVM{Name: "a", Image: "tiny"}); !errors.Is(err, errdefs.ErrExists) {
 		t.Fatalf("duplicate create: %v", err)
+	}
+}
+
+func TestCreateDataDisks(t *testing.T) {
+	f := newFixture(t)
+	v, err := f.svc.Create(context.Background(), api.CreateVM{Name: "db", Image: "tiny", DiskBus: "scsi", DataDisks: []int64{1 << 30, 64 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(v.Disks) != 3 {
+		t.Fatalf("disks = %+v, want root, data1, data2", v.Disks)
+	}
+	for i, want := range []struct {
+		name string
+		size int64
+	}{{"data1", 1 << 30}, {"data2", 64 << 20}} {
+		d := v.Disks[i+1]
+		if d.Name != want.name || d.Size != want.size || d.Bus != "scsi" || d.Backing != "" || d.Pool != "default" {
+			t.Fatalf("disk %d = %+v, want %s of %d on scsi with no backing", i+1, d, want.name, want.size)
+		}
+		if raw, err := os.ReadFile(d.Path); err != nil || string(raw) != "\n" {
+			t.Fatalf("disk %s: file %q, %v; want an empty volume with no backing", d.Name, raw, err)
+		}
+	}
+	if v.Disks[1].Path == v.Disks[2].Path || v.Disks[1].Path == v.Disks[0].Path {
+		t.Fatalf("disks share a file: %+v", v.Disks)
 	}
 }
 

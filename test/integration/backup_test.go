@@ -37,8 +37,11 @@ func (h *host) regionSum(name string) string {
 func TestBackupRunning(t *testing.T) {
 	t.Parallel()
 	h := newHost(t)
-	h.vm("db", "--disk", "4G")
-	h.exec("db", "sh", "-c", "echo point-one >/root/one && dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=20 conv=fsync 2>/dev/null && sync")
+	h.vm("db", "--disk", "4G", "--data-disk", "64M")
+	if got := h.exec("db", "cat", "/sys/block/vdb/size"); got != "131072" {
+		t.Fatalf("the guest's data disk has %s sectors, want 131072 (64 MiB)", got)
+	}
+	h.exec("db", "sh", "-c", "echo point-one >/root/one && dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=20 conv=fsync 2>/dev/null && printf data-one | dd of=/dev/vdb conv=fsync 2>/dev/null && sync")
 	sumA := h.regionSum("db")
 
 	b1 := h.backup("db")
@@ -49,7 +52,7 @@ func TestBackupRunning(t *testing.T) {
 		t.Fatalf("db after a backup: %s", v.State)
 	}
 
-	h.exec("db", "sh", "-c", "echo point-two >/root/two && dd if=/dev/urandom of=/dev/vda bs=1M seek=1060 count=50 conv=fsync 2>/dev/null && sync")
+	h.exec("db", "sh", "-c", "echo point-two >/root/two && dd if=/dev/urandom of=/dev/vda bs=1M seek=1060 count=50 conv=fsync 2>/dev/null && printf data-two | dd of=/dev/vdb bs=1M seek=32 conv=fsync 2>/dev/null && sync")
 	sumB := h.regionSum("db")
 	b2 := h.backup("db")
 	if b2.Kind != "incremental" || b2.Parent != b1.ID {
@@ -104,6 +107,14 @@ func TestBackupRunning(t *testing.T) {
 		}
 		if got := h.regionSum(tc.as); got != tc.sum {
 			t.Errorf("%s: data sha256 %s, want %s", tc.as, got, tc.sum)
+		}
+		// The data disk is restored too, each point with what it held.
+		want := "data-one|"
+		if tc.two {
+			want += "data-two"
+		}
+		if got := h.exec(tc.as, "sh", "-c", "head -c 8 /dev/vdb; printf '|'; dd if=/dev/vdb bs=1M skip=32 count=1 2>/dev/null | head -c 8 | tr -d '\\000'"); got != want {
+			t.Errorf("%s: data disk holds %q, want %q", tc.as, got, want)
 		}
 		if v := h.show(tc.as); v.UUID == h.show("db").UUID {
 			t.Errorf("%s kept the uuid of db", tc.as)

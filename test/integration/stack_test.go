@@ -39,6 +39,7 @@ vms:
     memory: 256M
     depends_on: {dc: agent}
     health: {exec: "test $(cut -d. -f1 /proc/uptime) -ge 8", interval: 1s}
+    disks: [16M]
   app: {image: tiny, memory: 256M, depends_on: {db: healthy}}
 `)
 	// The events stream tells the order too, as a watching user sees it.
@@ -90,6 +91,9 @@ vms:
 	}
 	if db.Health != "healthy" {
 		t.Errorf("db health: %q", db.Health)
+	}
+	if got := h.exec("shop-db", "cat", "/sys/block/vdb/size"); got != "32768" {
+		t.Errorf("shop-db's data disk has %q sectors, want 32768 (16 MiB)", got)
 	}
 
 	// Idempotent: nothing is restarted.
