@@ -637,20 +637,12 @@ func (p *parser) member(e entry) Member {
 // sizeList reads a member's data disks: a list of sizes, each a whole
 // number of 512-byte sectors and at least 1 MiB, at most MaxDataDisks.
 func (p *parser) sizeList(v *yaml.Node, what string) []int64 {
-	at := posOf(v)
-	v = p.deref(v)
-	if v.Kind == yaml.ScalarNode && v.ShortTag() == "!!null" {
-		return nil
-	}
-	if v.Kind != yaml.SequenceNode {
-		p.e.invalid(at, "%s: want a list of sizes, e.g. [10G]", what)
-		return nil
-	}
-	if len(v.Content) > MaxDataDisks {
-		p.e.invalid(at, "%s: %d data disks, at most %d", what, len(v.Content), MaxDataDisks)
+	items := p.sequence(v, what, "a list of sizes, e.g. [10G]")
+	if len(items) > MaxDataDisks {
+		p.e.invalid(posOf(v), "%s: %d data disks, at most %d", what, len(items), MaxDataDisks)
 	}
 	var out []int64
-	for _, item := range v.Content {
+	for _, item := range items {
 		size := p.size(item, what)
 		if size > 0 && (size < 1<<20 || size%512 != 0) {
 			p.e.invalid(posOf(item), "%s %s: want at least 1M, in whole 512-byte sectors", what, units.FormatSize(size))
@@ -660,18 +652,24 @@ func (p *parser) sizeList(v *yaml.Node, what string) []int64 {
 	return out
 }
 
-func (p *parser) netList(v *yaml.Node, what, member string) []string {
+// sequence is the items of a YAML list; null is an empty list, and
+// anything else is refused as not what was wanted.
+func (p *parser) sequence(v *yaml.Node, what, want string) []*yaml.Node {
 	at := posOf(v)
 	v = p.deref(v)
 	if v.Kind == yaml.ScalarNode && v.ShortTag() == "!!null" {
 		return nil
 	}
 	if v.Kind != yaml.SequenceNode {
-		p.e.invalid(at, "%s: want a list of network names, e.g. [back]", what)
+		p.e.invalid(at, "%s: want %s", what, want)
 		return nil
 	}
+	return v.Content
+}
+
+func (p *parser) netList(v *yaml.Node, what, member string) []string {
 	var out []string
-	for _, item := range v.Content {
+	for _, item := range p.sequence(v, what, "a list of network names, e.g. [back]") {
 		s, ok := p.str(item, what)
 		if !ok {
 			continue
