@@ -161,7 +161,13 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 			return fmt.Errorf("stack %q: vm %q %w and is not a member of this stack", f.Name, in.Name, errdefs.ErrExists)
 		}
 	}
-	for _, c := range f.Diff(existing) {
+	changes := f.Diff(existing)
+	for _, c := range changes {
+		if c.Refused != "" {
+			return fmt.Errorf("stack %q: vm %q: %s: %w", f.Name, c.Instance, c.Refused, errdefs.ErrConflict)
+		}
+	}
+	for _, c := range changes {
 		switch c.Action {
 		case stack.ActionCreate:
 			in := specs[c.Instance]

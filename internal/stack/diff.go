@@ -48,6 +48,9 @@ type Change struct {
 	Action string
 	// Why is for the user; empty when there is nothing to say.
 	Why string
+	// Refused says why the file asks for what up cannot do to this VM;
+	// up then changes nothing at all.
+	Refused string
 }
 
 // Diff compares the file with the VMs that exist, so that `up` is
@@ -88,12 +91,10 @@ func (f *File) Diff(existing []Existing) []Change {
 
 func diffOne(in Instance, have map[string]Existing) Change {
 	c := diffSettings(in, have)
-	e, ok := have[in.Name]
-	if ok && c.Action != ActionRecreate && !slices.Equal(in.Spec.Disks, e.DataDisks) {
-		// A VM's disks are made with it, and Lodge has no way yet to add
-		// or drop one on an existing VM: say so rather than pass it by.
-		note := fmt.Sprintf("data disks [%s] -> [%s] not applied: disks are made with the VM (delete it and run up to remake it)", sizes(e.DataDisks), sizes(in.Spec.Disks))
-		c.Why = strings.TrimPrefix(c.Why+"; "+note, "; ")
+	if e, ok := have[in.Name]; ok && !slices.Equal(in.Spec.Disks, e.DataDisks) {
+		// A VM's disks are made with it, and neither an update nor a
+		// rebuild (which keeps the VM's disks) can add or drop one.
+		c.Refused = fmt.Sprintf("data disks [%s] -> [%s]: a VM's disks are made with it; delete the VM and run up again to remake it", sizes(e.DataDisks), sizes(in.Spec.Disks))
 	}
 	return c
 }

@@ -41,7 +41,7 @@ vms:
 		{"oneshot that never completed", with(func(e []Existing) []Existing { e[2].Completed = false; return e }),
 			"shop-dc none; shop-db none; shop-seed start (stopped); shop-app-1 none; shop-app-2 none"},
 		{"data disks", with(func(e []Existing) []Existing { e[1].DataDisks = []int64{1 << 30}; return e }),
-			"shop-dc none; shop-db none (data disks [1G] -> [] not applied: disks are made with the VM (delete it and run up to remake it)); shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
+			"shop-dc none; shop-db none refused: data disks [1G] -> []: a VM's disks are made with it; delete the VM and run up again to remake it; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
 		{"other image", with(func(e []Existing) []Existing { e[0].Image = "old"; return e }),
 			`shop-dc recreate (image "old" -> "tiny"); shop-db none; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none`},
 		{"memory, cpus and networks", with(func(e []Existing) []Existing {
@@ -73,6 +73,9 @@ vms:
 				s := c.Instance + " " + c.Action
 				if c.Why != "" {
 					s += " (" + c.Why + ")"
+				}
+				if c.Refused != "" {
+					s += " refused: " + c.Refused
 				}
 				got = append(got, s)
 			}

@@ -149,6 +149,15 @@ vms:
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A VM's disks are made with it: another data disk for db is refused,
+	// and nothing is touched.
+	moreDisks := writeStack(t, "shop3.yaml", strings.Replace(string(raw), "disks: [16M]", "disks: [16M, 16M]", 1))
+	if _, errOut, code := h.lodge("stack", "up", moreDisks); code != 1 || !strings.Contains(errOut, `vm "shop-db": data disks [16M] -> [16M 16M]`) || strings.Count(strings.TrimSpace(errOut), "\n") > 0 {
+		t.Errorf("up with another data disk for db: exit %d, %q", code, errOut)
+	}
+	if v := h.show("shop-db"); len(v.Disks) != 2 || v.State != api.StateRunning {
+		t.Errorf("db after a refused up: %d disks, %s", len(v.Disks), v.State)
+	}
 	edited := writeStack(t, "shop2.yaml", strings.Replace(string(raw), "    memory: 256M\n    depends_on", "    memory: 320M\n    depends_on", 1))
 	uuid := h.show("shop-db").UUID
 	if _, errOut, code := h.lodge("stack", "up", edited); code == 0 || !strings.Contains(errOut, `to vm "shop-db"`) || !strings.Contains(errOut, "while the VM is stopped") {
