@@ -145,8 +145,8 @@ func (d *Daemon) applyStack(ctx context.Context, f *stack.File, req api.StackUp,
 			continue
 		}
 		e := stack.Existing{Name: v.Name, Image: v.Image, CPUs: v.CPUs, Memory: v.Memory, Running: v.State == api.StateRunning}
-		for _, d := range v.Disks[min(1, len(v.Disks)):] {
-			e.DataDisks = append(e.DataDisks, d.Size)
+		for _, disk := range v.Disks[min(1, len(v.Disks)):] {
+			e.DataDisks = append(e.DataDisks, disk.Size)
 		}
 		for _, n := range v.NICs {
 			e.Networks = append(e.Networks, strings.TrimPrefix(n.Network, f.Name+"-"))
