@@ -80,6 +80,17 @@ type VM struct {
 	Stack string `json:"stack,omitempty"`
 }
 
+// Data disks, as CreateVM.DataDisks and a stack member's disks: take
+// them: at most MaxDataDisks (fewer on a bus with fewer places), each at
+// least MinDataDisk and a whole number of 512-byte sectors.
+const (
+	MaxDataDisks = 8
+	MinDataDisk  = 1 << 20
+)
+
+// DataDiskSizeOK reports whether a data disk may have size bytes.
+func DataDiskSizeOK(size int64) bool { return size >= MinDataDisk && size%512 == 0 }
+
 // CreateVM is the body of POST /v1/vms.
 type CreateVM struct {
 	Name      string `json:"name"`

@@ -14,6 +14,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/units"
 )
@@ -635,17 +636,18 @@ func (p *parser) member(e entry) Member {
 }
 
 // sizeList reads a member's data disks: a list of sizes, each a whole
-// number of 512-byte sectors and at least 1 MiB, at most MaxDataDisks.
+// number of 512-byte sectors and at least 1 MiB, at most
+// api.MaxDataDisks: what create takes.
 func (p *parser) sizeList(v *yaml.Node, what string) []int64 {
 	items := p.sequence(v, what, "a list of sizes, e.g. [10G]")
-	if len(items) > MaxDataDisks {
-		p.e.invalid(posOf(v), "%s: %d data disks, at most %d", what, len(items), MaxDataDisks)
+	if len(items) > api.MaxDataDisks {
+		p.e.invalid(posOf(v), "%s: %d data disks, at most %d", what, len(items), api.MaxDataDisks)
 	}
 	var out []int64
 	for _, item := range items {
 		size := p.size(item, what)
-		if size > 0 && (size < 1<<20 || size%512 != 0) {
-			p.e.invalid(posOf(item), "%s %s: want at least 1M, in whole 512-byte sectors", what, units.FormatSize(size))
+		if size > 0 && !api.DataDiskSizeOK(size) {
+			p.e.invalid(posOf(item), "%s %s: want at least %s, in whole 512-byte sectors", what, units.FormatSize(size), units.FormatSize(api.MinDataDisk))
 		}
 		out = append(out, size)
 	}

@@ -51,9 +51,6 @@ const (
 // expanded into a plan with millions of waits.
 const MaxInstances = 1000
 
-// MaxDataDisks is the most data disks a member may declare, as for a VM.
-const MaxDataDisks = 8
-
 // File is a parsed stack file.
 type File struct {
 	Name     string

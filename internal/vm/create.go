@@ -28,10 +28,6 @@ const (
 	DefaultDiskSize = 8 << 30
 	MinMemory       = 64 << 20
 	MaxCPUs         = 255
-	// MaxDataDisks leaves room on every bus: IDE has four places, one
-	// of them the seed CD, so a VM on IDE has two for data.
-	MaxDataDisks = 8
-	minDataDisk  = 1 << 20
 )
 
 // Validate checks a create request against itself, the host and the
@@ -113,16 +109,17 @@ func (s *Service) validateCreate(ctx context.Context, req *api.CreateVM) (api.Im
 // checkDataDisks checks the sizes of a new VM's data disks against the
 // places its bus has.
 func checkDataDisks(vm, bus string, sizes []int64) error {
-	most := MaxDataDisks
+	most := api.MaxDataDisks
 	if bus == qemu.BusIDE {
+		// IDE has four places, and the seed CD takes one.
 		most = 2
 	}
 	if len(sizes) > most {
 		return fmt.Errorf("vm %q: %d data disks: %w: a VM on %s takes at most %d", vm, len(sizes), errdefs.ErrInvalid, bus, most)
 	}
 	for i, size := range sizes {
-		if size < minDataDisk || size%512 != 0 {
-			return fmt.Errorf("vm %q: data disk %d of %s: %w: want at least %s, in whole 512-byte sectors", vm, i+1, units.FormatSize(size), errdefs.ErrInvalid, units.FormatSize(minDataDisk))
+		if !api.DataDiskSizeOK(size) {
+			return fmt.Errorf("vm %q: data disk %d of %s: %w: want at least %s, in whole 512-byte sectors", vm, i+1, units.FormatSize(size), errdefs.ErrInvalid, units.FormatSize(api.MinDataDisk))
 		}
 	}
 	return nil

@@ -198,7 +198,7 @@ func TestCreateValidation(t *testing.T) {
 		{"unknown net", api.CreateVM{Name: "x", Image: "tiny", Network: "lan"}, errdefs.ErrNotFound, `network "lan"`},
 		{"small data disk", api.CreateVM{Name: "x", Image: "tiny", DataDisks: []int64{1 << 30, 4096}}, errdefs.ErrInvalid, "data disk 2 of 4K"},
 		{"data disk not in sectors", api.CreateVM{Name: "x", Image: "tiny", DataDisks: []int64{1<<20 + 100}}, errdefs.ErrInvalid, "whole 512-byte sectors"},
-		{"too many data disks", api.CreateVM{Name: "x", Image: "tiny", DataDisks: make([]int64, MaxDataDisks+1)}, errdefs.ErrInvalid, "at most 8"},
+		{"too many data disks", api.CreateVM{Name: "x", Image: "tiny", DataDisks: make([]int64, api.MaxDataDisks+1)}, errdefs.ErrInvalid, "at most 8"},
 		{"too many on ide", api.CreateVM{Name: "x", Image: "tiny", DiskBus: "ide", DataDisks: []int64{1 << 20, 1 << 20, 1 << 20}}, errdefs.ErrInvalid, "a VM on ide takes at most 2"},
 	}
 	f := newFixture(t)
