@@ -473,6 +473,23 @@ func TestBackupFullRepository(t *testing.T) {
 }
 
 // waitReading waits until a backup operation has read some of the disk.
+// autogroupNice is the nice value of process pid's autogroup, and false
+// on a kernel without autogroup scheduling.
+func autogroupNice(t *testing.T, pid int) (string, bool) {
+	t.Helper()
+	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/autogroup")
+	if err != nil {
+		t.Logf("no autogroup to check: %v", err)
+		return "", false
+	}
+	// "/autogroup-42 nice 10"
+	f := strings.Fields(string(raw))
+	if len(f) != 3 || f[1] != "nice" {
+		t.Fatalf("/proc/%d/autogroup: %q", pid, raw)
+	}
+	return f[2], true
+}
+
 func waitReading(t *testing.T, h *host, op api.Operation) {
 	t.Helper()
 	eventually(t, 60*time.Second, "the backup to be reading", func() bool {
@@ -527,6 +544,11 @@ func TestBackupFleeceLimit(t *testing.T) {
 	if err := h.daemon.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
+	// While it reads, the daemon's whole CPU group gives way to the VM's.
+	groupNice, haveGroups := autogroupNice(t, h.daemon.Process.Pid)
+	if haveGroups && groupNice != "10" {
+		t.Errorf("the daemon's autogroup has nice %s while a backup reads, want 10", groupNice)
+	}
 	eventually(t, 120*time.Second, "the guest to overwrite 100 MiB the backup has not read", func() bool { return held() > 100<<20 })
 	if err := h.daemon.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
@@ -539,6 +561,12 @@ func TestBackupFleeceLimit(t *testing.T) {
 		_, _, code := h.lodge("exec", "busy", "--", "test", "-f", "/root/dd-done")
 		return code == 0
 	})
+	if haveGroups {
+		eventually(t, 10*time.Second, "the daemon's autogroup to be back at nice 0", func() bool {
+			n, _ := autogroupNice(t, h.daemon.Process.Pid)
+			return n == "0"
+		})
+	}
 	if files, _ := filepath.Glob(fleece); len(files) > 0 {
 		t.Errorf("the stopped backup left %v", files)
 	}
