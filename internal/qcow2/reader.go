@@ -95,6 +95,7 @@ type layer struct {
 	size    int64
 	raw     bool
 	backing *layer
+	bitmaps []Bitmap
 
 	version     uint32
 	clusterBits uint
@@ -376,13 +377,14 @@ func (l *layer) parseHeader() (Backing, error) {
 	cs := int64(1) << cb
 	l.clusterSize = cs
 	hdrLen := uint32(72)
-	var incompat uint64
+	var incompat, autoclear uint64
 	refcountOrder := uint32(4)
 	if l.version == 3 {
 		if n < 104 {
 			return Backing{}, bad("version 3 header truncated to %d bytes", n)
 		}
 		incompat = be.Uint64(h[72:])
+		autoclear = be.Uint64(h[88:])
 		refcountOrder = be.Uint32(h[96:])
 		hdrLen = be.Uint32(h[100:])
 		if hdrLen < 104 {
@@ -484,6 +486,7 @@ func (l *layer) parseHeader() (Backing, error) {
 		return Backing{}, fmt.Errorf("qcow2 %s: read header: %w", l.path, err)
 	}
 	var b Backing
+	var bitmaps []byte
 	nameOff, nameLen := be.Uint64(h[8:]), uint64(be.Uint32(h[16:]))
 	if nameOff > uint64(cs) {
 		return Backing{}, bad("backing_file_offset %d is past the first cluster", nameOff)
@@ -501,6 +504,8 @@ func (l *layer) parseHeader() (Backing, error) {
 			b.Format = cString(data)
 		case extCryptoHeader:
 			return unsupported("encryption header extension")
+		case extBitmaps:
+			bitmaps = data
 		}
 		return nil
 	})
@@ -522,6 +527,11 @@ func (l *layer) parseHeader() (Backing, error) {
 	}
 	if b.File == "" {
 		b.Format = ""
+	}
+	if bitmaps != nil && autoclear&autoclearBitmaps != 0 {
+		if err := l.parseBitmaps(bitmaps); err != nil {
+			return Backing{}, err
+		}
 	}
 
 	l.l1 = make([]uint64, l1Size)

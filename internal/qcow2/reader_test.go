@@ -1003,6 +1003,20 @@ func FuzzReader(f *testing.F) {
 		seed("extended_l2=on,cluster_size=16k", "write -P 1 0 2k")
 		seed("backing_file=img,backing_fmt=qcow2", "")
 		seed("backing_file=other,backing_fmt=raw", "")
+		img := filepath.Join(dir, "seed.qcow2")
+		_ = os.Remove(img)
+		for _, args := range [][]string{
+			{"qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "64k"},
+			{"qemu-img", "bitmap", "--add", "-g", "512", "-f", "qcow2", img, "b"},
+			{"qemu-io", "-f", "qcow2", "-c", "write -P 1 1k 3k", img},
+		} {
+			if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+				f.Fatalf("%v: %v: %s", args, err, out)
+			}
+		}
+		if b, err := os.ReadFile(img); err == nil {
+			f.Add(b)
+		}
 	}
 	h := make([]byte, 1024)
 	copy(h, "QFI\xfb\x00\x00\x00\x03")
@@ -1047,6 +1061,16 @@ func FuzzReader(f *testing.F) {
 			if err == nil {
 				checkWellFormed(t, ext, off, min(off+e[1], size))
 			}
+		}
+		for _, l := range r.Layers() {
+			for _, b := range l.Bitmaps {
+				if ext, err := r.DirtyExtents(b.Name, 0, 64<<20); err == nil {
+					checkWellFormed(t, ext, 0, min(64<<20, size))
+				}
+			}
+		}
+		if ext, err := r.AllocatedAbove(MaxChain, 0, 64<<20); err == nil {
+			checkWellFormed(t, ext, 0, min(64<<20, size))
 		}
 		runtime.ReadMemStats(&after)
 		if d := after.TotalAlloc - before.TotalAlloc; d > 256<<20 {

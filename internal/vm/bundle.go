@@ -62,7 +62,31 @@ type DiskReader interface {
 type fileView struct{ *qcow2.Reader }
 
 func (v fileView) DataExtents(_ context.Context, off, length int64) ([]nbd.Extent, error) {
-	ext, err := v.Reader.DataExtents(off, length)
+	return nbdExtents(v.Reader.DataExtents(off, length))
+}
+
+func (v fileView) DirtyExtents(_ context.Context, bitmap string, off, length int64) ([]nbd.Extent, error) {
+	return nbdExtents(v.Reader.DirtyExtents(bitmap, off, length))
+}
+
+func (v fileView) AllocatedAbove(_ context.Context, depth uint32, off, length int64) ([]nbd.Extent, error) {
+	return nbdExtents(v.Reader.AllocatedAbove(int(depth), off, length))
+}
+
+// hasBitmap says whether the chain holds a bitmap named name that can be
+// read.
+func (v fileView) hasBitmap(name string) bool {
+	for _, l := range v.Layers() {
+		for _, b := range l.Bitmaps {
+			if b.Name == name {
+				return b.Usable && !b.InUse
+			}
+		}
+	}
+	return false
+}
+
+func nbdExtents(ext []qcow2.Extent, err error) ([]nbd.Extent, error) {
 	if err != nil {
 		return nil, err
 	}
@@ -206,11 +230,13 @@ func (s *Service) serveStopped(ctx context.Context, e *Export, r record, dir str
 		if i < len(bitmaps) {
 			bitmap = bitmaps[i]
 		}
-		if bitmap == "" {
-			if ed, ok := s.openFiles(d); ok {
+		if ed, ok := s.openFiles(d); ok {
+			f := ed.Data.(fileView)
+			if bitmap == "" || f.hasBitmap(bitmap) {
 				e.Disks = append(e.Disks, ed)
 				continue
 			}
+			_ = f.Close()
 		}
 		srv, err := nbd.Serve(ctx, nbd.ServerOptions{
 			Path: d.Path, Format: "qcow2", ReadOnly: true, Bitmap: bitmap, AllocationDepth: true,
