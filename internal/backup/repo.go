@@ -52,6 +52,8 @@ type Repo struct {
 	// raw holds buffers of chunkSize capacity, reused because a fresh
 	// slice per chunk is zeroed by the runtime first.
 	raw sync.Pool
+
+	direct directState
 }
 
 type repoConfig struct {

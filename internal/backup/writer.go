@@ -213,7 +213,7 @@ func (w *Writer) store(d Digest, data, scratch []byte, later bool) (int64, []byt
 // stage writes chunk d's stored bytes to tmp/, unsynced, for the next
 // flush to put in place.
 func (w *Writer) stage(d Digest, stored []byte) error {
-	tmp, err := writeTempSync(w.r.tmpDir(), "chunk-", stored, false)
+	tmp, err := w.r.stageChunk(stored)
 	if err != nil {
 		return err
 	}
@@ -520,7 +520,8 @@ func (w *Writer) readChunks(parent context.Context, in DiskInput, chunks []Diges
 	for range nw {
 		workersWG.Go(func() {
 			priority.LowerThread()
-			var scratch []byte
+			// Aligned, so that a new chunk goes to the disk without a copy.
+			scratch := alignedBuffer(storedBound(r.chunkSize))
 			for j := range jobs {
 				if ctx.Err() != nil {
 					free <- j.buf
