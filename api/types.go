@@ -91,6 +91,18 @@ const (
 // DataDiskSizeOK reports whether a data disk may have size bytes.
 func DataDiskSizeOK(size int64) bool { return size >= MinDataDisk && size%512 == 0 }
 
+// AddDisk is the body of POST /v1/vms/{name}/disks: a new empty data
+// disk of Size bytes.
+type AddDisk struct {
+	Size int64 `json:"size"`
+}
+
+// ResizeDisk is the body of PATCH /v1/vms/{name}/disks/{disk}: the disk's
+// new, larger size in bytes.
+type ResizeDisk struct {
+	Size int64 `json:"size"`
+}
+
 // CreateVM is the body of POST /v1/vms.
 type CreateVM struct {
 	Name      string `json:"name"`

@@ -198,6 +198,20 @@ func (c *Client) SetVM(ctx context.Context, name string, req api.SetVM) (api.Ope
 	return op, c.do(ctx, http.MethodPatch, "/v1/vms/"+url.PathEscape(name), req, &op)
 }
 
+// AddDisk starts giving a VM a new empty data disk of size bytes; its
+// result is the VM. A running VM gets it hot-plugged.
+func (c *Client) AddDisk(ctx context.Context, vm string, size int64) (api.Operation, error) {
+	var op api.Operation
+	return op, c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/disks", api.AddDisk{Size: size}, &op)
+}
+
+// ResizeDisk starts growing a VM's disk to size bytes; its result is the
+// VM. A running guest sees the new size at once.
+func (c *Client) ResizeDisk(ctx context.Context, vm, disk string, size int64) (api.Operation, error) {
+	var op api.Operation
+	return op, c.do(ctx, http.MethodPatch, "/v1/vms/"+url.PathEscape(vm)+"/disks/"+url.PathEscape(disk), api.ResizeDisk{Size: size}, &op)
+}
+
 // ListSnapshots returns a VM's snapshot tree, parents before children.
 func (c *Client) ListSnapshots(ctx context.Context, vm string) ([]api.Snapshot, error) {
 	var out []api.Snapshot

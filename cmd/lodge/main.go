@@ -102,7 +102,7 @@ func newRoot(g *globals) *cobra.Command {
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(
 		daemonCmd(g), hostCmd(g), imageCmd(g), poolCmd(g), netCmd(g), projectCmd(g),
-		createCmd(g), cloneCmd(g), setCmd(g), snapshotCmd(g), lifecycleCmd(g, "start"), lifecycleCmd(g, "stop"), lifecycleCmd(g, "restart"),
+		createCmd(g), cloneCmd(g), setCmd(g), diskCmd(g), snapshotCmd(g), lifecycleCmd(g, "start"), lifecycleCmd(g, "stop"), lifecycleCmd(g, "restart"),
 		lifecycleCmd(g, "pause"), lifecycleCmd(g, "resume"), deleteCmd(g),
 		listCmd(g), showCmd(g), consoleCmd(g), execCmd(g), eventsCmd(g), operationCmd(g),
 		exportCmd(g), importCmd(g), sendCmd(g), backupCmd(g), stackCmd(g), benchCmd(g),

@@ -20,6 +20,7 @@ import (
 	"github.com/lodge-vm/lodge/internal/image"
 	"github.com/lodge-vm/lodge/internal/nbd"
 	"github.com/lodge-vm/lodge/internal/storage"
+	"github.com/lodge-vm/lodge/internal/units"
 	"github.com/lodge-vm/lodge/internal/vm"
 )
 
@@ -43,6 +44,8 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("GET /v1/vms/{name}", d.getVM)
 	mux.HandleFunc("DELETE /v1/vms/{name}", d.deleteVM)
 	mux.HandleFunc("PATCH /v1/vms/{name}", d.setVM)
+	mux.HandleFunc("POST /v1/vms/{name}/disks", d.addDisk)
+	mux.HandleFunc("PATCH /v1/vms/{name}/disks/{disk}", d.resizeDisk)
 	mux.HandleFunc("POST /v1/vms/{name}/{action}", d.vmAction)
 	mux.HandleFunc("GET /v1/vms/{name}/snapshots", d.listSnapshots)
 	mux.HandleFunc("POST /v1/vms/{name}/snapshots", d.createSnapshot)
@@ -229,6 +232,42 @@ func (d *Daemon) deleteVM(w http.ResponseWriter, r *http.Request) {
 		return nil, d.vms.Delete(ctx, name, force)
 	})
 	accepted(w, o)
+}
+
+func (d *Daemon) addDisk(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if _, err := d.vms.Get(r.Context(), name); err != nil {
+		writeErr(w, err)
+		return
+	}
+	var req api.AddDisk
+	if !decode(w, r, &req) {
+		return
+	}
+	if !api.DataDiskSizeOK(req.Size) {
+		writeErr(w, fmt.Errorf("add a disk to vm %q: size %d: %w: want at least %s, in whole 512-byte sectors", name, req.Size, errdefs.ErrInvalid, units.FormatSize(api.MinDataDisk)))
+		return
+	}
+	accepted(w, d.ops.start("disk-add", name, func(ctx context.Context, _ *operation) (any, error) { return d.vms.AddDisk(ctx, name, req.Size) }))
+}
+
+func (d *Daemon) resizeDisk(w http.ResponseWriter, r *http.Request) {
+	name, disk := r.PathValue("name"), r.PathValue("disk")
+	if _, err := d.vms.Get(r.Context(), name); err != nil {
+		writeErr(w, err)
+		return
+	}
+	var req api.ResizeDisk
+	if !decode(w, r, &req) {
+		return
+	}
+	if req.Size <= 0 {
+		writeErr(w, fmt.Errorf("resize disk %q of vm %q: size %d: %w: want a positive size", disk, name, req.Size, errdefs.ErrInvalid))
+		return
+	}
+	accepted(w, d.ops.start("disk-resize", name, func(ctx context.Context, _ *operation) (any, error) {
+		return d.vms.ResizeDisk(ctx, name, disk, req.Size)
+	}))
 }
 
 func (d *Daemon) setVM(w http.ResponseWriter, r *http.Request) {

@@ -241,6 +241,9 @@ func (d *Daemon) updateMember(ctx context.Context, f *stack.File, in stack.Insta
 			return fmt.Errorf("stack %q: %w", f.Name, err)
 		}
 	}
+	if err := d.growMemberDisks(ctx, f, in, v); err != nil {
+		return err
+	}
 	var req api.SetVM
 	if in.Spec.CPUs != 0 && in.Spec.CPUs != v.CPUs {
 		req.CPUs = in.Spec.CPUs
@@ -257,6 +260,26 @@ func (d *Daemon) updateMember(ctx context.Context, f *stack.File, in stack.Insta
 	}
 	if _, err := d.vms.Set(ctx, in.Name, req); err != nil {
 		return fmt.Errorf("stack %q: apply %s to vm %q: %w", f.Name, c.Why, in.Name, err)
+	}
+	return nil
+}
+
+// growMemberDisks gives a member the data disks its file adds and grows
+// those it makes larger, as lodge disk does: hot-plugged and resized
+// while it runs. Diff has refused any that would shrink or go.
+func (d *Daemon) growMemberDisks(ctx context.Context, f *stack.File, in stack.Instance, v api.VM) error {
+	data := v.Disks[min(1, len(v.Disks)):]
+	for i, size := range in.Spec.Disks {
+		var err error
+		switch {
+		case i >= len(data):
+			_, err = d.vms.AddDisk(ctx, in.Name, size)
+		case size > data[i].Size:
+			_, err = d.vms.ResizeDisk(ctx, in.Name, data[i].Name, size)
+		}
+		if err != nil {
+			return fmt.Errorf("stack %q: %w", f.Name, err)
+		}
 	}
 	return nil
 }

@@ -91,12 +91,30 @@ func (f *File) Diff(existing []Existing) []Change {
 
 func diffOne(in Instance, have map[string]Existing) Change {
 	c := diffSettings(in, have)
-	if e, ok := have[in.Name]; ok && !slices.Equal(in.Spec.Disks, e.DataDisks) {
-		// A VM's disks are made with it, and neither an update nor a
-		// rebuild (which keeps the VM's disks) can add or drop one.
-		c.Refused = fmt.Sprintf("data disks [%s] -> [%s]: a VM's disks are made with it; delete the VM and run up again to remake it", sizes(e.DataDisks), sizes(in.Spec.Disks))
+	if e, ok := have[in.Name]; ok && c.Action != ActionRecreate {
+		_, c.Refused = diskChange(e.DataDisks, in.Spec.Disks)
 	}
 	return c
+}
+
+// diskChange says how a member's data disks differ from the file's: what
+// up does about it (it adds disks at the end and grows disks), or why it
+// will not. A disk that would go or shrink takes the guest's data with
+// it; that is for the user to do by hand, never a side effect of up.
+func diskChange(have, want []int64) (change, refused string) {
+	if slices.Equal(have, want) {
+		return "", ""
+	}
+	what := fmt.Sprintf("data disks [%s] -> [%s]", sizes(have), sizes(want))
+	if len(want) < len(have) {
+		return "", what + ": up adds and grows disks but never removes one (its data would be lost); delete the VM and run up again to remake it"
+	}
+	for i := range have {
+		if want[i] < have[i] {
+			return "", fmt.Sprintf("%s: data%d would shrink, cutting off the guest's data; up only grows disks", what, i+1)
+		}
+	}
+	return what, ""
 }
 
 func sizes(v []int64) string {
@@ -124,6 +142,9 @@ func diffSettings(in Instance, have map[string]Existing) Change {
 	}
 	if m.Memory != 0 && m.Memory != e.Memory {
 		diffs = append(diffs, fmt.Sprintf("memory %s -> %s", units.FormatSize(e.Memory), units.FormatSize(m.Memory)))
+	}
+	if grow, _ := diskChange(e.DataDisks, m.Disks); grow != "" {
+		diffs = append(diffs, grow)
 	}
 	renic := len(m.Networks) > 0 && !slices.Equal(m.Networks, e.Networks)
 	if renic {

@@ -11,13 +11,13 @@ networks:
   back: {}
 vms:
   dc: {image: tiny, memory: 1G, cpus: 2, networks: [back]}
-  db: {image: tiny}
+  db: {image: tiny, disks: [1G, 2G]}
   seed: {image: tiny, oneshot: true}
   app: {image: tiny, count: 2}
 `
 	upToDate := []Existing{
 		{Name: "shop-dc", Image: "tiny", CPUs: 2, Memory: 1 << 30, Networks: []string{"back"}, Running: true},
-		{Name: "shop-db", Image: "tiny", CPUs: 1, Memory: 512 << 20, Running: true},
+		{Name: "shop-db", Image: "tiny", CPUs: 1, Memory: 512 << 20, DataDisks: []int64{1 << 30, 2 << 30}, Running: true},
 		{Name: "shop-seed", Image: "tiny", CPUs: 1, Memory: 512 << 20, Completed: true},
 		{Name: "shop-app-1", Image: "tiny", CPUs: 1, Memory: 512 << 20, Running: true},
 		{Name: "shop-app-2", Image: "tiny", CPUs: 1, Memory: 512 << 20, Running: true},
@@ -40,8 +40,17 @@ vms:
 			"shop-dc none; shop-db start (stopped); shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
 		{"oneshot that never completed", with(func(e []Existing) []Existing { e[2].Completed = false; return e }),
 			"shop-dc none; shop-db none; shop-seed start (stopped); shop-app-1 none; shop-app-2 none"},
-		{"data disks", with(func(e []Existing) []Existing { e[1].DataDisks = []int64{1 << 30}; return e }),
-			"shop-dc none; shop-db none refused: data disks [1G] -> []: a VM's disks are made with it; delete the VM and run up again to remake it; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
+		{"data disk added", with(func(e []Existing) []Existing { e[1].DataDisks = []int64{1 << 30}; return e }),
+			"shop-dc none; shop-db update (data disks [1G] -> [1G 2G]); shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
+		{"data disk grown, VM stopped", with(func(e []Existing) []Existing {
+			e[1].DataDisks, e[1].Running = []int64{512 << 20, 2 << 30}, false
+			return e
+		}),
+			"shop-dc none; shop-db update (data disks [512M 2G] -> [1G 2G]; then start it); shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
+		{"data disk would shrink", with(func(e []Existing) []Existing { e[1].DataDisks = []int64{1 << 30, 4 << 30}; return e }),
+			"shop-dc none; shop-db none refused: data disks [1G 4G] -> [1G 2G]: data2 would shrink, cutting off the guest's data; up only grows disks; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
+		{"data disk would go", with(func(e []Existing) []Existing { e[1].DataDisks = []int64{1 << 30, 2 << 30, 3 << 30}; return e }),
+			"shop-dc none; shop-db none refused: data disks [1G 2G 3G] -> [1G 2G]: up adds and grows disks but never removes one (its data would be lost); delete the VM and run up again to remake it; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none"},
 		{"other image", with(func(e []Existing) []Existing { e[0].Image = "old"; return e }),
 			`shop-dc recreate (image "old" -> "tiny"); shop-db none; shop-seed none (oneshot, completed); shop-app-1 none; shop-app-2 none`},
 		{"memory, cpus and networks", with(func(e []Existing) []Existing {

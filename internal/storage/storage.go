@@ -237,6 +237,13 @@ func (q *QEMUImg) Create(ctx context.Context, path string, size int64) error {
 	return err
 }
 
+// Resize grows the qcow2 at path to size bytes. The new end reads as
+// zeros and takes no room until written.
+func (q *QEMUImg) Resize(ctx context.Context, path string, size int64) error {
+	_, err := q.run(ctx, false, "resize", "-q", "-f", "qcow2", path, strconv.FormatInt(size, 10))
+	return err
+}
+
 // ConvertProgress copies src (of the given format) into a new qcow2 at dst,
 // reporting progress as a fraction (0..1) if progress is not nil. Holes and
 // zero runs stay unallocated.

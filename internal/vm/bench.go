@@ -200,38 +200,18 @@ func (g *benchGuest) AttachDisk(ctx context.Context, bus string, size int64) (fu
 	if err := g.s.cfg.Volumes.CreateOverlay(ctx, "", path, size); err != nil {
 		return nil, fmt.Errorf("scratch disk %s: %w", path, err)
 	}
-	err := in.mon.Execute(ctx, "blockdev-add", map[string]any{
-		"driver": "qcow2", "node-name": id, "discard": "unmap",
-		"file": map[string]any{"driver": "file", "filename": path, "discard": "unmap"},
-	}, nil)
+	plugged, err := plugDisk(ctx, in.mon, id, path, devices)
 	if err != nil {
 		_ = os.Remove(path)
-		return nil, fmt.Errorf("open scratch disk %s in vm %q: %w", path, g.name, err)
+		return nil, fmt.Errorf("%s scratch disk in vm %q: %w", bus, g.name, err)
 	}
-	var plugged []string
-	detach := func(ctx context.Context) error {
-		var errs []error
-		for i := len(plugged) - 1; i >= 0; i-- {
-			if err := unplug(ctx, in.mon, plugged[i]); err != nil {
-				errs = append(errs, err)
-			}
+	return func(ctx context.Context) error {
+		err := plugged(ctx)
+		if rmErr := os.Remove(path); rmErr != nil && !errors.Is(rmErr, os.ErrNotExist) {
+			err = errors.Join(err, rmErr)
 		}
-		if err := qmp.BlockdevDel(ctx, in.mon, id); err != nil {
-			errs = append(errs, fmt.Errorf("close scratch disk %s: %w", id, err))
-		}
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
-		return errors.Join(errs...)
-	}
-	for _, dev := range devices {
-		if err := in.mon.Execute(ctx, "device_add", dev, nil); err != nil {
-			_ = detach(context.WithoutCancel(ctx))
-			return nil, fmt.Errorf("plug %s scratch disk into vm %q: %w", bus, g.name, err)
-		}
-		plugged = append(plugged, dev["id"].(string))
-	}
-	return detach, nil
+		return err
+	}, nil
 }
 
 // sweepScratch unplugs and closes what a run cut short by a killed daemon

@@ -94,6 +94,7 @@ var _ Networks = (*network.Manager)(nil)
 // Volumes makes and inspects disk files.
 type Volumes interface {
 	CreateOverlay(ctx context.Context, backing, path string, size int64) error
+	Resize(ctx context.Context, path string, size int64) error
 	ConvertProgress(ctx context.Context, src, srcFormat, dst string, progress func(float64)) error
 	HasData(ctx context.Context, path string) (bool, error)
 	Rebase(ctx context.Context, path, backing string) error

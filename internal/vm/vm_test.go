@@ -512,6 +512,7 @@ func TestFullDiskPausesWithReason(t *testing.T) {
 }
 
 func (f fakeVolumes) AddBitmap(context.Context, string, string) error    { return f.fail }
+func (f fakeVolumes) Resize(context.Context, string, int64) error        { return f.fail }
 func (f fakeVolumes) RemoveBitmap(context.Context, string, string) error { return f.fail }
 
 func (f fakeVolumes) Chain(ctx context.Context, path string) ([]storage.Info, error) {

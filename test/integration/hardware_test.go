@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/lodge-vm/lodge/api"
 	"github.com/lodge-vm/lodge/client"
@@ -38,6 +39,23 @@ func TestDiskBuses(t *testing.T) {
 		}
 		if v := h.show(name); v.Disks[0].Bus != bus {
 			t.Errorf("bus %s: show says %q", bus, v.Disks[0].Bus)
+		}
+		// A data disk is hot-plugged on the same bus, except on IDE,
+		// which QEMU cannot hot-plug.
+		_, errOut, code := h.lodge("disk", "add", name, "16M")
+		if bus == "ide" {
+			if code != 1 || !strings.Contains(errOut, "cannot hot-plug an IDE disk") || len(h.show(name).Disks) != 1 {
+				t.Errorf("disk add to a running IDE VM: exit %d, %q", code, errOut)
+			}
+		} else {
+			dev := map[string]string{"scsi": "sdb", "nvme": "nvme1n1"}[bus]
+			if code != 0 {
+				t.Errorf("disk add to a running %s VM: exit %d, %q", bus, code, errOut)
+			}
+			eventually(t, 20*time.Second, name+" sees "+dev, func() bool {
+				out, _, _ := h.lodge("exec", name, "--", "cat", "/sys/block/"+dev+"/size")
+				return strings.TrimSpace(out) == "32768"
+			})
 		}
 		h.must("delete", "--force", name)
 	}

@@ -149,15 +149,31 @@ vms:
 	if err != nil {
 		t.Fatal(err)
 	}
-	// A VM's disks are made with it: another data disk for db is refused,
-	// and nothing is touched.
-	moreDisks := writeStack(t, "shop3.yaml", strings.Replace(string(raw), "disks: [16M]", "disks: [16M, 16M]", 1))
-	if _, errOut, code := h.lodge("stack", "up", moreDisks); code != 1 || !strings.Contains(errOut, `vm "shop-db": data disks [16M] -> [16M 16M]`) || strings.Count(strings.TrimSpace(errOut), "\n") > 0 {
-		t.Errorf("up with another data disk for db: exit %d, %q", code, errOut)
+	// Disks only grow: a file that shrinks db's data disk is refused in
+	// one line, and nothing is touched.
+	shrunk := writeStack(t, "shop3.yaml", strings.Replace(string(raw), "disks: [16M]", "disks: [8M]", 1))
+	if _, errOut, code := h.lodge("stack", "up", shrunk); code != 1 || !strings.Contains(errOut, `vm "shop-db": data disks [16M] -> [8M]: data1 would shrink`) || strings.Count(strings.TrimSpace(errOut), "\n") > 0 {
+		t.Errorf("up with a smaller data disk for db: exit %d, %q", code, errOut)
 	}
-	if v := h.show("shop-db"); len(v.Disks) != 2 || v.State != api.StateRunning {
+	if v := h.show("shop-db"); len(v.Disks) != 2 || v.Disks[1].Size != 16<<20 || v.State != api.StateRunning {
 		t.Errorf("db after a refused up: %d disks, %s", len(v.Disks), v.State)
 	}
+	// A grown disk and a new one are applied to the running member, which
+	// sees both at once and is not restarted.
+	grown := strings.Replace(string(raw), "disks: [16M]", "disks: [24M, 16M]", 1)
+	before := h.show("shop-db")
+	h.must("stack", "up", writeStack(t, "shop4.yaml", grown))
+	after := h.show("shop-db")
+	if len(after.Disks) != 3 || after.Disks[1].Size != 24<<20 || after.Disks[2].Size != 16<<20 || after.StartedAt == nil || !after.StartedAt.Equal(*before.StartedAt) {
+		t.Errorf("db after up with disks [24M, 16M]: %+v, started %v (was %v)", after.Disks, after.StartedAt, before.StartedAt)
+	}
+	for dev, want := range map[string]string{"vdb": "49152", "vdc": "32768"} {
+		eventually(t, 20*time.Second, "shop-db sees "+dev+" at "+want+" sectors", func() bool {
+			out, _, _ := h.lodge("exec", "shop-db", "--", "cat", "/sys/block/"+dev+"/size")
+			return strings.TrimSpace(out) == want
+		})
+	}
+	raw = []byte(grown)
 	edited := writeStack(t, "shop2.yaml", strings.Replace(string(raw), "    memory: 256M\n    depends_on", "    memory: 320M\n    depends_on", 1))
 	uuid := h.show("shop-db").UUID
 	if _, errOut, code := h.lodge("stack", "up", edited); code == 0 || !strings.Contains(errOut, `to vm "shop-db"`) || !strings.Contains(errOut, "while the VM is stopped") {
