@@ -52,6 +52,17 @@ func fakeDaemon() (socket string, stop func()) {
 				{Test: "disk.rand_read_4k", Bus: "virtio", Unit: "IOPS", Host: 21000, Guest: 15960, Percent: 76},
 			}}})
 	})
+	mux.HandleFunc("POST /v1/vms/web/disks", func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusAccepted)
+		_ = json.NewEncoder(w).Encode(api.Operation{ID: "op3", Kind: "disk-add", Target: "web", State: api.OpRunning})
+	})
+	mux.HandleFunc("GET /v1/operations/op3/wait", func(w http.ResponseWriter, _ *http.Request) {
+		_ = json.NewEncoder(w).Encode(api.Operation{ID: "op3", Kind: "disk-add", Target: "web", State: api.OpSucceeded,
+			Result: api.VM{Name: "web", State: api.StateRunning, Disks: []api.Disk{
+				{Name: "root", Bus: "virtio", Size: 8 << 30},
+				{Name: "data1", Bus: "virtio", Size: 20 << 30},
+			}}})
+	})
 	srv := &http.Server{Handler: mux}
 	go func() { _ = srv.Serve(ln) }()
 	return socket, func() { _ = srv.Close(); _ = os.RemoveAll(dir) }
@@ -145,4 +156,32 @@ func ExampleClient_Bench() {
 	// Output:
 	// cpu.int.single : 97% of the host
 	// disk.rand_read_4k virtio: 76% of the host
+}
+
+// Give a running VM a new data disk; it is hot-plugged, and the result is
+// the VM with its disks.
+func ExampleClient_AddDisk() {
+	socket, stop := fakeDaemon()
+	defer stop()
+	ctx := context.Background()
+	c := client.New(socket)
+
+	op, err := c.AddDisk(ctx, "web", 20<<30)
+	if err == nil {
+		op, err = c.Wait(ctx, op, nil)
+	}
+	var v api.VM
+	if err == nil {
+		err = client.Result(op, &v)
+	}
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	for _, d := range v.Disks {
+		fmt.Printf("%s %s %d GiB\n", d.Name, d.Bus, d.Size>>30)
+	}
+	// Output:
+	// root virtio 8 GiB
+	// data1 virtio 20 GiB
 }
