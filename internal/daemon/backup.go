@@ -170,13 +170,9 @@ func (d *Daemon) deleteBackupSchedule(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) createBackup(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
 	var req api.CreateBackup
-	if !decode(w, r, &req) {
-		return
-	}
-	if _, err := d.vms.Get(r.Context(), name); err != nil {
-		writeErr(w, err)
+	name, ok := d.vmRequest(w, r, &req)
+	if !ok {
 		return
 	}
 	accepted(w, d.ops.start("backup", name, func(ctx context.Context, o *operation) (any, error) {

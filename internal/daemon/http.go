@@ -221,10 +221,21 @@ func (d *Daemon) createVM(w http.ResponseWriter, r *http.Request) {
 	accepted(w, o)
 }
 
-func (d *Daemon) deleteVM(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
+// vmRequest starts a handler for an operation on the VM the path names:
+// the VM must exist, and body, unless nil, is decoded from the request.
+// ok false means the answer is written.
+func (d *Daemon) vmRequest(w http.ResponseWriter, r *http.Request, body any) (name string, ok bool) {
+	name = r.PathValue("name")
 	if _, err := d.vms.Get(r.Context(), name); err != nil {
 		writeErr(w, err)
+		return name, false
+	}
+	return name, body == nil || decode(w, r, body)
+}
+
+func (d *Daemon) deleteVM(w http.ResponseWriter, r *http.Request) {
+	name, ok := d.vmRequest(w, r, nil)
+	if !ok {
 		return
 	}
 	force := r.URL.Query().Get("force") == "true"
@@ -235,13 +246,9 @@ func (d *Daemon) deleteVM(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) addDisk(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	if _, err := d.vms.Get(r.Context(), name); err != nil {
-		writeErr(w, err)
-		return
-	}
 	var req api.AddDisk
-	if !decode(w, r, &req) {
+	name, ok := d.vmRequest(w, r, &req)
+	if !ok {
 		return
 	}
 	if !api.DataDiskSizeOK(req.Size) {
@@ -252,15 +259,12 @@ func (d *Daemon) addDisk(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) resizeDisk(w http.ResponseWriter, r *http.Request) {
-	name, disk := r.PathValue("name"), r.PathValue("disk")
-	if _, err := d.vms.Get(r.Context(), name); err != nil {
-		writeErr(w, err)
-		return
-	}
 	var req api.ResizeDisk
-	if !decode(w, r, &req) {
+	name, ok := d.vmRequest(w, r, &req)
+	if !ok {
 		return
 	}
+	disk := r.PathValue("disk")
 	if req.Size <= 0 {
 		writeErr(w, fmt.Errorf("resize disk %q of vm %q: size %d: %w: want a positive size", disk, name, req.Size, errdefs.ErrInvalid))
 		return
@@ -271,13 +275,9 @@ func (d *Daemon) resizeDisk(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) setVM(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
-	if _, err := d.vms.Get(r.Context(), name); err != nil {
-		writeErr(w, err)
-		return
-	}
 	var req api.SetVM
-	if !decode(w, r, &req) {
+	name, ok := d.vmRequest(w, r, &req)
+	if !ok {
 		return
 	}
 	if req.IsZero() {
