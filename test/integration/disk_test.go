@@ -30,12 +30,13 @@ func TestDiskAddResize(t *testing.T) {
 	h.must("disk", "add", "dk", "32M")
 	see("vdb", "65536")
 	h.exec("dk", "sh", "-c", "echo lodge-disk-marker | dd of=/dev/vdb conv=fsync 2>/dev/null")
-	h.must("disk", "resize", "dk", "data1", "64M")
-	see("vdb", "131072")
+	// 64 MiB and a sector: the last backup chunk of it is cut short.
+	h.must("disk", "resize", "dk", "data1", strconv.Itoa(64<<20+512))
+	see("vdb", "131073")
 	rootSectors := v.Disks[0].Size/512 + 2<<20/512
 	h.must("disk", "resize", "dk", "root", strconv.FormatInt(v.Disks[0].Size+2<<20, 10))
 	see("vda", strconv.FormatInt(rootSectors, 10))
-	if got := h.show("dk"); len(got.Disks) != 2 || got.Disks[1].Name != "data1" || got.Disks[1].Size != 64<<20 || got.Disks[0].Size != v.Disks[0].Size+2<<20 || got.StartedAt == nil || !got.StartedAt.Equal(*v.StartedAt) {
+	if got := h.show("dk"); len(got.Disks) != 2 || got.Disks[1].Name != "data1" || got.Disks[1].Size != 64<<20+512 || got.Disks[0].Size != v.Disks[0].Size+2<<20 || got.StartedAt == nil || !got.StartedAt.Equal(*v.StartedAt) {
 		t.Fatalf("after add and resize: disks %+v, started %v (was %v)", got.Disks, got.StartedAt, v.StartedAt)
 	}
 
@@ -63,15 +64,34 @@ func TestDiskAddResize(t *testing.T) {
 		t.Errorf("disk add to a VM with snapshots: exit %d, %q", code, errOut)
 	}
 	h.must("snapshot", "delete", "dk", "s1")
-	if got := h.show("dk"); len(got.Disks) != 2 || got.Disks[1].Size != 64<<20 {
+	if got := h.show("dk"); len(got.Disks) != 2 || got.Disks[1].Size != 64<<20+512 {
 		t.Fatalf("after refused requests: disks %+v", got.Disks)
 	}
 
 	// Stopped: added and grown in the files; the next boot has all the
 	// disks in their places, and the marker where it was written.
 	h.must("stop", "dk")
+	data1 := h.show("dk").Disks[1].Path
+	qemuIO(t, data1, "write -P 0x5a 64M 512") // the short chunk's sector
+	b0 := h.backup("dk")
 	h.must("disk", "add", "dk", "16M")
 	h.must("disk", "resize", "dk", "data1", "96M")
+	qemuIO(t, data1, "write -P 0x6b 80M 4k")
+
+	// The backup after stays incremental: the new disk is read whole
+	// and says why, the grown one reads its new writes and the chunk
+	// its old end cut short. A restore of it holds what the disks do.
+	b1 := h.backup("dk")
+	if b1.Kind != "incremental" || !strings.Contains(b1.Reason, `disk "data2" is new since backup `+b0.ID) || strings.Contains(b1.Reason, "data1") || b1.Read > 4<<20 {
+		t.Errorf("backup after a disk was added and another grown: %s, read %d, reason %q", b1.Kind, b1.Read, b1.Reason)
+	}
+	h.must("backup", "verify", b1.ID)
+	h.must("backup", "restore", "dk", b1.ID, "--as", "dk-r")
+	restored := h.show("dk-r").Disks
+	for i, d := range h.show("dk").Disks {
+		sameDisk(t, d.Path, restored[i].Path)
+	}
+	h.must("delete", "dk-r")
 	h.must("start", "dk")
 	h.waitAgent("dk")
 	see("vdb", "196608")

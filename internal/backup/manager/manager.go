@@ -5,6 +5,7 @@
 package manager
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -433,17 +435,35 @@ func (m *Manager) read(ctx context.Context, w *backup.Writer, chunk int, p *vm.B
 	var reasons []string
 	for _, d := range p.Disks {
 		in := backup.DiskInput{Name: d.Name, Size: d.Size, Reader: d.Data}
-		if !d.Full {
-			if pd := parentDisk(parent, d.Name, d.Size); pd != nil {
-				in.Parent = pd.Chunks
-			} else {
-				// A disk the parent does not hold, or held at another
-				// size, is read whole.
-				d.Full, d.Reason = true, fmt.Sprintf("disk %q is not in backup %s at this size", d.Name, parent.ID)
+		pd := parentDisk(parent, d.Name)
+		whole := ""
+		switch {
+		case parent != nil && pd == nil:
+			// Added since: it has no bitmap of the parent's either, and
+			// that is no loss of tracking.
+			whole = fmt.Sprintf("disk %q is new since backup %s", d.Name, parent.ID)
+		case d.Full:
+		case pd == nil:
+			whole = fmt.Sprintf("disk %q has no parent backup to build on", d.Name)
+		case pd.Size > d.Size:
+			whole = fmt.Sprintf("disk %q is smaller than in backup %s", d.Name, parent.ID)
+		default:
+			// A disk grown since reads as the parent's chunks, then
+			// zeros, plus what its bitmap says was written. The chunk
+			// the old end cut short is whole now and read again.
+			in.Parent = pd.Chunks
+			if c := int64(chunk); pd.Size < d.Size && pd.Size%c != 0 {
+				d.Read = append(d.Read, nbd.Extent{Offset: pd.Size / c * c, Length: c})
+				slices.SortFunc(d.Read, func(a, b nbd.Extent) int { return cmp.Compare(a.Offset, b.Offset) })
+			}
+		}
+		if whole != "" {
+			if !d.Full {
 				if d.Read, err = d.Data.DataExtents(ctx, 0, d.Size); err != nil {
 					return man, fmt.Errorf("disk %q: %w", d.Name, err)
 				}
 			}
+			d.Full, d.Reason = true, whole
 		}
 		if d.Full {
 			full++
@@ -484,12 +504,12 @@ func (m *Manager) read(ctx context.Context, w *backup.Writer, chunk int, p *vm.B
 	return man, nil
 }
 
-func parentDisk(parent *backup.Manifest, name string, size int64) *backup.DiskManifest {
+func parentDisk(parent *backup.Manifest, name string) *backup.DiskManifest {
 	if parent == nil {
 		return nil
 	}
 	for i := range parent.Disks {
-		if parent.Disks[i].Name == name && parent.Disks[i].Size == size {
+		if parent.Disks[i].Name == name {
 			return &parent.Disks[i]
 		}
 	}
