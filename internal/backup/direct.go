@@ -61,10 +61,12 @@ func (r *Repo) stageChunk(stored []byte) (string, error) {
 	return writeTempSync(r.tmpDir(), "chunk-", stored, false)
 }
 
-// writeDirect writes data to a new file in tmp/ with O_DIRECT. The last
-// block is written whole, padded with zeros, and the file then cut to
-// len(data). data is copied first only if its array is not aligned or
-// has no room for the padding.
+// writeDirect writes data to a new file in tmp/: its whole blocks with
+// O_DIRECT, then the last partial block, if any, through the page cache.
+// (Padding that block and cutting the file back to length instead made
+// the filesystem read the block back from the disk first, half a
+// millisecond per chunk.) data is copied first only if its array is not
+// aligned.
 func (r *Repo) writeDirect(data []byte) (string, error) {
 	var fd int
 	var path string
@@ -82,16 +84,20 @@ func (r *Repo) writeDirect(data []byte) (string, error) {
 		}
 		break
 	}
-	padded := roundUp(len(data))
-	buf := data[:len(data):cap(data)]
-	if !aligned(buf) || cap(buf) < padded {
-		buf = append(alignedBuffer(padded), data...)
+	whole := len(data) &^ (directAlign - 1)
+	buf := data
+	if !aligned(buf) {
+		buf = append(alignedBuffer(len(data)), data...)
 	}
-	buf = buf[:padded]
-	clear(buf[len(data):])
-	err := writeAll(fd, buf)
-	if err == nil && padded != len(data) {
-		err = unix.Ftruncate(fd, int64(len(data)))
+	err := writeAll(fd, buf[:whole])
+	if err == nil && whole < len(data) {
+		var flags int
+		if flags, err = unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err == nil {
+			_, err = unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags&^unix.O_DIRECT)
+		}
+		if err == nil {
+			err = writeAll(fd, buf[whole:])
+		}
 	}
 	if cerr := unix.Close(fd); err == nil {
 		err = cerr
