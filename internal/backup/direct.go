@@ -98,6 +98,10 @@ func (r *Repo) writeDirect(data []byte) (string, error) {
 		if err == nil {
 			err = writeAll(fd, buf[whole:])
 		}
+		if err == nil {
+			// Its writeback starts now, not in the syncfs at commit.
+			_ = unix.SyncFileRange(fd, int64(whole), 0, unix.SYNC_FILE_RANGE_WRITE)
+		}
 	}
 	if cerr := unix.Close(fd); err == nil {
 		err = cerr
