@@ -138,6 +138,20 @@ func TestBadInput(t *testing.T) {
 	if snaps, err := h.c.ListSnapshots(context.Background(), "taken"); err != nil || len(snaps) != 0 {
 		t.Errorf("snapshots after bad input = %+v, %v; want none", snaps, err)
 	}
+	for _, size := range []int64{100, 1<<20 + 1, -1} {
+		if _, err := h.c.AddDisk(context.Background(), "taken", size); err == nil || !strings.Contains(err.Error(), `add a disk to vm "taken"`) {
+			t.Errorf("API disk add of %d bytes: %v", size, err)
+		}
+	}
+	if _, err := h.c.ResizeDisk(context.Background(), "taken", "root", 0); err == nil || !strings.Contains(err.Error(), `resize disk "root" of vm "taken"`) {
+		t.Errorf("API disk resize to 0: %v", err)
+	}
+	if v := h.show("taken"); len(v.Disks) != 1 || v.Disks[0].Size != before.Disks[0].Size {
+		t.Errorf("disks after refused disk requests: %+v", v.Disks)
+	}
+	if disks, _ := filepath.Glob(filepath.Join(h.home, "pools", "default", "*")); len(disks) != 1 {
+		t.Errorf("pool files after refused disk requests = %v, want one disk", disks)
+	}
 
 	// A missing daemon is reported with how to start it.
 	other := newHostNoDaemon(t)
