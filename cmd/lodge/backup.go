@@ -106,7 +106,7 @@ the last one. Every backup can be restored alone.`,
 				fmt.Fprintf(tw, "Backup %s of %s in %s: %s, read %s, stored %s new, %.1f s\n", b.ID, b.VM, b.Repo, b.Kind,
 					units.FormatSize(b.Read), units.FormatSize(b.NewData), b.Duration)
 				if b.Reason != "" {
-					fmt.Fprintf(tw, "Full because %s\n", b.Reason)
+					fmt.Fprintf(tw, "%s %s\n", wholeBecause(b), b.Reason)
 				}
 			})
 		},
@@ -158,7 +158,7 @@ func backupShowCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(tw, "ID:\t%s\nVM:\t%s (%s)\nRepository:\t%s\nCreated:\t%s\nKind:\t%s\n", b.ID, b.VM, b.VMUUID, b.Repo,
 					b.CreatedAt.Local().Format(time.DateTime), b.Kind)
 				if b.Reason != "" {
-					fmt.Fprintf(tw, "Full because:\t%s\n", b.Reason)
+					fmt.Fprintf(tw, "%s:\t%s\n", wholeBecause(b), b.Reason)
 				}
 				fmt.Fprintf(tw, "Consistency:\t%s\nSize:\t%s\nNew data:\t%s\nRead:\t%s\nDuration:\t%.1f s\n", b.Consistency,
 					units.FormatSize(b.Size), units.FormatSize(b.NewData), units.FormatSize(b.Read), b.Duration)
@@ -426,4 +426,13 @@ mounting it. Only ext2, ext3 and ext4 filesystems can be read.`,
 	}
 	fileFlags(cmd, &q)
 	return cmd
+}
+
+// wholeBecause heads a backup's reason: why it is full, or, for an
+// incremental one, why some of its disks were read whole.
+func wholeBecause(b api.Backup) string {
+	if b.Kind == "full" {
+		return "Full because"
+	}
+	return "Disks read whole because"
 }

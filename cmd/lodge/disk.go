@@ -23,7 +23,7 @@ A VM with snapshots is refused: delete them first.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			size, err := units.ParseSize(args[1])
 			if err != nil {
-				return usagef("size %q: %v", args[1], err)
+				return usagef("size: %v", err)
 			}
 			c := g.client()
 			op, err := c.AddDisk(cmd.Context(), args[0], size)
@@ -47,7 +47,7 @@ that would cut off the guest's data. A VM with snapshots is refused.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			size, err := units.ParseSize(args[2])
 			if err != nil {
-				return usagef("size %q: %v", args[2], err)
+				return usagef("size: %v", err)
 			}
 			c := g.client()
 			op, err := c.ResizeDisk(cmd.Context(), args[0], args[1], size)

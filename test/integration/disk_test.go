@@ -50,7 +50,7 @@ func TestDiskAddResize(t *testing.T) {
 		{[]string{"disk", "resize", "dk", "data7", "1G"}, `disk "data7" of vm "dk"`, 1},
 		{[]string{"disk", "resize", "dk", "data1", "64M1"}, "size", 2},
 		{[]string{"disk", "add", "dk", "100K"}, "at least 1M", 1},
-		{[]string{"disk", "add", "dk", "lots"}, `size "lots"`, 2},
+		{[]string{"disk", "add", "dk", "lots"}, `size: "lots": not a size`, 2},
 		{[]string{"disk", "add", "ghost", "1G"}, `vm "ghost"`, 1},
 		{[]string{"disk", "add", "dk"}, "accepts 2 arg", 2},
 	} {
