@@ -177,24 +177,36 @@ func (r *Reader) DirtyExtents(name string, off, length int64) ([]Extent, error) 
 	if off < 0 || length < 0 {
 		return nil, fmt.Errorf("qcow2 %s: dirty extents at %d, %d bytes: negative", top.path, off, length)
 	}
+	l, b, ok := r.bitmap(name)
+	switch {
+	case !ok:
+		return nil, fmt.Errorf("qcow2 %s: no bitmap %q in its chain", top.path, name)
+	case !b.Usable:
+		return nil, fmt.Errorf("qcow2 %s: bitmap %q: %w: its type, flags or granularity", l.path, name, ErrUnsupported)
+	case b.InUse:
+		return nil, fmt.Errorf("qcow2 %s: bitmap %q: %w: it was not saved (in use)", l.path, name, errCorrupt)
+	case off >= top.size:
+		return nil, nil
+	}
+	return l.dirty(b, off, off+min(length, top.size-off))
+}
+
+// Bitmap returns the bitmap named name, from the first file of the chain,
+// from the top, that holds one: the one DirtyExtents reads.
+func (r *Reader) Bitmap(name string) (Bitmap, bool) {
+	_, b, ok := r.bitmap(name)
+	return b, ok
+}
+
+func (r *Reader) bitmap(name string) (*layer, Bitmap, bool) {
 	for _, l := range r.layers {
 		for _, b := range l.bitmaps {
-			if b.Name != name {
-				continue
+			if b.Name == name {
+				return l, b, true
 			}
-			switch {
-			case !b.Usable:
-				return nil, fmt.Errorf("qcow2 %s: bitmap %q: %w: its type, flags or granularity", l.path, name, ErrUnsupported)
-			case b.InUse:
-				return nil, fmt.Errorf("qcow2 %s: bitmap %q: %w: it was not saved (in use)", l.path, name, errCorrupt)
-			}
-			if off >= top.size {
-				return nil, nil
-			}
-			return l.dirty(b, off, off+min(length, top.size-off))
 		}
 	}
-	return nil, fmt.Errorf("qcow2 %s: no bitmap %q in its chain", top.path, name)
+	return nil, Bitmap{}, false
 }
 
 // dirty lists the ranges within [off, end) that b marks, clipped to the

@@ -76,14 +76,8 @@ func (v fileView) AllocatedAbove(_ context.Context, depth uint32, off, length in
 // hasBitmap says whether the chain holds a bitmap named name that can be
 // read.
 func (v fileView) hasBitmap(name string) bool {
-	for _, l := range v.Layers() {
-		for _, b := range l.Bitmaps {
-			if b.Name == name {
-				return b.Usable && !b.InUse
-			}
-		}
-	}
-	return false
+	b, ok := v.Bitmap(name)
+	return ok && b.Usable && !b.InUse
 }
 
 func nbdExtents(ext []qcow2.Extent, err error) ([]nbd.Extent, error) {

@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"time"
 
 	"github.com/lodge-vm/lodge/api"
@@ -252,8 +251,8 @@ func (s *Service) Create(ctx context.Context, req api.CreateVM) (api.VM, error) 
 		Pool: pool.Name, ImagePath: img.Path, CloudInit: req.CloudInit,
 		Intent: intentCreating, Wanted: api.StateStopped,
 	}
-	for i, size := range req.DataDisks {
-		name := "data" + strconv.Itoa(i+1)
+	for _, size := range req.DataDisks {
+		name := freeDiskName(r.Disks)
 		r.Disks = append(r.Disks, api.Disk{Name: name, Bus: req.DiskBus, Size: size, Pool: pool.Name, Path: pool.NewVolumePath(req.Name, name)})
 	}
 	r.Project = project.Name(req.Project)
