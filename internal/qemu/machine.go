@@ -6,6 +6,7 @@
 package qemu
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -196,35 +197,20 @@ func (m Machine) Args() ([]string, error) {
 		args = append(args,
 			"-blockdev", "driver=file,filename="+escape(d.Path)+",node-name="+node+"-file,cache.direct=off,discard=unmap,drop-cache=off"+ro,
 			"-blockdev", "driver="+d.Format+",file="+node+"-file,node-name="+node+",discard=unmap"+ro+top)
-		boot := ""
-		if i == 0 {
-			boot = ",bootindex=0"
+		props, err := DiskDevice(d.Bus, node, i)
+		if err != nil {
+			return nil, fmt.Errorf("machine %q: disk %q: %w", m.Name, d.Name, err)
 		}
-		var dev string
-		switch d.Bus {
-		case BusVirtio, "":
-			dev = "virtio-blk-pci,drive=" + node + ",id=" + node + "-dev" + boot
-		case BusSCSI:
-			if !scsi {
-				args = append(args, "-device", "virtio-scsi-pci,id=scsi0")
-				scsi = true
-			}
-			dev = "scsi-hd,bus=scsi0.0,drive=" + node + ",id=" + node + "-dev" + boot
-		case BusIDE:
-			// ide.1 unit 0 is the seed CD, so disks take ide.0 and then
-			// ide.1 unit 1.
-			if i > 2 {
-				return nil, fmt.Errorf("machine %q: disk %q: the IDE bus takes at most 3 disks", m.Name, d.Name)
-			}
-			bus, unit := "ide.0", i
-			if i == 2 {
-				bus, unit = "ide.1", 1
-			}
-			dev = "ide-hd,bus=" + bus + ",unit=" + strconv.Itoa(unit) + ",drive=" + node + ",id=" + node + "-dev" + boot
-		case BusNVMe:
-			dev = "nvme,serial=lodge" + strconv.Itoa(i) + ",drive=" + node + ",id=" + node + "-dev" + boot
-		default:
-			return nil, fmt.Errorf("machine %q: disk %q: unknown bus %q (want %s)", m.Name, d.Name, d.Bus, strings.Join(Buses, ", "))
+		if d.Bus == BusSCSI && !scsi {
+			args = append(args, "-device", "virtio-scsi-pci,id="+scsiController)
+			scsi = true
+		}
+		dev := props[0].Value
+		for _, p := range props[1:] {
+			dev += "," + p.Name + "=" + p.Value
+		}
+		if i == 0 {
+			dev += ",bootindex=0"
 		}
 		args = append(args, "-device", dev)
 	}
@@ -353,4 +339,39 @@ func (m Machine) memoryOption() string {
 }
 
 // escape doubles commas, which QEMU's option syntax uses as separators.
+// scsiController is the id of the SCSI controller a machine whose disks
+// are on SCSI has.
+const scsiController = "scsi0"
+
+// Prop is one property of a device.
+type Prop struct{ Name, Value string }
+
+// DiskDevice is the device that puts block node node on bus as the
+// machine's disk i: its properties in order, the driver first. The
+// command line and a hot-plug into a running machine both use it, so that
+// a disk plugged in is where the next boot puts it.
+func DiskDevice(bus, node string, i int) ([]Prop, error) {
+	ids := []Prop{{"drive", node}, {"id", node + "-dev"}}
+	switch bus {
+	case BusVirtio, "":
+		return append([]Prop{{"driver", "virtio-blk-pci"}}, ids...), nil
+	case BusSCSI:
+		return append([]Prop{{"driver", "scsi-hd"}, {"bus", scsiController + ".0"}}, ids...), nil
+	case BusIDE:
+		// ide.1 unit 0 is the seed CD, so disks take ide.0 and then
+		// ide.1 unit 1.
+		if i > 2 {
+			return nil, errors.New("the IDE bus takes at most 3 disks")
+		}
+		ideBus, unit := "ide.0", i
+		if i == 2 {
+			ideBus, unit = "ide.1", 1
+		}
+		return append([]Prop{{"driver", "ide-hd"}, {"bus", ideBus}, {"unit", strconv.Itoa(unit)}}, ids...), nil
+	case BusNVMe:
+		return append([]Prop{{"driver", "nvme"}, {"serial", "lodge" + strconv.Itoa(i)}}, ids...), nil
+	}
+	return nil, fmt.Errorf("unknown bus %q (want %s)", bus, strings.Join(Buses, ", "))
+}
+
 func escape(path string) string { return strings.ReplaceAll(path, ",", ",,") }

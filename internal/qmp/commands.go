@@ -84,6 +84,19 @@ func QueryBlock(ctx context.Context, m Monitor) ([]BlockDevice, error) {
 	return out, nil
 }
 
+// OpenDisk opens the qcow2 file at file as node, with the options a VM's
+// own disks have on its command line, and without its backing file: a
+// caller that wants one attaches it.
+func OpenDisk(ctx context.Context, m Monitor, node, file string) error {
+	return m.Execute(ctx, "blockdev-add", map[string]any{
+		"driver": "qcow2", "node-name": node, "discard": "unmap", "backing": nil,
+		"file": map[string]any{
+			"driver": "file", "filename": file, "node-name": node + "-file",
+			"cache": map[string]any{"direct": false}, "discard": "unmap", "drop-cache": false,
+		},
+	}, nil)
+}
+
 // SnapshotExisting puts the qcow2 overlay at file, made beforehand with
 // node's file as its backing file, on top of node and moves the guest's
 // writes to it, all in QEMU's main loop, so the guest sees no pause
@@ -92,14 +105,7 @@ func QueryBlock(ctx context.Context, m Monitor) ([]BlockDevice, error) {
 // a sync waits behind whatever else the host is writing), with the
 // options a VM's own disks have.
 func SnapshotExisting(ctx context.Context, m Monitor, node, file, newNode string) error {
-	err := m.Execute(ctx, "blockdev-add", map[string]any{
-		"driver": "qcow2", "node-name": newNode, "discard": "unmap", "backing": nil,
-		"file": map[string]any{
-			"driver": "file", "filename": file, "node-name": newNode + "-file",
-			"cache": map[string]any{"direct": false}, "discard": "unmap", "drop-cache": false,
-		},
-	}, nil)
-	if err != nil {
+	if err := OpenDisk(ctx, m, newNode, file); err != nil {
 		return err
 	}
 	if err := m.Execute(ctx, "blockdev-snapshot", map[string]any{"node": node, "overlay": newNode}, nil); err != nil {

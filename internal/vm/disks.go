@@ -59,7 +59,11 @@ func (s *Service) AddDisk(ctx context.Context, name string, size int64) (api.VM,
 	detach := func(context.Context) error { return nil }
 	if in != nil {
 		node := "disk" + strconv.Itoa(len(r.Disks))
-		if detach, err = plugDisk(ctx, in.mon, node, disk.Path, diskDevices(bus, node, len(r.Disks))); err != nil {
+		dev, err := diskDevice(bus, node, len(r.Disks))
+		if err == nil {
+			detach, err = plugDisk(ctx, in.mon, node, disk.Path, []map[string]any{dev})
+		}
+		if err != nil {
 			_ = os.Remove(disk.Path)
 			return api.VM{}, fmt.Errorf("add a disk to vm %q: %w", name, err)
 		}
@@ -175,36 +179,29 @@ func freeDiskName(disks []api.Disk) string {
 	}
 }
 
-// diskDevices are the devices that put node on bus as the VM's disk i,
-// named as the command line names them so that the next boot gives the
-// guest the same disk in the same place.
-func diskDevices(bus, node string, i int) []map[string]any {
-	switch bus {
-	case qemu.BusSCSI:
-		return []map[string]any{{"driver": "scsi-hd", "bus": "scsi0.0", "drive": node, "id": node + "-dev"}}
-	case qemu.BusNVMe:
-		return []map[string]any{{"driver": "nvme", "serial": "lodge" + strconv.Itoa(i), "drive": node, "id": node + "-dev"}}
-	default:
-		return []map[string]any{{"driver": "virtio-blk-pci", "drive": node, "id": node + "-dev"}}
+// diskDevice is the device_add of disk i on bus, attached to node: the
+// one the command line gives it.
+func diskDevice(bus, node string, i int) (map[string]any, error) {
+	props, err := qemu.DiskDevice(bus, node, i)
+	if err != nil {
+		return nil, err
 	}
+	dev := make(map[string]any, len(props))
+	for _, p := range props {
+		dev[p.Name] = p.Value
+	}
+	return dev, nil
 }
 
-// plugDisk opens the qcow2 file at path in a running QEMU as node, with
-// the options a VM's own disks have, and plugs devices in for it, in
-// order. detach undoes it all; the file stays.
-func plugDisk(ctx context.Context, mon qmp.Monitor, node, path string, devices []map[string]any) (detach func(context.Context) error, err error) {
-	err = mon.Execute(ctx, "blockdev-add", map[string]any{
-		"driver": "qcow2", "node-name": node, "discard": "unmap",
-		"file": map[string]any{
-			"driver": "file", "filename": path, "node-name": node + "-file",
-			"cache": map[string]any{"direct": false}, "discard": "unmap", "drop-cache": false,
-		},
-	}, nil)
-	if err != nil {
+// plugDisk opens the standalone qcow2 file at path in a running QEMU as
+// node and plugs devices in for it, in order. detach undoes it all; the
+// file stays.
+func plugDisk(ctx context.Context, mon qmp.Monitor, node, path string, devices []map[string]any) (func(context.Context) error, error) {
+	if err := qmp.OpenDisk(ctx, mon, node, path); err != nil {
 		return nil, fmt.Errorf("open disk %s: %w", path, err)
 	}
 	var plugged []string
-	detach = func(ctx context.Context) error {
+	detach := func(ctx context.Context) error {
 		var errs []error
 		for i := len(plugged) - 1; i >= 0; i-- {
 			if err := unplug(ctx, mon, plugged[i]); err != nil {
