@@ -22,7 +22,7 @@ import (
 // it at once, hot-plugged, on the buses that take that (virtio, SCSI,
 // NVMe); on IDE the VM must be stopped.
 func (s *Service) AddDisk(ctx context.Context, name string, size int64) (api.VM, error) {
-	r, unlock, err := s.loadForDisks(ctx, name, "add a disk")
+	r, unlock, err := s.loadForDisks(ctx, name, fmt.Sprintf("add a disk to vm %q", name))
 	if err != nil {
 		return api.VM{}, err
 	}
@@ -88,7 +88,7 @@ func (s *Service) AddDisk(ctx context.Context, name string, size int64) (api.VM,
 // guest sees the new size at once. A disk never shrinks here: the guest's
 // filesystem would lose what lies past the new end.
 func (s *Service) ResizeDisk(ctx context.Context, name, diskName string, size int64) (api.VM, error) {
-	r, unlock, err := s.loadForDisks(ctx, name, "resize disk "+strconv.Quote(diskName))
+	r, unlock, err := s.loadForDisks(ctx, name, fmt.Sprintf("resize disk %q of vm %q", diskName, name))
 	if err != nil {
 		return api.VM{}, err
 	}
@@ -154,12 +154,12 @@ func (s *Service) loadForDisks(ctx context.Context, name, what string) (record, 
 	switch {
 	case err != nil:
 	case r.Intent != "":
-		err = fmt.Errorf("%s of vm %q: %w: it is being %s", what, name, errdefs.ErrState, r.Intent)
+		err = fmt.Errorf("%s: %w: it is being %s", what, errdefs.ErrState, r.Intent)
 	case r.State == api.StatePaused:
-		err = fmt.Errorf("%s of vm %q: %w: it is paused; resume or stop it first", what, name, errdefs.ErrState)
+		err = fmt.Errorf("%s: %w: it is paused; resume or stop it first", what, errdefs.ErrState)
 	default:
 		if snaps := s.snapshotNames(ctx, name); len(snaps) > 0 {
-			err = fmt.Errorf("%s of vm %q: %w: it has snapshots (%s), which a change to its disks would not match; delete them first", what, name, errdefs.ErrState, strings.Join(snaps, ", "))
+			err = fmt.Errorf("%s: %w: it has snapshots (%s), which a change to its disks would not match; delete them first", what, errdefs.ErrState, strings.Join(snaps, ", "))
 		}
 	}
 	if err != nil {
