@@ -12,8 +12,8 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
-	"lukechampine.com/blake3"
 
+	"github.com/lodge-vm/lodge/internal/chunkhash"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 )
 
@@ -164,7 +164,7 @@ func (r *Repo) decodeChunk(d Digest, stored, dst []byte) ([]byte, error) {
 	if h.HasFCS && uint64(len(out)) != h.FrameContentSize {
 		return nil, fmt.Errorf("%w: decompressed to %d bytes, the frame declares %d", ErrCorrupt, len(out), h.FrameContentSize)
 	}
-	if Digest(blake3.Sum256(out)) != d {
+	if Digest(chunkhash.Sum256(out)) != d {
 		return nil, fmt.Errorf("%w: content does not match its digest", ErrCorrupt)
 	}
 	return out, nil

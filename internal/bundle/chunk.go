@@ -9,7 +9,8 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
-	"lukechampine.com/blake3"
+
+	"github.com/lodge-vm/lodge/internal/chunkhash"
 )
 
 // Compression is how hard the writer compresses.
@@ -141,7 +142,7 @@ func (e *encoder) work() {
 			j.out = e.zenc.EncodeAll(j.raw, make([]byte, 0, len(j.raw)/2+1024))
 		}
 		j.hdr.StoredLen = uint32(len(j.out))
-		j.hdr.Sum = blake3.Sum256(j.out)
+		j.hdr.Sum = chunkhash.Sum256(j.out)
 		e.pool.Put(j.raw[:0]) //nolint:staticcheck // a slice header is fine here: the pool only hands out capacity
 		j.raw = nil
 		close(j.done)
@@ -515,7 +516,7 @@ func (d *Decoder) Feed(ctx context.Context, in io.Reader, deliver func(raw []byt
 }
 
 func (d *Decoder) unpack(j *job) ([]byte, error) {
-	if blake3.Sum256(j.raw) != j.hdr.Sum {
+	if chunkhash.Sum256(j.raw) != j.hdr.Sum {
 		return nil, corrupt("digest mismatch")
 	}
 	var h zstd.Header
