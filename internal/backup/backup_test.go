@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/lodge-vm/lodge/internal/errdefs"
 )
 
@@ -978,5 +980,50 @@ func TestUncommittedChunksStayOut(t *testing.T) {
 	}
 	if len(tmp) != 0 {
 		t.Fatalf("tmp/ after an uncommitted backup: got %d files, want 0", len(tmp))
+	}
+}
+
+// TestBackupDiskWriteFails makes every chunk write fail part way through
+// a disk, with the same chunk twice in it: the error names a chunk, no
+// chunk stays counted as written, and the same writer then backs the disk
+// up whole once writes work again.
+func TestBackupDiskWriteFails(t *testing.T) {
+	r := testRepo(t)
+	w := begin(t, r)
+	disk := makeDisk(7, 40, 100)
+	copy(disk[30*testChunk:31*testChunk], disk[3*testChunk:4*testChunk])
+	in := DiskInput{Name: "d", Size: int64(len(disk)), Reader: bytes.NewReader(disk), Read: allChunks(int64(len(disk)))}
+	tmp := r.tmpDir()
+	if err := os.Rename(tmp, tmp+".away"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(tmp, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := w.BackupDisk(context.Background(), in, nil)
+	if err == nil || !strings.Contains(err.Error(), "chunk ") || !errors.Is(err, unix.ENOTDIR) {
+		t.Fatalf("backup with tmp/ a file: got %v, want a chunk's ENOTDIR", err)
+	}
+	w.mu.Lock()
+	for d, path := range w.pending {
+		if path == "" {
+			t.Errorf("chunk %s still counted as being written", d)
+		}
+	}
+	w.mu.Unlock()
+
+	if err := os.Remove(tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp+".away", tmp); err != nil {
+		t.Fatal(err)
+	}
+	dm, st := backupDisk(t, w, "d", disk, in.Read, nil)
+	if st.NewChunks != 40 {
+		t.Fatalf("new chunks after the failure: got %d, want 40 (41 chunks, one twice)", st.NewChunks)
+	}
+	commit(t, w, manifest("vm", clock, "", dm))
+	if got := readBack(t, r, dm); !bytes.Equal(got, disk) {
+		t.Fatal("restored disk differs")
 	}
 }

@@ -14,8 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	"lukechampine.com/blake3"
 
+	"github.com/lodge-vm/lodge/internal/chunkhash"
 	"github.com/lodge-vm/lodge/internal/errdefs"
 	"github.com/lodge-vm/lodge/internal/priority"
 )
@@ -100,7 +100,9 @@ func (w *Writer) Close() error {
 	w.mu.Unlock()
 	// Never committed: garbage now.
 	for _, tmp := range pending {
-		_ = os.Remove(tmp)
+		if tmp != "" {
+			_ = os.Remove(tmp)
+		}
 	}
 	err := os.Remove(w.path)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -121,7 +123,7 @@ func (w *Writer) Close() error {
 // stored and give the zero Digest; a chunk already there costs nothing but
 // a touch. Any number of goroutines may call it at once.
 func (w *Writer) PutChunk(ctx context.Context, data []byte) (d Digest, stored int64, err error) {
-	d, stored, _, err = w.put(ctx, data, nil, false)
+	d, stored, _, err = w.put(ctx, data, nil, nil)
 	if err != nil {
 		return Digest{}, 0, fmt.Errorf("backup repository %q: store chunk: %w", w.r.path, err)
 	}
@@ -129,17 +131,18 @@ func (w *Writer) PutChunk(ctx context.Context, data []byte) (d Digest, stored in
 }
 
 // put is PutChunk with a buffer for the compressed bytes, which it
-// returns (maybe grown) for reuse.
-// With later, a new chunk waits in tmp/ until Commit makes it durable
-// with every other (flush); otherwise it is durable when put returns.
-func (w *Writer) put(ctx context.Context, data, scratch []byte, later bool) (Digest, int64, []byte, error) {
+// returns (maybe grown) for reuse, or nil when st took it.
+// With a stager, a new chunk goes to st to be written to tmp/, where it
+// waits until Commit makes it durable with every other (flush); without
+// one it is durable when put returns.
+func (w *Writer) put(ctx context.Context, data, scratch []byte, st *stager) (Digest, int64, []byte, error) {
 	if len(data) > w.r.chunkSize {
 		return Digest{}, 0, scratch, fmt.Errorf("%w: a chunk of %d bytes, the repository's chunks hold at most %d", errdefs.ErrInvalid, len(data), w.r.chunkSize)
 	}
 	if allZero(data) {
 		return Digest{}, 0, scratch, nil
 	}
-	d := Digest(blake3.Sum256(data))
+	d := Digest(chunkhash.Sum256(data))
 	for {
 		if err := ctx.Err(); err != nil {
 			return Digest{}, 0, scratch, err
@@ -162,7 +165,7 @@ func (w *Writer) put(ctx context.Context, data, scratch []byte, later bool) (Dig
 		w.inflight[d] = ch
 		w.mu.Unlock()
 
-		stored, out, err := w.store(d, data, scratch, later)
+		stored, out, err := w.store(d, data, scratch, st)
 
 		w.mu.Lock()
 		delete(w.inflight, d)
@@ -177,7 +180,7 @@ func (w *Writer) put(ctx context.Context, data, scratch []byte, later bool) (Dig
 
 // store writes chunk d unless it exists, in which case its modification
 // time becomes now: that is what keeps it from a GC running meanwhile.
-func (w *Writer) store(d Digest, data, scratch []byte, later bool) (int64, []byte, error) {
+func (w *Writer) store(d Digest, data, scratch []byte, st *stager) (int64, []byte, error) {
 	w.mu.Lock()
 	_, mine := w.pending[d]
 	w.mu.Unlock()
@@ -198,16 +201,16 @@ func (w *Writer) store(d Digest, data, scratch []byte, later bool) (int64, []byt
 	} else {
 		scratch = c.enc.EncodeAll(data, scratch[:0])
 	}
-	if !later {
+	if st == nil {
 		if err := w.r.installChunk(path, scratch); err != nil {
 			return 0, scratch, err
 		}
 		return int64(len(scratch)), scratch, nil
 	}
-	if err := w.stage(d, scratch); err != nil {
+	if err := st.submit(d, scratch); err != nil {
 		return 0, scratch, err
 	}
-	return int64(len(scratch)), scratch, nil
+	return int64(len(scratch)), nil, nil
 }
 
 // stage writes chunk d's stored bytes to tmp/, unsynced, for the next
@@ -516,18 +519,21 @@ func (w *Writer) readChunks(parent context.Context, in DiskInput, chunks []Diges
 		close(jobs)
 	}()
 
+	st := w.newStager(nw)
 	var workersWG sync.WaitGroup
 	for range nw {
 		workersWG.Go(func() {
 			priority.LowerThread()
-			// Aligned, so that a new chunk goes to the disk without a copy.
-			scratch := alignedBuffer(storedBound(r.chunkSize))
+			var scratch []byte
 			for j := range jobs {
 				if ctx.Err() != nil {
 					free <- j.buf
 					continue
 				}
-				d, stored, out, err := w.put(ctx, j.buf[:j.n], scratch, true)
+				if scratch == nil {
+					scratch = st.buffer()
+				}
+				d, stored, out, err := w.put(ctx, j.buf[:j.n], scratch, st)
 				scratch = out
 				free <- j.buf
 				if err != nil {
@@ -543,6 +549,9 @@ func (w *Writer) readChunks(parent context.Context, in DiskInput, chunks []Diges
 		})
 	}
 	workersWG.Wait()
+	if err := st.wait(); err != nil {
+		setErr(err)
+	}
 	// Every buffer is back in free now: readers and workers have ended.
 	for range 2 * nw {
 		if b := <-free; b != nil {
