@@ -26,8 +26,9 @@ const fleeceMargin = 256 << 20
 // minFleece is the least room an export of a running VM starts with.
 const minFleece = 64 << 20
 
-// How often the fleecing files are measured.
-var fleeceEvery = 100 * time.Millisecond
+// How often the fleecing files are measured: often enough that readers
+// pause soon after the guest starts writing hard (see yieldGate).
+var fleeceEvery = 50 * time.Millisecond
 
 // fleeceRoom is the most the fleecing files beside r's disks may hold.
 func (s *Service) fleeceRoom(r record) (int64, error) {
@@ -53,16 +54,22 @@ func (s *Service) fleeceRoom(r record) (int64, error) {
 }
 
 // watchFleece measures the fleecing files at paths until the returned
-// stop is called. Once they hold more than room, it stops the export: the
-// readers get the reason from then on, and trip ends the copying. A read
-// that has returned was served while the point in time held.
-func (s *Service) watchFleece(e *Export, vm string, paths []string, room int64, trip func()) (stop func()) {
+// stop is called, and tells gate each measurement. Once they hold more
+// than room, it stops the export: the readers get the reason from then
+// on, and trip ends the copying. A read that has returned was served while
+// the point in time held.
+func (s *Service) watchFleece(e *Export, vm string, paths []string, room int64, gate *yieldGate, trip func()) (stop func()) {
 	done := make(chan struct{})
 	ended := make(chan struct{})
 	go func() {
 		defer close(ended)
 		t := time.NewTicker(fleeceEvery)
 		defer t.Stop()
+		defer func() {
+			if p := gate.total(); p > 0 {
+				s.log.Info("export paused while the guest wrote", "vm", vm, "paused", p.Round(time.Millisecond))
+			}
+		}()
 		for {
 			select {
 			case <-done:
@@ -73,6 +80,7 @@ func (s *Service) watchFleece(e *Export, vm string, paths []string, room int64, 
 			for _, p := range paths {
 				used += allocated(p)
 			}
+			gate.measured(used, room)
 			if used <= room {
 				continue
 			}
