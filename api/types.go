@@ -491,11 +491,14 @@ type Backup struct {
 	// Size is the data the backup holds (its non-zero chunks), NewData
 	// what it added to the repository (compressed), Read what was read
 	// from the VM.
-	Size     int64        `json:"size"`
-	NewData  int64        `json:"new_data"`
-	Read     int64        `json:"read"`
-	Duration float64      `json:"duration_seconds"`
-	Disks    []BackupDisk `json:"disks,omitempty"`
+	Size     int64   `json:"size"`
+	NewData  int64   `json:"new_data"`
+	Read     int64   `json:"read"`
+	Duration float64 `json:"duration_seconds"`
+	// Yielded is the part of Duration the reading paused while the
+	// guest wrote hard, so as not to slow it.
+	Yielded float64      `json:"yielded_seconds,omitempty"`
+	Disks   []BackupDisk `json:"disks,omitempty"`
 	// Chain lists the backups this one was read on top of, newest first.
 	Chain []string `json:"chain,omitempty"`
 }

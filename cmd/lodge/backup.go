@@ -103,8 +103,8 @@ the last one. Every backup can be restored alone.`,
 				return err
 			}
 			return g.emit(cmd.OutOrStdout(), b, func(tw *tabwriter.Writer) {
-				fmt.Fprintf(tw, "Backup %s of %s in %s: %s, read %s, stored %s new, %.1f s\n", b.ID, b.VM, b.Repo, b.Kind,
-					units.FormatSize(b.Read), units.FormatSize(b.NewData), b.Duration)
+				fmt.Fprintf(tw, "Backup %s of %s in %s: %s, read %s, stored %s new, %.1f s%s\n", b.ID, b.VM, b.Repo, b.Kind,
+					units.FormatSize(b.Read), units.FormatSize(b.NewData), b.Duration, yielded(b))
 				if b.Reason != "" {
 					fmt.Fprintf(tw, "%s %s\n", wholeBecause(b), b.Reason)
 				}
@@ -160,8 +160,8 @@ func backupShowCmd(g *globals) *cobra.Command {
 				if b.Reason != "" {
 					fmt.Fprintf(tw, "%s:\t%s\n", wholeBecause(b), b.Reason)
 				}
-				fmt.Fprintf(tw, "Consistency:\t%s\nSize:\t%s\nNew data:\t%s\nRead:\t%s\nDuration:\t%.1f s\n", b.Consistency,
-					units.FormatSize(b.Size), units.FormatSize(b.NewData), units.FormatSize(b.Read), b.Duration)
+				fmt.Fprintf(tw, "Consistency:\t%s\nSize:\t%s\nNew data:\t%s\nRead:\t%s\nDuration:\t%.1f s%s\n", b.Consistency,
+					units.FormatSize(b.Size), units.FormatSize(b.NewData), units.FormatSize(b.Read), b.Duration, yielded(b))
 				for _, d := range b.Disks {
 					fmt.Fprintf(tw, "Disk:\t%s (%s)\n", d.Name, units.FormatSize(d.Size))
 				}
@@ -435,4 +435,12 @@ func wholeBecause(b api.Backup) string {
 		return "Full because"
 	}
 	return "Disks read whole because"
+}
+
+// yielded says how much of a backup's time went to pauses for the guest.
+func yielded(b api.Backup) string {
+	if b.Yielded < 0.05 {
+		return ""
+	}
+	return fmt.Sprintf(" (%.1f s of it paused while the guest wrote)", b.Yielded)
 }

@@ -63,6 +63,9 @@ type Stats struct {
 	Duration  time.Duration `json:"duration"`
 	Chunks    int           `json:"chunks"`     // non-zero chunks referenced
 	NewChunks int           `json:"new_chunks"` // chunks newly written
+	// Yielded is how long the reading paused for the guest's writes, a
+	// part of Duration.
+	Yielded time.Duration `json:"yielded,omitempty"`
 }
 
 // Add sums two Stats, as for a backup's disks.
@@ -74,6 +77,7 @@ func (s Stats) Add(o Stats) Stats {
 		Duration:  s.Duration + o.Duration,
 		Chunks:    s.Chunks + o.Chunks,
 		NewChunks: s.NewChunks + o.NewChunks,
+		Yielded:   s.Yielded + o.Yielded,
 	}
 }
 

@@ -120,6 +120,16 @@ type Export struct {
 	release []func()
 	mu      sync.Mutex
 	err     error // why the export was stopped, if it was
+	gate    *yieldGate
+}
+
+// Yielded is how long the export's readers paused for the guest's writes
+// so far.
+func (e *Export) Yielded() time.Duration {
+	if e.gate == nil {
+		return 0
+	}
+	return e.gate.total()
 }
 
 // Close lets go of the point in time and the VM.
@@ -280,6 +290,7 @@ func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance,
 	}
 	var paths []string
 	gate := newYieldGate()
+	e.gate = gate
 	devs, err := qmp.QueryBlock(ctx, in.mon)
 	if err != nil {
 		return err

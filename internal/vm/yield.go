@@ -39,9 +39,12 @@ type yieldGate struct {
 	used   int64     // bytes in the fleecing files then
 	until  time.Time // readers pause until then
 	budget time.Duration
-	paused time.Duration
-	now    func() time.Time
-	sleep  func(time.Duration)
+	// scheduled is the pause time measurements called for; waited is the
+	// time readers did pause, counted once however many waited together.
+	scheduled, waited time.Duration
+	heldTo            time.Time // the end of the pauses counted in waited
+	now               func() time.Time
+	sleep             func(time.Duration)
 }
 
 func newYieldGate() *yieldGate {
@@ -77,24 +80,34 @@ func (g *yieldGate) measured(used, room int64) {
 	}
 	g.until = start.Add(pause)
 	g.budget -= pause
-	g.paused += pause
+	g.scheduled += pause
 }
 
 // wait returns once readers may go on.
 func (g *yieldGate) wait() {
 	g.mu.Lock()
-	d := g.until.Sub(g.now())
-	g.mu.Unlock()
-	if d > 0 {
-		g.sleep(d)
+	now, end := g.now(), g.until
+	if !end.After(now) {
+		g.mu.Unlock()
+		return
 	}
+	from := now
+	if g.heldTo.After(from) {
+		from = g.heldTo
+	}
+	if end.After(from) {
+		g.waited += end.Sub(from)
+		g.heldTo = end
+	}
+	g.mu.Unlock()
+	g.sleep(end.Sub(now))
 }
 
-// total is how long readers were told to pause in all.
+// total is how long readers paused in all.
 func (g *yieldGate) total() time.Duration {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.paused
+	return g.waited
 }
 
 // yieldingConn reads an export's disk through NBD, pausing first while

@@ -48,9 +48,9 @@ func TestYieldGate(t *testing.T) {
 				used += tt.growth
 				g.measured(used, room)
 			}
-			got := g.total()
+			got := g.scheduled
 			if got < tt.minPaused || got > tt.maxPaused {
-				t.Fatalf("paused %v in all, want %v to %v", got, tt.minPaused, tt.maxPaused)
+				t.Fatalf("pauses of %v in all, want %v to %v", got, tt.minPaused, tt.maxPaused)
 			}
 			before := *now
 			g.wait()
@@ -63,9 +63,28 @@ func TestYieldGate(t *testing.T) {
 }
 
 // TestYieldGateWaitsOnlyWhilePaused: a read waits for the rest of the
-// pause, not the whole of it, and not at all once it is over.
+// pause, not the whole of it, and not at all once it is over; the time
+// counted as paused is the time readers waited, once.
 func TestYieldGateWaitsOnlyWhilePaused(t *testing.T) {
 	g, now := fakeGate()
+	g.sleep = func(time.Duration) {} // two readers wait side by side
+	g.measured(0, 1<<30)
+	*now = now.Add(50 * time.Millisecond)
+	g.measured(10<<20, 1<<30)
+	*now = now.Add(150 * time.Millisecond)
+	g.wait()
+	*now = now.Add(20 * time.Millisecond)
+	g.wait()
+	if got, want := g.total(), yieldHold-150*time.Millisecond; got != want {
+		t.Fatalf("two readers 150 and 170 ms into a pause: paused %v in all, want %v", got, want)
+	}
+	*now = now.Add(time.Second)
+	g.wait()
+	if got, want := g.total(), yieldHold-150*time.Millisecond; got != want {
+		t.Fatalf("a read after the pause: paused %v in all, want %v", got, want)
+	}
+
+	g, now = fakeGate()
 	g.measured(0, 1<<30)
 	*now = now.Add(50 * time.Millisecond)
 	g.measured(10<<20, 1<<30)

@@ -583,3 +583,48 @@ func TestBackupFleeceLimit(t *testing.T) {
 	}
 	h.must("backup", "verify")
 }
+
+// TestBackupYields backs up a running VM while its guest overwrites the
+// data being read, fast: the backup pauses for the guest's writes, says
+// how long, and still holds the data as it was at its point.
+func TestBackupYields(t *testing.T) {
+	t.Parallel()
+	h := newHost(t)
+	h.vm("busy", "--disk", "4G")
+	// A gigabyte of allocated zeros past the checked region gives the
+	// backup something to read for a while; /dev/shm/r is what the guest
+	// writes during it, ready so that the writes are fast.
+	h.exec("busy", "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=120 oflag=direct 2>/dev/null && dd if=/dev/zero of=/dev/vda bs=1M seek=1144 count=1024 oflag=direct 2>/dev/null && dd if=/dev/urandom of=/dev/shm/r bs=1M count=64 2>/dev/null && sync")
+	atPoint := h.regionSum("busy")
+	ctx := context.Background()
+	op, err := h.c.CreateBackup(ctx, "busy", api.CreateBackup{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitReading(t, h, op)
+	h.exec("busy", "sh", "-c", "for o in 1024 1088 1152 1216; do dd if=/dev/shm/r of=/dev/vda bs=1M seek=$o oflag=direct 2>/dev/null || exit 1; done")
+	if done, err := h.c.Wait(ctx, op, nil); err != nil || done.State != api.OpSucceeded {
+		t.Fatalf("backup while the guest wrote: %s, %q (%v)", done.State, done.Error, err)
+	}
+	var list []api.Backup
+	mustJSON(t, h.must("backup", "list", "busy", "-o", "json"), &list)
+	if len(list) != 1 {
+		t.Fatalf("backup list: %+v", list)
+	}
+	b := list[0]
+	t.Logf("the backup paused %.2f s of its %.2f s", b.Yielded, b.Duration)
+	if b.Yielded <= 0 || b.Yielded >= b.Duration {
+		t.Errorf("backup paused %.2f s of %.2f s while the guest wrote 256 MiB, want some and less than all", b.Yielded, b.Duration)
+	}
+	if out := h.must("backup", "show", b.ID); !strings.Contains(out, "paused while the guest wrote") {
+		t.Errorf("backup show does not say the backup paused:\n%s", out)
+	}
+	if now := h.regionSum("busy"); now == atPoint {
+		t.Fatal("the guest's writes did not change the checked region")
+	}
+	h.must("backup", "restore", "busy", b.ID, "--as", "back", "--start")
+	h.waitAgent("back")
+	if got := h.regionSum("back"); got != atPoint {
+		t.Errorf("restored data sha256 %s, want %s, as at the backup's point", got, atPoint)
+	}
+}

@@ -397,6 +397,7 @@ func (m *Manager) CreateGroup(ctx context.Context, names []string, repoName stri
 			return nil, fmt.Errorf("backup vm %q to repository %q: %w", j.name, rec.Name, err)
 		}
 		man.Stats.Duration = time.Since(start)
+		man.Stats.Yielded = j.p.Yielded()
 		if err := j.w.Commit(ctx, &man); err != nil {
 			return nil, fmt.Errorf("backup vm %q to repository %q: %w", j.name, rec.Name, err)
 		}
@@ -540,7 +541,7 @@ func view(repo string, b backup.Manifest, chain []string) api.Backup {
 	out := api.Backup{
 		ID: b.ID, VM: b.VM, VMUUID: b.VMUUID, Repo: repo, CreatedAt: b.CreatedAt, Kind: b.Kind, Parent: b.Parent,
 		Reason: b.Reason, Consistency: b.Consistency, Size: b.Stats.Data, NewData: b.Stats.Stored, Read: b.Stats.Read,
-		Duration: b.Stats.Duration.Seconds(), Chain: chain,
+		Duration: b.Stats.Duration.Seconds(), Yielded: b.Stats.Yielded.Seconds(), Chain: chain,
 	}
 	for _, d := range b.Disks {
 		out.Disks = append(out.Disks, api.BackupDisk{Name: d.Name, Size: d.Size})
