@@ -14,10 +14,11 @@ import (
 // backup's workers spent half their time waiting on those writes, with a
 // CPU idle.
 type stager struct {
-	w    *Writer
-	in   chan staged
-	bufs chan []byte
-	wg   sync.WaitGroup
+	w     *Writer
+	in    chan staged
+	bufs  chan []byte
+	wg    sync.WaitGroup
+	onErr func(error)
 
 	mu  sync.Mutex
 	err error
@@ -30,9 +31,11 @@ type staged struct {
 
 // newStager starts n goroutines writing chunks. It keeps 2n+2 buffers
 // for compressed chunks: one per worker, one per write in progress and
-// a short queue, which is all the memory a faster reader can take.
-func (w *Writer) newStager(n int) *stager {
-	s := &stager{w: w, in: make(chan staged, n), bufs: make(chan []byte, 2*n+2)}
+// a short queue, which is all the memory a faster reader can take. The
+// first write that fails goes to onErr at once, so the backup can stop
+// reading; later chunks are then dropped.
+func (w *Writer) newStager(n int, onErr func(error)) *stager {
+	s := &stager{w: w, in: make(chan staged, n), bufs: make(chan []byte, 2*n+2), onErr: onErr}
 	for range cap(s.bufs) {
 		s.bufs <- nil // allocated on first use, as readChunks' buffers are
 	}
@@ -91,22 +94,23 @@ func (s *stager) run() {
 		}
 		s.w.mu.Unlock()
 		if err != nil {
+			err = fmt.Errorf("chunk %s: %w", c.d, err)
 			s.mu.Lock()
-			if s.err == nil {
-				s.err = fmt.Errorf("chunk %s: %w", c.d, err)
+			first := s.err == nil
+			if first {
+				s.err = err
 			}
 			s.mu.Unlock()
+			if first {
+				s.onErr(err)
+			}
 		}
 	}
 }
 
-// wait ends the stager once every worker has stopped submitting, and
-// gives the first write that failed. Every chunk it took is then in tmp/
-// or no longer counted as pending.
-func (s *stager) wait() error {
+// wait ends the stager once every worker has stopped submitting. Every
+// chunk it took is then in tmp/ or no longer counted as pending.
+func (s *stager) wait() {
 	close(s.in)
 	s.wg.Wait()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.err
 }

@@ -519,7 +519,7 @@ func (w *Writer) readChunks(parent context.Context, in DiskInput, chunks []Diges
 		close(jobs)
 	}()
 
-	st := w.newStager(nw)
+	st := w.newStager(nw, setErr)
 	var workersWG sync.WaitGroup
 	for range nw {
 		workersWG.Go(func() {
@@ -549,9 +549,7 @@ func (w *Writer) readChunks(parent context.Context, in DiskInput, chunks []Diges
 		})
 	}
 	workersWG.Wait()
-	if err := st.wait(); err != nil {
-		setErr(err)
-	}
+	st.wait()
 	// Every buffer is back in free now: readers and workers have ended.
 	for range 2 * nw {
 		if b := <-free; b != nil {
