@@ -13,7 +13,8 @@
 source "$(dirname "$0")/lib.sh"
 trap stop_lodged EXIT
 declare -A runs=([startup]=3 [overhead]=1 [clone]=2 [snapshot]=2 [memory]=3 [bundle]=2 [backup]=2 [stack]=1 [guest]=3)
-export DAYS=${DAYS:-3} DATA_MIB=${DATA_MIB:-256} REPS=${REPS:-20}
+# Ten daily backups, as the backup target is stated; --quick keeps 3.
+export DAYS=${DAYS:-10} DATA_MIB=${DATA_MIB:-256} REPS=${REPS:-20}
 case "${1:-}" in
   --quick)
     for k in "${!runs[@]}"; do runs[$k]=1; done
