@@ -591,10 +591,10 @@ func TestBackupYields(t *testing.T) {
 	t.Parallel()
 	h := newHost(t)
 	h.vm("busy", "--disk", "4G")
-	// A gigabyte of allocated zeros past the checked region gives the
+	// Half a gigabyte of allocated zeros past the checked region gives the
 	// backup something to read for a while; /dev/shm/r is what the guest
 	// writes during it, ready so that the writes are fast.
-	h.exec("busy", "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=120 oflag=direct 2>/dev/null && dd if=/dev/zero of=/dev/vda bs=1M seek=1144 count=1024 oflag=direct 2>/dev/null && dd if=/dev/urandom of=/dev/shm/r bs=1M count=64 2>/dev/null && sync")
+	h.exec("busy", "sh", "-c", "dd if=/dev/urandom of=/dev/vda bs=1M seek=1024 count=120 oflag=direct 2>/dev/null && dd if=/dev/zero of=/dev/vda bs=1M seek=1144 count=512 oflag=direct 2>/dev/null && dd if=/dev/urandom of=/dev/shm/r bs=1M count=64 2>/dev/null && sync")
 	atPoint := h.regionSum("busy")
 	ctx := context.Background()
 	op, err := h.c.CreateBackup(ctx, "busy", api.CreateBackup{})
