@@ -33,6 +33,8 @@
 # a full backup's point is taken (its fleecing file appears) and alone,
 # alternated. The same for a shell loop in the guest that does no I/O,
 # which shows what sharing the host's CPUs with the backup costs alone.
+# GIO_RUNS pairs (default twice RUNS): single pairs of the same build
+# range from 0.5 to 0.95, so five leave the median uncertain.
 #
 # Writes results/backup-days.tsv, backup-convert.tsv, backup-live.tsv and
 # backup-guestio.tsv.
@@ -327,7 +329,7 @@ during() {
 "$LODGE" exec bk-l -- sh -c "$ddc" >/dev/null
 gio=$RESULTS/backup-guestio.tsv
 echo -e "run\tdd_with_s\tdd_alone_s\tdd_overlap\tdd_backup_s\tdd_start_s\tdd_refused\tcpu_with_s\tcpu_alone_s\tcpu_overlap\tcpu_backup_s\tcpu_start_s\tcpu_refused\tdd_mib" >"$gio"
-for i in $(seq "$RUNS"); do
+for i in $(seq "${GIO_RUNS:-$((2 * RUNS))}"); do
   # Odd runs measure with a backup first, even runs alone first.
   if [ $((i % 2)) = 1 ]; then
     dw=$(during "$ddc" "bk-io-$i")
