@@ -2,7 +2,6 @@ package backup
 
 import (
 	"fmt"
-	"os"
 	"sync"
 
 	"github.com/lodge-vm/lodge/internal/errdefs"
@@ -75,24 +74,16 @@ func (s *stager) run() {
 		s.mu.Lock()
 		failed := s.err != nil
 		s.mu.Unlock()
-		var tmp string
 		var err error
 		if !failed {
-			tmp, err = s.w.r.stageChunk(c.stored)
+			err = s.w.stage(c.d, c.stored)
 		}
 		s.bufs <- c.stored
-		s.w.mu.Lock()
-		switch {
-		case s.w.pending == nil: // closed meanwhile
-			if err == nil && tmp != "" {
-				_ = os.Remove(tmp)
-			}
-		case err != nil || failed:
-			delete(s.w.pending, c.d)
-		default:
-			s.w.pending[c.d] = tmp
+		if err != nil || failed {
+			s.w.mu.Lock()
+			delete(s.w.pending, c.d) // a no-op once the writer is closed
+			s.w.mu.Unlock()
 		}
-		s.w.mu.Unlock()
 		if err != nil {
 			err = fmt.Errorf("chunk %s: %w", c.d, err)
 			s.mu.Lock()
