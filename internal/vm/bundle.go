@@ -289,8 +289,7 @@ func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance,
 		return err
 	}
 	var paths []string
-	gate := newYieldGate()
-	e.gate = gate
+	e.gate = newYieldGate()
 	devs, err := qmp.QueryBlock(ctx, in.mon)
 	if err != nil {
 		return err
@@ -368,9 +367,9 @@ func (s *Service) fleece(ctx context.Context, e *Export, r record, in *instance,
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", r.Disks[i].Name, err)
 		}
-		e.Disks = append(e.Disks, ExportDisk{Disk: r.Disks[i], Data: yieldingConn{c, gate}, Conn: c, Source: "nbd+unix:///" + name + "?socket=" + sock, Format: "raw"})
+		e.Disks = append(e.Disks, ExportDisk{Disk: r.Disks[i], Data: yieldingConn{c, e.gate}, Conn: c, Source: "nbd+unix:///" + name + "?socket=" + sock, Format: "raw"})
 	}
-	stop := s.watchFleece(e, r.Name, paths, room, gate, func() {
+	stop := s.watchFleece(e, r.Name, paths, room, func() {
 		// Readers through QEMU's server (qemu-img, for an OVA) are cut
 		// off before the view stops holding the point in time.
 		bg := context.WithoutCancel(ctx)

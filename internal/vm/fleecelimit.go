@@ -54,11 +54,12 @@ func (s *Service) fleeceRoom(r record) (int64, error) {
 }
 
 // watchFleece measures the fleecing files at paths until the returned
-// stop is called, and tells gate each measurement. Once they hold more
+// stop is called, and tells the export's yieldGate each measurement. Once they hold more
 // than room, it stops the export: the readers get the reason from then
 // on, and trip ends the copying. A read that has returned was served while
 // the point in time held.
-func (s *Service) watchFleece(e *Export, vm string, paths []string, room int64, gate *yieldGate, trip func()) (stop func()) {
+func (s *Service) watchFleece(e *Export, vm string, paths []string, room int64, trip func()) (stop func()) {
+	gate := e.gate
 	done := make(chan struct{})
 	ended := make(chan struct{})
 	go func() {

@@ -31,9 +31,9 @@ func TestWatchFleece(t *testing.T) {
 			if err := os.WriteFile(path, make([]byte, 0), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			e := &Export{}
+			e := &Export{gate: newYieldGate()}
 			trips := make(chan struct{}, 2)
-			stop := f.svc.watchFleece(e, "vm1", []string{path}, 2<<20, newYieldGate(), func() { trips <- struct{}{} })
+			stop := f.svc.watchFleece(e, "vm1", []string{path}, 2<<20, func() { trips <- struct{}{} })
 			// Real data: a file of zeros could be sparse.
 			data := []byte(strings.Repeat("fleece", int(tt.write/6)+1))[:tt.write]
 			if err := os.WriteFile(path, data, 0o600); err != nil {
